@@ -1,0 +1,74 @@
+"""Socket options and bind policy, in one place, each named after the kernel behaviour it buys.
+
+Every upstream socket the pool makes passes through these; nothing else in the project calls
+``setsockopt`` for source-port behaviour. See ../shared/docs/ephemeral-ports.md for the facts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+from pool import kernel
+
+
+def share_source_port_across_destinations(sock: socket.socket) -> None:
+    """``IP_BIND_ADDRESS_NO_PORT``: ``bind((ip, 0))`` defers the port to ``connect()``.
+
+    The port is then chosen against the full 4-tuple, so one port serves every destination;
+    a plain ``bind((ip, 0))`` takes the port for all destinations at once (capacity = range in
+    total instead of range per destination).
+    """
+    sock.setsockopt(kernel.SOL_IP, kernel.IP_BIND_ADDRESS_NO_PORT, 1)
+
+
+def allow_shared_source_port(sock: socket.socket, on: bool = True) -> None:
+    """``SO_REUSEADDR``: several outgoing sockets may hold one source port.
+
+    Safe for TCP because ``connect()`` still refuses a duplicate 4-tuple. For UDP it is also
+    the lock: a socket bound *without* it keeps everyone else off its port, which is how
+    connectx holds a UDP port while it checks the 4-tuple.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, kernel.SO_REUSEADDR, 1 if on else 0)
+
+
+def restrict_source_ports(sock: socket.socket, low: int, high: int) -> None:
+    """``IP_LOCAL_PORT_RANGE``: this socket's automatic port comes from ``low..high`` only.
+
+    Lets processes or hosts that share an egress IP split its range without coordinating,
+    and lets the pool hand the kernel one port it knows is free (``low == high``). The kernel
+    clamps the window to the namespace's ``ip_local_port_range`` and silently ignores a window
+    wholly outside it; connectx checks that before relying on it.
+    """
+    sock.setsockopt(kernel.SOL_IP, kernel.IP_LOCAL_PORT_RANGE, kernel.pack_port_range(low, high))
+
+
+# Options a caller may have set before connectx, copied when connectx must replace the socket
+# (a port lost to a race leaves the socket bound to it; a bound socket cannot be rebound).
+_CARRIED: tuple[tuple[int, int], ...] = (
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+    (socket.SOL_SOCKET, socket.SO_PRIORITY),
+    (socket.SOL_SOCKET, socket.SO_MARK),
+    (socket.IPPROTO_TCP, socket.TCP_NODELAY),
+)
+
+
+def reissue(sock: socket.socket) -> None:
+    """Replace the kernel socket behind ``sock`` with a fresh, unbound one, keeping its fd.
+
+    The caller's socket object (and anything that captured its fd) stays valid; blocking mode
+    and the common options above are carried over.
+    """
+    fresh = socket.socket(sock.family, sock.type, sock.proto)
+    try:
+        for level, opt in _CARRIED:
+            if level == socket.IPPROTO_TCP and sock.type != socket.SOCK_STREAM:
+                continue
+            with contextlib.suppress(OSError):
+                fresh.setsockopt(level, opt, sock.getsockopt(level, opt))
+        os.dup2(fresh.fileno(), sock.fileno(), inheritable=False)
+    finally:
+        fresh.close()
+    # O_NONBLOCK belongs to the open file description, which is new: re-apply it.
+    sock.settimeout(sock.gettimeout())

@@ -1,0 +1,88 @@
+"""Shared fixtures: every test that exhausts ports does it in a namespace of its own."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from pool import netns
+
+RANGE = (40000, 40127)  # 128 ports: exhaustion in milliseconds, still a real search
+R = RANGE[1] - RANGE[0] + 1
+
+
+@pytest.fixture
+def ns(request: pytest.FixtureRequest) -> Iterator[netns.Namespace]:
+    """Run the test inside a fresh network namespace with ``lo`` up and a 128-port range.
+
+    Parametrise indirectly with a dict to change it: ``{"port_range": (lo, hi),
+    "addresses": ["127.0.1.1/32", ...]}``. The host namespace is never touched.
+    """
+    reason = netns.can_create()
+    if reason:
+        pytest.skip(reason)
+    params = getattr(request, "param", None) or {}
+    with netns.namespace(
+        port_range=params.get("port_range", RANGE), addresses=params.get("addresses", ())
+    ) as space:
+        yield space
+
+
+class Listeners:
+    """Listeners that never accept: each holds up to somaxconn established connections."""
+
+    def __init__(self) -> None:
+        self.socks: list[socket.socket] = []
+
+    def add(self, ip: str, port: int = 9000, backlog: int = 65535) -> tuple[str, int]:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((ip, port))
+        s.listen(backlog)
+        self.socks.append(s)
+        return (ip, port)
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+@pytest.fixture
+def listeners() -> Iterator[Listeners]:
+    holder = Listeners()
+    yield holder
+    holder.close()
+
+
+class Held:
+    """Sockets a test holds open; closed abortively (no TIME_WAIT) at the end."""
+
+    def __init__(self) -> None:
+        self.socks: list[socket.socket] = []
+
+    def new(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
+        s = socket.socket(family, kind)
+        self.socks.append(s)
+        return s
+
+    def close(self) -> None:
+        for s in self.socks:
+            abort(s)
+        self.socks.clear()
+
+
+def abort(s: socket.socket) -> None:
+    """Close without TIME_WAIT (SO_LINGER 0), so a closed 4-tuple is free again at once."""
+    if s.type == socket.SOCK_STREAM and s.fileno() >= 0:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    s.close()
+
+
+@pytest.fixture
+def held() -> Iterator[Held]:
+    h = Held()
+    yield h
+    h.close()
