@@ -1,0 +1,10 @@
+"""The origin-connection pool: how upstream sockets get their source IP and port.
+
+Layers, lowest first: ``pool.connectx`` (one socket, kernel facts), ``pool.egress``
+(which source IP and port window), ``pool.origin`` (connections kept per origin).
+"""
+
+from pool.connectx import connectx, connectx_async
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "connectx", "connectx_async"]

@@ -1,0 +1,340 @@
+"""The improved ``connect()``: pick a source IP without giving up per-destination port sharing.
+
+``connectx(sock, local_addr, remote_addr, *, port_range=None)`` follows the signature of the
+published userspace proposal (Cloudflare, 2022), so code written against it ports over. What
+it does, by case (kernel facts in ../shared/docs/ephemeral-ports.md):
+
+==========================  ================================================================
+TCP, wildcard ip, port 0    plain ``connect()``: no bind, the kernel checks the 4-tuple
+TCP, ip, port 0             ``IP_BIND_ADDRESS_NO_PORT`` + ``SO_REUSEADDR``, bind, connect
+TCP, explicit port          ``SO_REUSEADDR``, bind, connect; a taken 4-tuple: EADDRNOTAVAIL
+TCP, ``port_range``         ``IP_LOCAL_PORT_RANGE`` window; without it (ENOPROTOOPT, or
+                            ``userspace_ports=True``) ports are chosen here: random start,
+                            reserved and locked ports skipped, bounded to one pass
+UDP, any                    a port whose 4-tuple sock_diag reports free; bind with
+                            ``SO_REUSEADDR``, clear it (the lock), check by ``SO_COOKIE``
+                            that the 4-tuple is ours, connect, set it again. EAGAIN when
+                            every port is taken for that destination
+==========================  ================================================================
+
+The logic is one generator that yields whenever it needs the socket connected; the blocking
+and asyncio forms only differ in how they perform that one step, so the loop never blocks
+(bind, setsockopt and netlink questions return at once).
+
+Errors are ``OSError`` with the kernel's errno (``OSError(errno, ...)`` still maps to
+``ConnectionRefusedError`` and friends) and a message naming both addresses; the attempted
+addresses are also kept as ``.local_addr`` / ``.remote_addr``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import socket
+import threading
+from collections.abc import Generator
+from functools import lru_cache
+from typing import Any
+
+from pool import kernel, route, sockdiag, sockopt
+from pool.netlink import NETLINK_SOCK_DIAG, open_socket
+
+Address = tuple[Any, ...]
+"""``(ip, port)`` or, for IPv6, ``(ip, port, flowinfo, scope_id)``; ip is numeric."""
+
+PortRange = tuple[int, int]
+
+# The generator yields once per connect() it needs and is sent back that connect's error.
+_Steps = Generator[None, OSError | None, Address]
+
+# Threads of one process must not interleave the UDP bind/check/connect sequence: the
+# SO_REUSEADDR lock only keeps *new* binds out.
+_udp_lock = threading.Lock()
+
+
+def connectx(
+    sock: socket.socket,
+    local_addr: Address,
+    remote_addr: Address,
+    *,
+    port_range: PortRange | None = None,
+    userspace_ports: bool = False,
+) -> Address:
+    """Bind ``sock`` to a source on ``local_addr`` and connect it to ``remote_addr``.
+
+    ``sock`` must be fresh (unbound, unconnected). Returns the local address the connection
+    got. ``userspace_ports=True`` forces the userspace port choice that older kernels
+    (no ``IP_LOCAL_PORT_RANGE``) get, so both paths can be exercised on one machine.
+    """
+    steps = _steps(sock, local_addr, remote_addr, port_range, userspace_ports)
+    try:
+        steps.send(None)
+        while True:
+            try:
+                sock.connect(remote_addr)
+            except OSError as e:
+                steps.send(e)
+            else:
+                steps.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    finally:
+        steps.close()
+
+
+async def connectx_async(
+    sock: socket.socket,
+    local_addr: Address,
+    remote_addr: Address,
+    *,
+    port_range: PortRange | None = None,
+    userspace_ports: bool = False,
+) -> Address:
+    """:func:`connectx` for a non-blocking socket, awaiting the handshake on the running loop.
+
+    Cancelling it leaves ``sock`` to the caller to close, as with ``loop.sock_connect``.
+    """
+    loop = asyncio.get_running_loop()
+    steps = _steps(sock, local_addr, remote_addr, port_range, userspace_ports)
+    try:
+        steps.send(None)
+        while True:
+            try:
+                await loop.sock_connect(sock, remote_addr)
+            except OSError as e:
+                steps.send(e)
+            else:
+                steps.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    finally:
+        steps.close()
+
+
+# --- the decisions, free of how connect() is awaited -------------------------------------
+
+
+def _steps(
+    sock: socket.socket,
+    local: Address,
+    remote: Address,
+    port_range: PortRange | None,
+    userspace: bool,
+) -> _Steps:
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise ValueError(f"connectx: address family {sock.family!r} is not AF_INET/AF_INET6")
+    if local[1] and port_range is not None:
+        raise ValueError("connectx: give an explicit local port or a port_range, not both")
+    if port_range is not None and not (0 < port_range[0] <= port_range[1] <= 65535):
+        raise ValueError(f"connectx: bad port_range {port_range[0]}-{port_range[1]}")
+    if sock.type == socket.SOCK_DGRAM:
+        return _udp(sock, local, remote, port_range)
+    if sock.type != socket.SOCK_STREAM:
+        raise ValueError(f"connectx: socket type {sock.type!r} is not SOCK_STREAM/SOCK_DGRAM")
+    return (yield from _tcp(sock, local, remote, port_range, userspace))
+
+
+def _tcp(
+    sock: socket.socket,
+    local: Address,
+    remote: Address,
+    port_range: PortRange | None,
+    userspace: bool,
+) -> _Steps:
+    wildcard = is_wildcard(sock.family, local[0])
+    if port_range is not None:
+        window = effective_window(*port_range)
+        if window is not None and not userspace and kernel.has_ip_local_port_range():
+            sockopt.restrict_source_ports(sock, *window)
+        else:
+            return (yield from _tcp_userspace(sock, local, remote, window or port_range))
+    if local[1]:
+        sockopt.allow_shared_source_port(sock)
+        _bind(sock, local, remote)
+    elif not wildcard:
+        sockopt.share_source_port_across_destinations(sock)
+        sockopt.allow_shared_source_port(sock)
+        _bind(sock, local, remote)
+    err = yield
+    if err is not None:
+        raise _error(err, _local_for_error(sock, local), remote)
+    return sock.getsockname()  # type: ignore[no-any-return]
+
+
+def _tcp_userspace(
+    sock: socket.socket, local: Address, remote: Address, window: PortRange
+) -> _Steps:
+    """Choose the port here: what kernels without ``IP_LOCAL_PORT_RANGE`` need.
+
+    Each port of the window is tried at most once, from a random start. A port whose
+    4-tuple sock_diag shows live (not TIME_WAIT, which an explicit SO_REUSEADDR bind takes
+    over) is skipped without a syscall on the socket; a port locked by a listener or an
+    unshared bind fails bind() with EADDRINUSE and is skipped; a port lost to a race fails
+    connect() with EADDRNOTAVAIL and costs a fresh socket.
+    """
+    src = _source_ip(sock.family, local, remote)
+    reserved = kernel.port_sysctls().reserved
+    with open_socket(NETLINK_SOCK_DIAG) as nl:
+        for port in candidate_ports(*window):
+            if port in reserved:
+                continue
+            holder = sockdiag.lookup(
+                sock.family, socket.IPPROTO_TCP, (src, port), remote, _scope(local, remote), nl
+            )
+            if holder is not None and holder.state != sockdiag.TCP_TIME_WAIT:
+                continue
+            sockopt.allow_shared_source_port(sock)
+            try:
+                sock.bind(_with_ip(local, src, port, remote))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    continue
+                raise _error(e, (src, port), remote) from None
+            err = yield
+            if err is None:
+                return sock.getsockname()  # type: ignore[no-any-return]
+            if err.errno != errno.EADDRNOTAVAIL:
+                raise _error(err, (src, port), remote)
+            sockopt.reissue(sock)
+    raise _error(errno.EADDRNOTAVAIL, (src, f"{window[0]}-{window[1]}"), remote)
+
+
+def _udp(
+    sock: socket.socket, local: Address, remote: Address, port_range: PortRange | None
+) -> Address:
+    """UDP connect that never creates a duplicate 4-tuple (the kernel does not check)."""
+    src = _source_ip(sock.family, local, remote)
+    scope = _scope(local, remote)
+    facts = kernel.port_sysctls()
+    if local[1]:
+        ports: list[int] | range = [local[1]]
+        exhausted = errno.EADDRNOTAVAIL
+    else:
+        low, high = port_range or (facts.low, facts.high)
+        ports = candidate_ports(low, high)
+        exhausted = errno.EAGAIN
+    reserved = frozenset() if local[1] else facts.reserved
+    with open_socket(NETLINK_SOCK_DIAG) as nl, _udp_lock:
+        for port in ports:
+            if port in reserved:
+                continue
+            here = (src, port)
+            if sockdiag.lookup(sock.family, socket.IPPROTO_UDP, here, remote, scope, nl):
+                continue  # held: connected to this peer, or bound to receive from it
+            sockopt.allow_shared_source_port(sock)
+            try:
+                sock.bind(_with_ip(local, src, port, remote))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    continue  # locked by a socket bound without SO_REUSEADDR
+                raise _error(e, here, remote) from None
+            sockopt.allow_shared_source_port(sock, False)  # the lock: no new binds here
+            cookie = kernel.socket_cookie(sock)
+            owner = sockdiag.lookup(sock.family, socket.IPPROTO_UDP, here, remote, scope, nl)
+            if owner is None or owner.cookie != cookie:
+                sockopt.reissue(sock)  # someone bound or connected in between
+                continue
+            try:
+                sock.connect(remote)
+            except OSError as e:
+                raise _error(e, here, remote) from None
+            sockopt.allow_shared_source_port(sock)
+            return sock.getsockname()  # type: ignore[no-any-return]
+    what = local[1] if local[1] else f"{ports[0]}-{ports[-1]}" if len(ports) else "(none)"
+    raise _error(exhausted, (src, what), remote)
+
+
+# --- small shared pieces ------------------------------------------------------------------
+
+
+@lru_cache(maxsize=256)
+def is_wildcard(family: int, ip: str) -> bool:
+    """``""``, ``0.0.0.0`` and ``::`` (in any spelling) mean "let the kernel pick"."""
+    if not ip:
+        return True
+    return not any(socket.inet_pton(family, ip))
+
+
+def effective_window(low: int, high: int) -> PortRange | None:
+    """The part of ``low..high`` the kernel will honour, or None if it would ignore it all.
+
+    ``IP_LOCAL_PORT_RANGE`` is clamped to ``ip_local_port_range`` and a window wholly
+    outside it is silently ignored (the whole range is used): connectx must not let a
+    one-port window turn into "any port".
+    """
+    facts = kernel.port_sysctls()
+    lo, hi = max(low, facts.low), min(high, facts.high)
+    return (lo, hi) if lo <= hi else None
+
+
+def candidate_ports(low: int, high: int) -> list[int]:
+    """Every port of the window once, starting at a random one, like the kernel's search."""
+    n = high - low + 1
+    start = random.randrange(n)
+    return [low + (start + i) % n for i in range(n)]
+
+
+def _scope(local: Address, remote: Address) -> int:
+    for addr in (local, remote):
+        if len(addr) >= 4 and addr[3]:
+            return int(addr[3])
+    return 0
+
+
+def _source_ip(family: int, local: Address, remote: Address) -> str:
+    """The local ip to bind: given, or what the route to ``remote`` would use."""
+    if not is_wildcard(family, local[0]):
+        return str(local[0])
+    try:
+        return route.source_for(family, remote[0], _scope(local, remote))
+    except OSError as e:
+        raise _error(e, local, remote) from None
+
+
+def _with_ip(local: Address, ip: str, port: int, remote: Address) -> Address:
+    if len(local) >= 4:
+        return (ip, port, local[2], local[3])
+    if len(remote) >= 4 and remote[3]:
+        return (ip, port, 0, remote[3])
+    return (ip, port)
+
+
+def _bind(sock: socket.socket, local: Address, remote: Address) -> None:
+    try:
+        sock.bind(local)
+    except OSError as e:
+        raise _error(e, local, remote) from None
+
+
+def _local_for_error(sock: socket.socket, local: Address) -> Address:
+    try:
+        bound = sock.getsockname()
+    except OSError:
+        return local
+    return bound if bound[1] else local
+
+
+def format_address(addr: Address) -> str:
+    """``ip:port``, ``[v6]:port``; a zero port or wildcard shown as ``*``."""
+    ip, port = str(addr[0]) or "*", addr[1] if addr[1] else "*"
+    if ":" in ip:
+        scope = f"%{addr[3]}" if len(addr) >= 4 and addr[3] else ""
+        return f"[{ip}{scope}]:{port}"
+    return f"{ip}:{port}"
+
+
+def _error(err: OSError | int, local: Address, remote: Address) -> OSError:
+    """The kernel's errno, with both addresses in the message and on the exception."""
+    if isinstance(err, int):
+        code = err
+    elif err.errno is None:  # socket.timeout from a blocking connect
+        code = errno.ETIMEDOUT
+    else:
+        code = err.errno
+    where = f"connect {format_address(local)} -> {format_address(remote)}"
+    exc = OSError(code, f"{os.strerror(code)} ({where})")
+    exc.local_addr = local  # type: ignore[attr-defined]
+    exc.remote_addr = remote  # type: ignore[attr-defined]
+    return exc
