@@ -5,7 +5,7 @@ published userspace proposal (Cloudflare, 2022), so code written against it port
 it does, by case (kernel facts in ../shared/docs/ephemeral-ports.md):
 
 ==========================  ================================================================
-TCP, wildcard ip, port 0    plain ``connect()``: no bind, the kernel checks the 4-tuple
+TCP, wildcard ip, port 0    ``SO_REUSEADDR``, plain ``connect()``: no bind
 TCP, ip, port 0             ``IP_BIND_ADDRESS_NO_PORT`` + ``SO_REUSEADDR``, bind, connect
 TCP, explicit port          ``SO_REUSEADDR``, bind, connect; a taken 4-tuple: EADDRNOTAVAIL
 TCP, ``port_range``         ``IP_LOCAL_PORT_RANGE`` window; without it (ENOPROTOOPT, or
@@ -150,12 +150,13 @@ def _tcp(
             sockopt.restrict_source_ports(sock, *window)
         else:
             return (yield from _tcp_userspace(sock, local, remote, window or port_range))
+    # SO_REUSEADDR on every outgoing socket, bound or not: a port held without it cannot
+    # be bound explicitly by anyone else, even toward another destination.
+    sockopt.allow_shared_source_port(sock)
     if local[1]:
-        sockopt.allow_shared_source_port(sock)
         _bind(sock, local, remote)
     elif not wildcard:
         sockopt.share_source_port_across_destinations(sock)
-        sockopt.allow_shared_source_port(sock)
         _bind(sock, local, remote)
     err = yield
     if err is not None:
