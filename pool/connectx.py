@@ -192,7 +192,7 @@ def _tcp_userspace(
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
                     continue
-                raise _error(e, (src, port), remote) from None
+                raise _error(e, (src, port), remote, "bind") from None
             err = yield
             if err is None:
                 return sock.getsockname()  # type: ignore[no-any-return]
@@ -230,7 +230,7 @@ def _udp(
             except OSError as e:
                 if e.errno == errno.EADDRINUSE:
                     continue  # locked by a socket bound without SO_REUSEADDR
-                raise _error(e, here, remote) from None
+                raise _error(e, here, remote, "bind") from None
             sockopt.allow_shared_source_port(sock, False)  # the lock: no new binds here
             cookie = kernel.socket_cookie(sock)
             owner = sockdiag.lookup(sock.family, socket.IPPROTO_UDP, here, remote, scope, nl)
@@ -306,7 +306,7 @@ def _bind(sock: socket.socket, local: Address, remote: Address) -> None:
     try:
         sock.bind(local)
     except OSError as e:
-        raise _error(e, local, remote) from None
+        raise _error(e, local, remote, "bind") from None
 
 
 def _local_for_error(sock: socket.socket, local: Address) -> Address:
@@ -326,8 +326,13 @@ def format_address(addr: Address) -> str:
     return f"{ip}:{port}"
 
 
-def _error(err: OSError | int, local: Address, remote: Address) -> OSError:
-    """The kernel's errno, with both addresses in the message and on the exception."""
+def _error(err: OSError | int, local: Address, remote: Address, stage: str = "connect") -> OSError:
+    """The kernel's errno, with both addresses in the message and on the exception.
+
+    ``.stage`` is "bind" when the source address itself was refused (EADDRNOTAVAIL there
+    means the IP is not configured on the host, not that ports ran out) and "connect"
+    otherwise; the egress layer marks an IP down only for the former.
+    """
     if isinstance(err, int):
         code = err
     elif err.errno is None:  # socket.timeout from a blocking connect
@@ -338,4 +343,5 @@ def _error(err: OSError | int, local: Address, remote: Address) -> OSError:
     exc = OSError(code, f"{os.strerror(code)} ({where})")
     exc.local_addr = local  # type: ignore[attr-defined]
     exc.remote_addr = remote  # type: ignore[attr-defined]
+    exc.stage = stage  # type: ignore[attr-defined]
     return exc

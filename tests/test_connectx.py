@@ -156,6 +156,7 @@ def test_unconfigured_source_ip_fails_at_bind(ns, held):
         connectx(s, ("10.255.0.1", 0), DST)
     assert nope.value.errno == errno.EADDRNOTAVAIL
     assert "10.255.0.1" in str(nope.value)
+    assert nope.value.stage == "bind"
 
 
 def test_udp_wildcard_source_comes_from_the_route(ns, held):

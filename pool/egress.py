@@ -1,0 +1,495 @@
+"""Which source IP and port each upstream connection uses, so one destination reaches E x R.
+
+An :class:`EgressSet` is the list of source IPs the host may use (each optionally with a port
+window, for hosts or processes that slice one IP's range). For every new connection to a
+destination ``(ip, port)`` it:
+
+* picks the egress IP with the most free capacity *for that destination* (ties: round
+  robin), so E egress IPs fill evenly to E x R instead of stalling on the fullest one;
+* once a (egress, destination) pair is busy (half full: where the kernel's own port search
+  gets ~35x slower), hands connectx one port it knows is free, as a one-port
+  ``IP_LOCAL_PORT_RANGE`` window, so connect() stays flat up to 99% utilisation. The
+  free-port record exists only for busy pairs;
+* fails over within the same call when a pair is full or an IP has vanished from the host,
+  and raises :class:`EgressExhausted` naming every egress tried only when all are full;
+* marks an IP that the host no longer has (bind: EADDRNOTAVAIL) down with backoff and tries
+  it again later, so re-adding it brings it back without a restart.
+
+Counts are reserved before the connect and released in ``finally`` paths and by
+:meth:`Slot.release` (idempotent, also run if the socket is garbage collected), so errors,
+timeouts and cancellation cannot leak them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import socket
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import structlog
+
+from pool import kernel
+from pool.connectx import Address, connectx_async, effective_window, format_address
+
+log = structlog.get_logger("originpool.egress")
+
+Mode = Literal["connectx", "bind", "plain"]
+MODES: tuple[Mode, ...] = ("connectx", "bind", "plain")
+Destination = tuple[str, int]
+
+# errnos that mean "this (egress, destination) pair has no port left": try the next egress.
+_FULL = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EAGAIN})
+
+
+@dataclass(frozen=True, slots=True)
+class Egress:
+    """One source IP (``""``: the kernel's default source) and an optional port window."""
+
+    ip: str
+    window: tuple[int, int] | None = None
+
+    @property
+    def family(self) -> int | None:
+        """None for the default source, which serves either family."""
+        if not self.ip:
+            return None
+        return socket.AF_INET6 if ":" in self.ip else socket.AF_INET
+
+    @classmethod
+    def parse(cls, text: str) -> Egress:
+        """``"IP"``, ``"IP:LO-HI"``, ``"[V6]:LO-HI"`` or a bare IPv6 address.
+
+        Raises ``ValueError`` with the reason, for the config layer to name the key.
+        """
+        text = text.strip()
+        window: tuple[int, int] | None = None
+        ip = text
+        if text.startswith("["):
+            end = text.find("]")
+            if end < 0:
+                raise ValueError(f"{text!r}: missing ']'")
+            ip, rest = text[1:end], text[end + 1 :]
+            if rest:
+                if not rest.startswith(":"):
+                    raise ValueError(f"{text!r}: expected ':LO-HI' after ']'")
+                window = _parse_window(text, rest[1:])
+        elif text.count(":") == 1:
+            ip, rest = text.split(":")
+            window = _parse_window(text, rest)
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                socket.inet_pton(family, ip)
+                break
+            except OSError:
+                continue
+        else:
+            raise ValueError(f"{text!r}: {ip!r} is not a numeric IPv4 or IPv6 address")
+        return cls(ip, window)
+
+    def __str__(self) -> str:
+        shown = self.ip or "default"
+        if self.window:
+            shown = f"[{shown}]" if ":" in shown else shown
+            return f"{shown}:{self.window[0]}-{self.window[1]}"
+        return shown
+
+
+def _parse_window(text: str, spec: str) -> tuple[int, int]:
+    try:
+        lo_s, hi_s = spec.split("-")
+        lo, hi = int(lo_s), int(hi_s)
+    except ValueError:
+        raise ValueError(f"{text!r}: port window must be LO-HI, got {spec!r}") from None
+    if not (1 <= lo <= hi <= 65535):
+        raise ValueError(f"{text!r}: port window {lo}-{hi} must satisfy 1 <= LO <= HI <= 65535")
+    return (lo, hi)
+
+
+class EgressExhausted(OSError):
+    """Every egress IP is full (or down) for this destination.
+
+    An ``OSError`` with EADDRNOTAVAIL, so code that handles the kernel's refusal handles this
+    too; ``attempts`` lists each egress tried with its errno.
+    """
+
+    def __init__(self, destination: Destination, attempts: Sequence[tuple[str, int]]) -> None:
+        tried = ", ".join(
+            f"{ip or 'default'}: {errno.errorcode.get(code, code)}" for ip, code in attempts
+        )
+        super().__init__(
+            errno.EADDRNOTAVAIL,
+            f"no source port left for {format_address(destination)} on any egress IP "
+            f"(tried {tried or 'none: all down'})",
+        )
+        self.destination = destination
+        self.attempts = list(attempts)
+
+
+class FreePorts:
+    """Ports known free for one busy pair: O(1) random pick, removal and return."""
+
+    __slots__ = ("_index", "_ports")
+
+    def __init__(self, ports: Iterable[int]) -> None:
+        self._ports = list(ports)
+        self._index = {p: i for i, p in enumerate(self._ports)}
+
+    def __len__(self) -> int:
+        return len(self._ports)
+
+    def __contains__(self, port: object) -> bool:
+        return port in self._index
+
+    def pop_random(self) -> int:
+        i = random.randrange(len(self._ports))
+        port = self._ports[i]
+        self.discard(port)
+        return port
+
+    def discard(self, port: int) -> None:
+        i = self._index.pop(port, None)
+        if i is None:
+            return
+        last = self._ports.pop()
+        if i < len(self._ports):
+            self._ports[i] = last
+            self._index[last] = i
+
+    def add(self, port: int) -> None:
+        if port not in self._index:
+            self._index[port] = len(self._ports)
+            self._ports.append(port)
+
+
+@dataclass(slots=True)
+class _Pair:
+    """Live state of one (egress, destination) pair; dropped when it holds nothing."""
+
+    live: int = 0  # connected plus in flight
+    ports: set[int] = field(default_factory=set)  # ports of connected sockets
+    free: FreePorts | None = None  # only while busy
+
+
+@dataclass(frozen=True, slots=True)
+class PairUsage:
+    """What operators and metrics see for one pair."""
+
+    egress: str
+    destination: str
+    live: int
+    capacity: int
+
+    @property
+    def utilisation(self) -> float:
+        return self.live / self.capacity if self.capacity else 1.0
+
+
+class Slot:
+    """One counted connection: release it when the socket closes, for whatever reason."""
+
+    __slots__ = ("__weakref__", "_finalizer", "destination", "egress", "local")
+
+    def __init__(
+        self,
+        egress: Egress,
+        destination: Destination,
+        local: Address,
+        release: Callable[[], None],
+        sock: socket.socket,
+    ) -> None:
+        self.egress = egress
+        self.destination = destination
+        self.local = local
+        # a safety net: a socket dropped without release() still gives its count back
+        self._finalizer = weakref.finalize(sock, release)
+
+    def release(self) -> None:
+        """Idempotent: the first call gives the count back, later ones do nothing."""
+        self._finalizer()
+
+    @property
+    def released(self) -> bool:
+        return not self._finalizer.alive
+
+
+@dataclass
+class EgressMetrics:
+    """Counters the proxy exports (Prometheus names are chosen there)."""
+
+    attempts: Counter[str] = field(default_factory=Counter)  # by egress
+    failures: Counter[tuple[str, str]] = field(default_factory=Counter)  # (egress, errno)
+    exhausted: int = 0
+
+
+class EgressSet:
+    """Source-address selection and accounting for every upstream connection of a process."""
+
+    def __init__(
+        self,
+        addresses: Sequence[Egress | str] = (),
+        mode: Mode = "connectx",
+        *,
+        busy_threshold: float = 0.5,
+        backoff: tuple[float, float] = (1.0, 30.0),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"egress mode must be one of {', '.join(MODES)}, not {mode!r}")
+        parsed = [a if isinstance(a, Egress) else Egress.parse(a) for a in addresses]
+        if mode == "plain" or not parsed:
+            # plain: one source, the kernel's; windows still apply in connectx mode
+            parsed = [Egress("", parsed[0].window if parsed and mode != "plain" else None)]
+        self.egresses: tuple[Egress, ...] = tuple(parsed)
+        self.mode: Mode = mode
+        self.busy_threshold = busy_threshold
+        self._backoff = backoff
+        self._clock = clock
+        self._pairs: dict[tuple[Egress, Destination], _Pair] = {}
+        self._down: dict[Egress, tuple[float, float]] = {}  # egress -> (until, current backoff)
+        self._rr = 0
+        self.metrics = EgressMetrics()
+
+    # -- capacity -------------------------------------------------------------------------
+
+    def capacity(self, egress: Egress) -> int:
+        """Ports this egress can hold toward any one destination."""
+        facts = kernel.port_sysctls()
+        if egress.window is None:
+            return facts.size
+        lo, hi = effective_window(*egress.window) or egress.window
+        return hi - lo + 1 - sum(1 for p in facts.reserved if lo <= p <= hi)
+
+    def _ports_of(self, egress: Egress) -> range:
+        facts = kernel.port_sysctls()
+        if egress.window is None:
+            return range(facts.low, facts.high + 1)
+        lo, hi = effective_window(*egress.window) or egress.window
+        return range(lo, hi + 1)
+
+    def utilisation(self) -> list[PairUsage]:
+        """Every pair with live connections, fullest first."""
+        rows = [
+            PairUsage(str(e), format_address(d), pair.live, self.capacity(e))
+            for (e, d), pair in self._pairs.items()
+        ]
+        return sorted(rows, key=lambda r: r.utilisation, reverse=True)
+
+    def live_by_egress(self) -> dict[str, int]:
+        out: Counter[str] = Counter({str(e): 0 for e in self.egresses})
+        for (e, _d), pair in self._pairs.items():
+            out[str(e)] += pair.live
+        return dict(out)
+
+    def is_down(self, egress: Egress) -> bool:
+        state = self._down.get(egress)
+        return state is not None and self._clock() < state[0]
+
+    # -- selection ------------------------------------------------------------------------
+
+    def _candidates(self, destination: Destination) -> list[Egress]:
+        family = socket.AF_INET6 if ":" in destination[0] else socket.AF_INET
+        usable = [
+            (i, e)
+            for i, e in enumerate(self.egresses)
+            if e.family in (None, family) and not self.is_down(e)
+        ]
+        self._rr += 1
+        n = len(self.egresses)
+
+        def key(item: tuple[int, Egress]) -> tuple[int, int]:
+            i, e = item
+            pair = self._pairs.get((e, destination))
+            free = self.capacity(e) - (pair.live if pair else 0)
+            return (-free, (i - self._rr) % n)
+
+        return [e for _i, e in sorted(usable, key=key)]
+
+    # -- connecting -----------------------------------------------------------------------
+
+    async def connect(
+        self, destination: Destination, *, timeout: float | None = None
+    ) -> tuple[socket.socket, Slot]:
+        """A connected non-blocking socket to ``destination`` and the slot that counts it.
+
+        Raises :class:`EgressExhausted` when no egress has a port left, or the connect's own
+        error (refused, timed out, unreachable) naming both addresses.
+        """
+        attempts: list[tuple[str, int]] = []
+        for egress in self._candidates(destination):
+            self.metrics.attempts[str(egress)] += 1
+            try:
+                return await self._connect_via(egress, destination, timeout)
+            except OSError as e:
+                code = e.errno or errno.ETIMEDOUT
+                self.metrics.failures[(str(egress), errno.errorcode.get(code, str(code)))] += 1
+                if getattr(e, "stage", None) == "bind" and code == errno.EADDRNOTAVAIL:
+                    self._mark_down(egress, e)
+                elif code not in _FULL:
+                    raise
+                attempts.append((egress.ip, code))
+        self.metrics.exhausted += 1
+        exc = EgressExhausted(destination, attempts)
+        log.warning(
+            "egress_exhausted",
+            destination=format_address(destination),
+            attempts=[
+                {"egress": ip or "default", "errno": errno.errorcode.get(c, c), "error": _why(c)}
+                for ip, c in attempts
+            ],
+        )
+        raise exc
+
+    async def _connect_via(
+        self, egress: Egress, destination: Destination, timeout: float | None
+    ) -> tuple[socket.socket, Slot]:
+        key = (egress, destination)
+        pair = self._pairs.get(key)
+        if pair is None:
+            pair = self._pairs[key] = _Pair()
+        capacity = self.capacity(egress)
+        if self.mode == "connectx" and pair.live >= capacity:
+            self._forget_if_idle(key, pair)
+            raise _full(egress, destination)
+        pair.live += 1  # reserved before the await: concurrent callers see it
+        released = False
+
+        def release_count(port: int | None = None) -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            pair.live -= 1
+            if port is not None:
+                pair.ports.discard(port)
+                if pair.free is not None and port in self._ports_of(egress):
+                    pair.free.add(port)
+            if pair.free is not None and pair.live < capacity * self.busy_threshold / 2:
+                pair.free = None  # no longer busy: the kernel's search is cheap again
+            self._forget_if_idle(key, pair)
+
+        family = socket.AF_INET6 if ":" in destination[0] else socket.AF_INET
+        try:
+            sock = await self._open(egress, destination, family, pair, capacity, timeout)
+        except BaseException:
+            release_count()
+            raise
+        local = sock.getsockname()
+        port = int(local[1])
+        pair.ports.add(port)
+        if pair.free is not None:
+            pair.free.discard(port)
+        self._down.pop(egress, None)
+        return sock, Slot(egress, destination, local, lambda: release_count(port), sock)
+
+    async def _open(
+        self,
+        egress: Egress,
+        destination: Destination,
+        family: int,
+        pair: _Pair,
+        capacity: int,
+        timeout: float | None,
+    ) -> socket.socket:
+        """The one place the three modes differ: how the socket is set up and connected."""
+        local = (egress.ip or ("::" if family == socket.AF_INET6 else "0.0.0.0"), 0)
+        while True:
+            port: int | None = None
+            if self.mode == "connectx" and pair.live > capacity * self.busy_threshold:
+                if pair.free is None:
+                    reserved = kernel.port_sysctls().reserved
+                    pair.free = FreePorts(
+                        p
+                        for p in self._ports_of(egress)
+                        if p not in pair.ports and p not in reserved
+                    )
+                if len(pair.free):
+                    port = pair.free.pop_random()
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                async with asyncio.timeout(timeout):
+                    if self.mode == "connectx":
+                        window = (port, port) if port is not None else egress.window
+                        await connectx_async(sock, local, destination, port_range=window)
+                    else:
+                        await self._legacy_connect(sock, egress, destination)
+            except TimeoutError:
+                sock.close()
+                raise OSError(
+                    errno.ETIMEDOUT,
+                    f"{_why(errno.ETIMEDOUT)} (connect {format_address(local)} -> "
+                    f"{format_address(destination)} after {timeout}s)",
+                ) from None
+            except OSError as e:
+                sock.close()
+                if port is not None and e.errno == errno.EADDRNOTAVAIL:
+                    continue  # taken by another process: it stays out of the record
+                raise
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+
+    async def _legacy_connect(
+        self, sock: socket.socket, egress: Egress, destination: Destination
+    ) -> None:
+        """``bind`` and ``plain`` modes: what most proxies do, kept for side-by-side runs."""
+        loop = asyncio.get_running_loop()
+        if self.mode == "bind" and egress.ip:
+            try:
+                sock.bind((egress.ip, 0))
+            except OSError as e:
+                err = OSError(e.errno, f"{e.strerror} (bind {egress.ip}:0)")
+                err.stage = "bind"  # type: ignore[attr-defined]
+                raise err from None
+        try:
+            await loop.sock_connect(sock, destination)
+        except OSError as e:
+            code = e.errno or errno.ETIMEDOUT
+            raise OSError(
+                code, f"{_why(code)} (connect {egress.ip or '*'} -> {format_address(destination)})"
+            ) from None
+
+    def _mark_down(self, egress: Egress, error: OSError) -> None:
+        _until, current = self._down.get(egress, (0.0, self._backoff[0] / 2))
+        delay = min(current * 2, self._backoff[1])
+        self._down[egress] = (self._clock() + delay, delay)
+        log.warning("egress_down", egress=str(egress), retry_in_s=delay, error=str(error))
+
+    def _forget_if_idle(self, key: tuple[Egress, Destination], pair: _Pair) -> None:
+        if pair.live == 0 and self._pairs.get(key) is pair:
+            del self._pairs[key]
+
+
+def _full(egress: Egress, destination: Destination) -> OSError:
+    err = OSError(
+        errno.EADDRNOTAVAIL,
+        f"{_why(errno.EADDRNOTAVAIL)} (connect {egress.ip or '*'}:* -> "
+        f"{format_address(destination)}: all {egress} ports held)",
+    )
+    err.stage = "connect"  # type: ignore[attr-defined]
+    return err
+
+
+def _why(code: int) -> str:
+    return os.strerror(code)
+
+
+__all__ = [
+    "MODES",
+    "Egress",
+    "EgressExhausted",
+    "EgressSet",
+    "FreePorts",
+    "Mode",
+    "PairUsage",
+    "Slot",
+]
