@@ -1,0 +1,535 @@
+"""Connections kept per origin: keep-alive checkout/checkin for HTTP, leases for WebSocket.
+
+An origin is ``(scheme, host, port)``. Its hostname resolves (without blocking the loop,
+cached for a TTL) to one or more addresses, each a destination for :mod:`pool.egress`, which
+picks the source IP and port. What this layer adds is what nginx's ``upstream keepalive`` and
+HAProxy's ``http-reuse`` give operators: reuse of idle connections, limits (connections per
+origin, idle connections, idle timeout, lifetime, requests per connection), a bounded wait
+queue with a timeout, TLS with SNI and verification, and dead-idle detection.
+
+I/O is Protocol-based: each :class:`UpstreamConnection` is the asyncio protocol of its
+transport and forwards events to whichever handler the proxy attached for the current
+exchange. While idle, no handler is attached and *any* event (data, EOF, reset) means the
+origin is done with it: it is dropped at once, so a request is never written into a socket
+the origin already closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import select
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import structlog
+
+from pool.egress import EgressExhausted, EgressSet, Slot
+
+log = structlog.get_logger("originpool.origin")
+
+DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where requests go: the scheme decides TLS, the host decides SNI and the Host header."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> Origin:
+        """``http://host:port`` (also https, ws, wss); raises ValueError naming the problem."""
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in DEFAULT_PORTS:
+            raise ValueError(f"{url!r}: scheme must be http, https, ws or wss")
+        if not parts.hostname:
+            raise ValueError(f"{url!r}: no host")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"{url!r}: an origin has no path, query or fragment")
+        try:
+            port = parts.port or DEFAULT_PORTS[scheme]
+        except ValueError:
+            raise ValueError(f"{url!r}: bad port") from None
+        return cls(scheme, parts.hostname, port)
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme in ("https", "wss")
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    """Per-origin limits; defaults follow nginx (keepalive_requests 1000, 60 s idle)."""
+
+    max_connections: int = 512  # checked out + connecting, HTTP use
+    max_idle: int = 64
+    idle_timeout: float = 60.0
+    max_lifetime: float | None = None
+    max_requests: int = 1000
+    queue_size: int = 1024
+    queue_timeout: float = 5.0
+    connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Verification on by default; ``verify=False`` only when configured, and logged."""
+
+    verify: bool = True
+    ca_file: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        ctx.set_alpn_protocols(["http/1.1"])
+        if not self.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            log.warning("tls_verify_disabled", reason="configured: verify = false")
+        return ctx
+
+
+class PoolError(OSError):
+    """The pool could not give a connection; the proxy turns it into 502/503/504."""
+
+
+class PoolTimeout(PoolError):
+    """Waited ``queue_timeout`` for a connection to the origin to become free."""
+
+
+class PoolQueueFull(PoolError):
+    """Every connection busy and the wait queue full: refuse at once rather than pile up."""
+
+
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+
+
+class Resolver:
+    """Hostname -> addresses, cached for ``ttl`` seconds; never blocks the loop."""
+
+    def __init__(
+        self,
+        ttl: float = 30.0,
+        lookup: Resolve | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = ttl
+        self._lookup = lookup or _getaddrinfo
+        self._clock = clock
+        self._cache: dict[tuple[str, int], tuple[float, list[str]]] = {}
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        if _is_numeric(host):
+            return [host]
+        key = (host, port)
+        hit = self._cache.get(key)
+        now = self._clock()
+        if hit is not None and now < hit[0]:
+            return hit[1]
+        addresses = await self._lookup(host, port)
+        if not addresses:
+            raise OSError(errno.EHOSTUNREACH, f"{host}: resolved to no addresses")
+        self._cache[key] = (now + self.ttl, addresses)
+        return addresses
+
+
+async def _getaddrinfo(host: str, port: int) -> list[str]:
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    seen: dict[str, None] = {}
+    for _family, _type, _proto, _canon, addr in infos:
+        seen.setdefault(str(addr[0]), None)
+    return list(seen)
+
+
+def _is_numeric(host: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+class UpstreamHandler(Protocol):
+    """What the proxy attaches to a checked-out connection for one exchange."""
+
+    def data_received(self, data: bytes) -> None: ...
+    def eof_received(self) -> None: ...
+    def connection_lost(self, exc: Exception | None) -> None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One upstream transport, kept by the pool between exchanges."""
+
+    def __init__(self, pool: OriginPool, origin: Origin, slot: Slot, now: float) -> None:
+        self.pool = pool
+        self.origin = origin
+        self.slot = slot
+        self.created = now
+        self.requests = 0
+        self.leased = False
+        self.alive = True
+        self.transport: asyncio.Transport | None = None
+        self.handler: UpstreamHandler | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol: forwarded to the handler, or fatal while idle -------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.handler is not None:
+            self.handler.data_received(data)
+        else:
+            self.close()  # bytes nobody asked for: the connection's framing is lost
+
+    def eof_received(self) -> bool | None:
+        if self.handler is not None:
+            self.handler.eof_received()
+            return True  # the handler decides when to close (half-close)
+        self.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        self.slot.release()
+        self.pool._lost(self)
+        if self.handler is not None:
+            self.handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.resume_writing()
+
+    # -- for the proxy ---------------------------------------------------------------------
+
+    def attach(self, handler: UpstreamHandler | None) -> None:
+        self.handler = handler
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self.alive = False
+        if self.transport is not None:
+            self.transport.close()
+        else:
+            self.slot.release()
+
+    def abort(self) -> None:
+        self.alive = False
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def local(self) -> tuple[str, int]:
+        return (str(self.slot.local[0]), int(self.slot.local[1]))
+
+    def readable_while_idle(self) -> bool:
+        """EOF or stray bytes already queued in the kernel but not yet delivered to us."""
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is None or sock.fileno() < 0:
+            return True
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+        return bool(poller.poll(0))
+
+
+@dataclass
+class _OriginState:
+    idle: collections.deque[UpstreamConnection] = field(default_factory=collections.deque)
+    active: int = 0  # checked out or connecting (HTTP use)
+    leased: int = 0
+    waiters: collections.deque[asyncio.Future[UpstreamConnection | None]] = field(
+        default_factory=collections.deque
+    )
+    next_address: int = 0
+    opened: int = 0
+    reused: int = 0
+
+
+@dataclass(frozen=True)
+class OriginStats:
+    origin: str
+    active: int
+    idle: int
+    leased: int
+    waiting: int
+    opened: int
+    reused: int
+
+
+class OriginPool:
+    """Upstream connections per origin, on top of an :class:`EgressSet`."""
+
+    def __init__(
+        self,
+        egress: EgressSet,
+        limits: PoolLimits | None = None,
+        tls: TLSConfig | None = None,
+        resolver: Resolver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.egress = egress
+        self.limits = limits or PoolLimits()
+        self.tls = tls or TLSConfig()
+        self.resolver = resolver or Resolver()
+        self._clock = clock
+        self._ssl: ssl.SSLContext | None = None
+        self._origins: dict[Origin, _OriginState] = {}
+
+    def _state(self, origin: Origin) -> _OriginState:
+        state = self._origins.get(origin)
+        if state is None:
+            state = self._origins[origin] = _OriginState()
+        return state
+
+    # -- HTTP use ----------------------------------------------------------------------------
+
+    async def acquire(self, origin: Origin) -> UpstreamConnection:
+        """An idle keep-alive connection if a usable one exists, else a new one, else wait."""
+        state = self._state(origin)
+        while state.idle:
+            conn = state.idle.pop()  # most recent first: the rest age out
+            self._cancel_idle_timer(conn)
+            if self._usable(conn):
+                state.active += 1
+                state.reused += 1
+                return conn
+            conn.close()
+        if state.active >= self.limits.max_connections:
+            conn = await self._wait(origin, state)
+            if conn is not None:
+                return conn
+        else:
+            state.active += 1
+        try:
+            return await self._open(origin, state)
+        except BaseException:
+            state.active -= 1
+            self._wake(state)
+            raise
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """Check a connection back in after its exchange; closes it unless it may be reused.
+
+        ``reusable`` is the HTTP layer's verdict (complete response, keep-alive); the limits
+        (requests per connection, lifetime, idle count) are applied here.
+        """
+        conn.attach(None)
+        state = self._state(conn.origin)
+        if conn.leased:
+            conn.leased = False
+            state.leased -= 1
+            conn.close()
+            return
+        conn.requests += 1
+        if reusable and self._usable(conn):
+            self._recycle(state, conn)
+        else:
+            state.active -= 1
+            conn.close()
+            self._wake(state)
+
+    def _recycle(self, state: _OriginState, conn: UpstreamConnection) -> None:
+        """A usable connection: to the first waiter directly, else to the idle set."""
+        while state.waiters:
+            waiter = state.waiters.popleft()
+            if not waiter.done():
+                state.reused += 1
+                waiter.set_result(conn)
+                return
+        state.active -= 1
+        if len(state.idle) >= self.limits.max_idle:
+            conn.close()
+            return
+        state.idle.append(conn)
+        loop = asyncio.get_running_loop()
+        conn._idle_timer = loop.call_later(self.limits.idle_timeout, self._expire, conn)
+
+    # -- long-lived use (WebSocket) ----------------------------------------------------------
+
+    async def lease(self, origin: Origin) -> UpstreamConnection:
+        """A fresh connection that never returns to the idle set; ``release`` closes it."""
+        state = self._state(origin)
+        state.leased += 1
+        try:
+            conn = await self._open(origin, state)
+        except BaseException:
+            state.leased -= 1
+            raise
+        conn.leased = True
+        return conn
+
+    def to_lease(self, conn: UpstreamConnection) -> None:
+        """An HTTP checkout became long-lived (101 Switching Protocols): count it as such."""
+        if conn.leased:
+            return
+        state = self._state(conn.origin)
+        state.active -= 1
+        state.leased += 1
+        conn.leased = True
+        self._wake(state)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def stats(self) -> list[OriginStats]:
+        return [
+            OriginStats(str(o), s.active, len(s.idle), s.leased, len(s.waiters), s.opened, s.reused)
+            for o, s in self._origins.items()
+        ]
+
+    async def close(self) -> None:
+        """Close idle connections and fail waiters; checked-out ones close with their owners."""
+        for state in self._origins.values():
+            while state.idle:
+                conn = state.idle.pop()
+                self._cancel_idle_timer(conn)
+                conn.close()
+            while state.waiters:
+                waiter = state.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(PoolError(errno.ESHUTDOWN, "pool closed"))
+
+    def _usable(self, conn: UpstreamConnection) -> bool:
+        lim = self.limits
+        if not conn.alive or conn.requests >= lim.max_requests:
+            return False
+        if lim.max_lifetime is not None and self._clock() - conn.created >= lim.max_lifetime:
+            return False
+        return not (conn.handler is None and conn.requests and conn.readable_while_idle())
+
+    async def _wait(self, origin: Origin, state: _OriginState) -> UpstreamConnection | None:
+        """Queue for a connection; None means "a slot is free: open one" (already counted)."""
+        if len(state.waiters) >= self.limits.queue_size:
+            raise PoolQueueFull(
+                errno.EAGAIN,
+                f"{origin}: {state.active} connections busy and {len(state.waiters)} "
+                "requests already waiting",
+            )
+        fut: asyncio.Future[UpstreamConnection | None] = asyncio.get_running_loop().create_future()
+        state.waiters.append(fut)
+        try:
+            async with asyncio.timeout(self.limits.queue_timeout):
+                return await fut
+        except BaseException as e:
+            if fut.done() and not fut.cancelled():
+                # handed to us in the very tick we gave up: pass it on, never lose it
+                conn = fut.result()
+                if conn is None:
+                    state.active -= 1
+                    self._wake(state)
+                else:
+                    self._recycle(state, conn)
+            else:
+                fut.cancel()
+                with contextlib.suppress(ValueError):
+                    state.waiters.remove(fut)
+            if isinstance(e, TimeoutError):
+                raise PoolTimeout(
+                    errno.ETIMEDOUT,
+                    f"{origin}: no connection free within {self.limits.queue_timeout}s "
+                    f"({state.active} busy, max_connections {self.limits.max_connections})",
+                ) from None
+            raise
+
+    def _wake(self, state: _OriginState) -> None:
+        """A connection slot freed up: let the first live waiter open one."""
+        while state.waiters and state.active < self.limits.max_connections:
+            waiter = state.waiters.popleft()
+            if not waiter.done():
+                state.active += 1
+                waiter.set_result(None)
+                return
+
+    def _expire(self, conn: UpstreamConnection) -> None:
+        conn._idle_timer = None
+        state = self._origins.get(conn.origin)
+        if state is not None and conn in state.idle:
+            state.idle.remove(conn)
+        conn.close()
+
+    def _cancel_idle_timer(self, conn: UpstreamConnection) -> None:
+        if conn._idle_timer is not None:
+            conn._idle_timer.cancel()
+            conn._idle_timer = None
+
+    def _lost(self, conn: UpstreamConnection) -> None:
+        """The transport is gone: an idle one leaves the idle set now, not at checkout."""
+        self._cancel_idle_timer(conn)
+        state = self._origins.get(conn.origin)
+        if state is not None and conn in state.idle:
+            state.idle.remove(conn)
+
+    async def _open(self, origin: Origin, state: _OriginState) -> UpstreamConnection:
+        addresses = await self.resolver.resolve(origin.host, origin.port)
+        start = state.next_address
+        state.next_address += 1
+        error: OSError | None = None
+        for i in range(len(addresses)):
+            ip = addresses[(start + i) % len(addresses)]
+            try:
+                sock, slot = await self.egress.connect(
+                    (ip, origin.port), timeout=self.limits.connect_timeout
+                )
+            except EgressExhausted as e:
+                error = e  # per destination: another address of the origin may have room
+                continue
+            except OSError as e:
+                error = e
+                log.info("origin_address_failed", origin=str(origin), address=ip, error=str(e))
+                continue
+            return await self._wrap(origin, state, sock, slot)
+        assert error is not None
+        raise error
+
+    async def _wrap(
+        self, origin: Origin, state: _OriginState, sock: socket.socket, slot: Slot
+    ) -> UpstreamConnection:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = UpstreamConnection(self, origin, slot, self._clock())
+        loop = asyncio.get_running_loop()
+        try:
+            if origin.tls:
+                if self._ssl is None:
+                    self._ssl = self.tls.context()
+                await loop.create_connection(
+                    lambda: conn,
+                    sock=sock,
+                    ssl=self._ssl,
+                    server_hostname=origin.host,
+                    ssl_handshake_timeout=self.limits.connect_timeout,
+                )
+            else:
+                await loop.create_connection(lambda: conn, sock=sock)
+        except BaseException:
+            sock.close()
+            slot.release()
+            raise
+        state.opened += 1
+        return conn
