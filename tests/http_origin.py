@@ -33,6 +33,7 @@ class TestOrigin:
         self.writers: list[asyncio.StreamWriter] = []
         self.server: asyncio.base_events.Server | None = None
         self.sni: list[str | None] = []
+        self.last_headers: list = []
         self.disconnects: asyncio.Queue[tuple] = asyncio.Queue()
 
     async def start(self, host: str, port: int, ssl_ctx: ssl.SSLContext | None = None) -> None:
@@ -57,6 +58,8 @@ class TestOrigin:
         self.connections.append(seen)
         self.writers.append(writer)
         conn = h11.Connection(h11.SERVER)
+        request: h11.Request | None = None
+        body = bytearray()
         try:
             while True:
                 event = conn.next_event()
@@ -67,17 +70,15 @@ class TestOrigin:
                         break
                     continue
                 if isinstance(event, h11.Request):
+                    request = event
+                    body.clear()
                     seen.requests.append(event.target.decode())
-                    close = event.target == b"/close"
-                    body = f"hello {len(seen.requests)}".encode()
-                    headers = [("content-length", str(len(body)))]
-                    if close:
-                        headers.append(("connection", "close"))
-                    writer.write(conn.send(h11.Response(status_code=200, headers=headers)))
-                    writer.write(conn.send(h11.Data(data=body)))
-                    writer.write(conn.send(h11.EndOfMessage()))
-                    await writer.drain()
+                    self.last_headers = list(event.headers)
+                elif isinstance(event, h11.Data):
+                    body += event.data
                 elif isinstance(event, h11.EndOfMessage):
+                    assert request is not None
+                    await self._respond(conn, writer, request, bytes(body), len(seen.requests))
                     if conn.our_state is h11.MUST_CLOSE:
                         break
                     conn.start_next_cycle()
@@ -88,6 +89,44 @@ class TestOrigin:
         finally:
             writer.close()
             self.disconnects.put_nowait(seen.peer)
+
+    async def _respond(
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        request: h11.Request,
+        body: bytes,
+        n: int,
+    ) -> None:
+        target = request.target.decode()
+        if target == "/slow":
+            await asyncio.Event().wait()  # never answers: the proxy's timeout must fire
+        if target.startswith("/big/"):
+            size = int(target.rsplit("/", 1)[1])
+            writer.write(conn.send(h11.Response(status_code=200, headers=[])))  # chunked
+            sent = 0
+            while sent < size:
+                chunk = pattern(sent, min(65536, size - sent))
+                writer.write(conn.send(h11.Data(data=chunk)))
+                sent += len(chunk)
+                await writer.drain()
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
+            return
+        payload = body if target.startswith("/echo") else f"hello {n}".encode()
+        headers = [("content-length", str(len(payload)))]
+        if target == "/close":
+            headers.append(("connection", "close"))
+        writer.write(conn.send(h11.Response(status_code=200, headers=headers)))
+        writer.write(conn.send(h11.Data(data=payload)))
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+
+
+def pattern(offset: int, size: int) -> bytes:
+    """Position-dependent bytes: a dropped, duplicated or reordered chunk changes them."""
+    start = offset % 256
+    return (bytes(range(256)) * (size // 256 + 2))[start : start + size]
 
 
 class Exchange:

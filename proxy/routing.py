@@ -1,0 +1,102 @@
+"""Which origin serves a request: host (exact, then the longest ``*.suffix``), then the
+longest path prefix, then the route's balancing among its origins.
+
+Pure logic, no I/O: the server asks ``match`` once per request and ``pick`` once per
+attempt, excluding origins that already failed this request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from pool.origin import Origin
+
+BALANCES = ("round_robin", "least_conn")
+
+
+@dataclass(eq=False)
+class Route:
+    host: str  # lowercase; exact, or "*.suffix"
+    path_prefix: str
+    origins: Sequence[tuple[Origin, int]]  # (origin, weight)
+    balance: str = "round_robin"
+    name: str = ""
+    _current: list[int] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance must be one of {', '.join(BALANCES)}")
+        self._current = [0] * len(self.origins)
+        if not self.name:
+            self.name = f"{self.host}{self.path_prefix}"
+
+    def pick(
+        self, exclude: Iterable[Origin] = (), active: Callable[[Origin], int] | None = None
+    ) -> Origin | None:
+        """The next origin, or None when every origin is excluded.
+
+        round_robin is nginx's smooth weighted round robin (spreads a 5:1:1 weighting as
+        a a b a c a a, not a a a a a b c); least_conn divides live connections by weight.
+        """
+        skip = set(exclude)
+        candidates = [i for i, (o, _w) in enumerate(self.origins) if o not in skip]
+        if not candidates:
+            return None
+        if self.balance == "least_conn" and active is not None:
+            best = min(
+                candidates,
+                key=lambda i: (active(self.origins[i][0]) / self.origins[i][1], -self._current[i]),
+            )
+            self._advance(candidates, best)
+            return self.origins[best][0]
+        total = sum(self.origins[i][1] for i in candidates)
+        for i in candidates:
+            self._current[i] += self.origins[i][1]
+        best = max(candidates, key=lambda i: self._current[i])
+        self._current[best] -= total
+        return self.origins[best][0]
+
+    def _advance(self, candidates: list[int], chosen: int) -> None:
+        for i in candidates:
+            self._current[i] += 1
+        self._current[chosen] = 0
+
+
+def normalise_host(value: bytes | str) -> str:
+    """Lowercase, without port or trailing dot: what route hosts are compared against."""
+    host = value.decode("latin-1") if isinstance(value, bytes) else value
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+class Router:
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self.routes = list(routes)
+        self._exact: dict[str, list[Route]] = {}
+        self._wild: list[tuple[str, list[Route]]] = []
+        wild: dict[str, list[Route]] = {}
+        for r in self.routes:
+            if r.host.startswith("*."):
+                wild.setdefault(r.host[1:], []).append(r)  # ".example"
+            else:
+                self._exact.setdefault(r.host, []).append(r)
+        for group in (*self._exact.values(), *wild.values()):
+            group.sort(key=lambda r: len(r.path_prefix), reverse=True)
+        self._wild = sorted(wild.items(), key=lambda kv: len(kv[0]), reverse=True)
+
+    def match(self, host: str, path: str) -> Route | None:
+        for route in self._exact.get(host, ()):
+            if path.startswith(route.path_prefix):
+                return route
+        for suffix, group in self._wild:
+            if host.endswith(suffix) and len(host) > len(suffix):
+                for route in group:
+                    if path.startswith(route.path_prefix):
+                        return route
+        return None

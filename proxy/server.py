@@ -1,0 +1,770 @@
+"""The reverse proxy's data path: client connections, one exchange at a time, to origins.
+
+Protocol-based I/O with flow control both ways: a full client write buffer pauses reading
+from the origin, a full origin write buffer pauses reading from the client, so bodies stream
+through bounded buffers and are never held whole. HTTP parsing is :mod:`proxy.http1`
+(sans I/O); upstream connections come from :mod:`pool.origin`, whose egress layer picks the
+source IP and port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from pool.egress import EgressExhausted
+from pool.origin import Origin, OriginPool, PoolError, UpstreamConnection
+from proxy import headers as hdrs
+from proxy import http1
+from proxy.routing import Route, Router, normalise_host
+
+log = structlog.get_logger("originpool.proxy")
+
+WRITE_HIGH = 256 * 1024
+WRITE_LOW = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the data path needs from the config, nothing more (so tests can build one)."""
+
+    max_header_bytes: int = 16384
+    max_request_line: int = 8192
+    max_body_bytes: int = 0  # 0: unlimited
+    max_connections: int = 10000
+    header_timeout: float = 10.0
+    body_idle_timeout: float = 60.0
+    upstream_response_timeout: float = 60.0
+    trusted_proxies: Sequence[hdrs.Network] = ()
+
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+@dataclass
+class Stats:
+    """Counters the admin /metrics renders."""
+
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)  # (route, status)
+    latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
+    bytes_in: int = 0  # client -> origin body bytes
+    bytes_out: int = 0  # origin -> client body bytes
+    connections: int = 0
+    connections_total: int = 0
+    ws_active: int = 0
+    ws_total: int = 0
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.latency_sum += seconds
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.latency[i] += 1
+                return
+        self.latency[-1] += 1
+
+
+class Proxy:
+    """One worker's shared state: routes, pool, settings, counters, drain flag."""
+
+    def __init__(
+        self, router: Router, pool: OriginPool, settings: Settings, scheme: bytes = b"http"
+    ) -> None:
+        self.router = router
+        self.pool = pool
+        self.settings = settings
+        self.scheme = scheme
+        self.stats = Stats()
+        self.draining = False
+        self.clients: set[Downstream] = set()
+        self.listeners: list[Listener] = []
+        self._active_by_origin: dict[Origin, int] = {}
+
+    def active(self, origin: Origin) -> int:
+        return self._active_by_origin.get(origin, 0)
+
+    def protocol(self) -> Downstream:
+        return Downstream(self)
+
+
+def classify(exc: BaseException) -> int:
+    """The status a client gets for an upstream failure before any response byte."""
+    if isinstance(exc, EgressExhausted | PoolError):
+        return 503  # no capacity: ports exhausted or the origin's connection limit
+    if isinstance(exc, TimeoutError) or getattr(exc, "errno", None) == errno.ETIMEDOUT:
+        return 504
+    return 502
+
+
+def _errno_name(exc: BaseException) -> str:
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int):
+        return errno.errorcode.get(code, str(code))
+    return type(exc).__name__
+
+
+class Downstream(asyncio.Protocol):
+    """One client connection: reads requests, runs one :class:`Exchange` at a time."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        s = proxy.settings
+        self.http = http1.ServerSide(s.max_header_bytes, s.max_request_line)
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.peer = ("", 0)
+        self.closed = False
+        self.reading_paused = False
+        self.write_paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._got_bytes = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = (str(peer[0]), int(peer[1]))
+        self.proxy.clients.add(self)
+        self.proxy.stats.connections += 1
+        self.proxy.stats.connections_total += 1
+        self._arm(self.proxy.settings.header_timeout, self._header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        ex = self.exchange
+        if ex is not None and ex.tunnel:
+            ex.tunnel_to_origin(data)
+            return
+        try:
+            self.http.feed(data)
+        except http1.ProtocolError as e:
+            self.fail(e.status, e.reason)
+            return
+        if ex is not None and ex.in_body:
+            self._arm(self.proxy.settings.body_idle_timeout, self._body_timeout)
+        self.process()
+
+    def eof_received(self) -> bool | None:
+        ex = self.exchange
+        if ex is not None and ex.tunnel:
+            ex.tunnel_eof_from_client()
+            return True
+        try:
+            self.http.feed(b"")
+        except http1.ProtocolError as e:
+            self.fail(e.status, e.reason)
+            return None
+        self.process()
+        return True  # half-close: the response may still be on its way
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._disarm()
+        self.proxy.clients.discard(self)
+        self.proxy.stats.connections -= 1
+        if self.exchange is not None:
+            self.exchange.client_gone()
+        for listener in self.proxy.listeners:
+            listener.connection_closed()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.exchange is not None:
+            self.exchange.pause_origin()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.exchange is not None:
+            self.exchange.resume_origin()
+
+    # -- flow --------------------------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def process(self) -> None:
+        """Pull events from the parser as far as the current exchange can take them."""
+        while not self.closed:
+            ex = self.exchange
+            if ex is not None and (not ex.ready or ex.tunnel):
+                return  # waiting for the origin; the parser holds the rest
+            try:
+                event = self.http.next_event()
+            except http1.ProtocolError as e:
+                self.fail(e.status, e.reason)
+                return
+            if event is http1.NEED_DATA or event is http1.PAUSED:
+                return
+            if event is http1.CLOSED:
+                if ex is None:
+                    self.close()
+                return
+            if isinstance(event, http1.RequestHead):
+                self._disarm()
+                self.exchange = Exchange(self, event)
+                self.pause_reading()
+                self.exchange.start()
+                continue
+            assert ex is not None
+            if isinstance(event, http1.Body):
+                ex.request_body(event.data)
+            elif isinstance(event, http1.End):
+                self._disarm()
+                ex.request_end()
+
+    def exchange_done(self, keep_alive: bool) -> None:
+        self.exchange = None
+        if self.closed:
+            return
+        if not keep_alive or self.proxy.draining:
+            self.close()
+            return
+        try:
+            self.http.start_next()
+        except http1.ProtocolError as e:
+            self.fail(e.status, e.reason)
+            return
+        self._got_bytes = False
+        self._arm(self.proxy.settings.header_timeout, self._header_timeout)
+        self.resume_reading()
+        self.process()
+
+    def write(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def fail(self, status: int, reason: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """Answer with an error (if no response started) and close cleanly."""
+        if self.closed:
+            return
+        self.write(self.http.error_response(status, reason, extra))
+        log.info(
+            "client_error", status=status, reason=reason, client=f"{self.peer[0]}:{self.peer[1]}"
+        )
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self._disarm()
+            self.transport.close()  # flushes what is buffered, then FIN
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        if seconds > 0:
+            self._timer = asyncio.get_running_loop().call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _header_timeout(self) -> None:
+        self._timer = None
+        if self._got_bytes:
+            self.fail(408, "request head not received in time")
+        else:
+            self.close()  # an idle keep-alive connection: close quietly, like nginx
+
+    def _body_timeout(self) -> None:
+        self._timer = None
+        if self.exchange is not None:
+            self.exchange.abort_request(408, "request body stalled")
+
+
+class Exchange:
+    """One request and its response; the upstream handler of the pooled connection."""
+
+    def __init__(self, client: Downstream, head: http1.RequestHead) -> None:
+        self.client = client
+        self.proxy = client.proxy
+        self.head = head
+        self.started = time.monotonic()
+        self.route: Route | None = None
+        self.origin: Origin | None = None
+        self.conn: UpstreamConnection | None = None
+        self.upstream = http1.ClientSide()
+        self.ready = False  # the origin connection is attached: body may flow
+        self.in_body = False
+        self.tunnel = False
+        self.status = 0
+        self.sent = 0
+        self.received = 0
+        self.finished = False
+        self.request_done = False
+        self.response_started = False
+        self.reused = False
+        self._retried = False
+        self.egress_ip: str | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        host_header = next((v for n, v in head.headers if n == b"host"), b"")
+        self.host = normalise_host(host_header)
+        self.path = head.target.decode("latin-1")
+
+    # -- start: route, connect ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._start())
+
+    async def _start(self) -> None:
+        target = self.path
+        if target.startswith(("http://", "https://")):
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(target)
+            self.host = normalise_host(parts.netloc)  # absolute-form: the target's authority
+            self.path = parts.path or "/"
+            if parts.query:
+                self.path += "?" + parts.query
+        elif target == "*" or not target.startswith("/"):
+            self.respond_error(400, "request target must be origin-form or absolute-form")
+            return
+        route = self.proxy.router.match(self.host, self.path)
+        if route is None:
+            # not an open proxy: no upstream contact for hosts we do not serve
+            self.respond_error(421, f"no route for host {self.host!r}")
+            return
+        self.route = route
+        limit = self.proxy.settings.max_body_bytes
+        if limit and self._declared_length() > limit:
+            self.respond_error(413, f"request body larger than {limit} bytes")
+            return
+        tried: list[Origin] = []
+        last: BaseException | None = None
+        while True:
+            origin = route.pick(tried, self.proxy.active)
+            if origin is None:
+                break
+            tried.append(origin)
+            try:
+                conn = await self.proxy.pool.acquire(origin)
+            except (OSError, ssl.SSLError) as e:
+                last = e
+                self._log_upstream_error(origin, e, None)
+                if isinstance(e, PoolError):
+                    break  # the origin's own limit: another origin would overload too
+                continue
+            if self.client.closed:
+                self.proxy.pool.release(conn, reusable=True)
+                return
+            self.origin = origin
+            self._attach(conn)
+            return
+        status = classify(last) if last else 502
+        extra = [(b"retry-after", b"1")] if status == 503 else []
+        self.respond_error(status, f"upstream unavailable: {last}", extra)
+
+    def _declared_length(self) -> int:
+        for n, v in self.head.headers:
+            if n == b"content-length":
+                with contextlib.suppress(ValueError):
+                    return int(v)
+        return 0
+
+    def _attach(self, conn: UpstreamConnection, resend: bool = False) -> None:
+        self.conn = conn
+        self.reused = conn.requests > 0
+        self.proxy._active_by_origin[conn.origin] = self.proxy.active(conn.origin) + 1
+        conn.attach(self)
+        head = self.head
+        headers = hdrs.to_origin(
+            head.headers,
+            client_ip=self.client.peer[0],
+            scheme=self.proxy.scheme,
+            trusted=self.proxy.settings.trusted_proxies,
+        )
+        if head.has_body and not any(n == b"content-length" for n, _ in head.headers):
+            headers.append((b"transfer-encoding", b"chunked"))  # re-framed for this hop
+        target = self.path.encode("latin-1")
+        try:
+            conn.write(self.upstream.request_head(head.method, target, headers))
+        except Exception as e:  # h11 refusing what the downstream parser accepted
+            self.respond_error(400, f"cannot forward request: {e}")
+            return
+        if resend:
+            conn.write(self.upstream.end())  # bodiless: the whole request again
+            self.ready = True
+            self._arm(self.proxy.settings.upstream_response_timeout, self._response_timeout)
+            return
+        if head.expect_continue:
+            self.client.write(self.client.http.informational(100))
+        self.ready = True
+        self.in_body = head.has_body
+        self.client.resume_reading()
+        self.client.process()
+
+    # -- request body: client -> origin ------------------------------------------------------
+
+    def request_body(self, data: bytes) -> None:
+        self.sent += len(data)
+        limit = self.proxy.settings.max_body_bytes
+        if limit and self.sent > limit:
+            self.abort_request(413, f"request body larger than {limit} bytes")
+            return
+        if self.conn is not None and self.conn.alive:
+            self.conn.write(self.upstream.body(data))
+            self.proxy.stats.bytes_in += len(data)
+
+    def request_end(self) -> None:
+        self.in_body = False
+        self.request_done = True
+        if self.conn is not None and self.conn.alive:
+            self.conn.write(self.upstream.end())
+            self._arm(self.proxy.settings.upstream_response_timeout, self._response_timeout)
+
+    def abort_request(self, status: int, reason: str) -> None:
+        if self.conn is not None:
+            self._release(False)
+        self.respond_error(status, reason)
+
+    # -- upstream handler: origin -> client --------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            self.client.write(data)
+            return
+        self.upstream.feed(data)
+        self._pump_response()
+
+    def eof_received(self) -> None:
+        if self.tunnel:
+            if self.client.transport is not None and self.client.transport.can_write_eof():
+                self.client.transport.write_eof()
+            return
+        self.upstream.feed(b"")
+        self._pump_response()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.finished:
+            return
+        if self.tunnel:
+            self.finished = True
+            self.client.close()
+            return
+        reason = f"origin closed the connection: {exc}" if exc else "origin closed the connection"
+        self._upstream_failed(ConnectionResetError(errno.ECONNRESET, reason))
+
+    def pause_writing(self) -> None:
+        self.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.client.resume_reading()
+
+    def pause_origin(self) -> None:
+        if self.conn is not None and self.conn.transport is not None:
+            self.conn.transport.pause_reading()
+
+    def resume_origin(self) -> None:
+        if self.conn is not None and self.conn.transport is not None and self.conn.alive:
+            self.conn.transport.resume_reading()
+
+    def _pump_response(self) -> None:
+        while not self.finished:
+            try:
+                event = self.upstream.next_event()
+            except http1.ProtocolError as e:
+                self._upstream_failed(e)
+                return
+            if event is http1.NEED_DATA:
+                return
+            if isinstance(event, http1.ResponseHead):
+                if event.informational:
+                    if event.status == 100:
+                        continue  # we sent our own 100 Continue, if it was asked for
+                    self.client.write(self.client.http.informational(event.status, event.headers))
+                    continue
+                self._disarm()
+                self.status = event.status
+                self.response_started = True
+                try:
+                    self.client.write(
+                        self.client.http.response_head(
+                            event.status, hdrs.to_client(event.headers), event.reason
+                        )
+                    )
+                except Exception as e:
+                    self._upstream_failed(http1.ProtocolError(502, f"bad response head: {e}"))
+                    return
+            elif isinstance(event, http1.Body):
+                self.received += len(event.data)
+                self.proxy.stats.bytes_out += len(event.data)
+                self.client.write(self.client.http.body(event.data))
+            elif isinstance(event, http1.End):
+                self.client.write(self.client.http.end())
+                self._finish()
+                return
+            elif event is http1.CLOSED:
+                self._upstream_failed(ConnectionResetError(errno.ECONNRESET, "origin closed"))
+                return
+            else:
+                return  # PAUSED / SWITCHED: handled by the WebSocket path
+
+    def _response_timeout(self) -> None:
+        self._timer = None
+        self._upstream_failed(TimeoutError(errno.ETIMEDOUT, "origin sent no response head in time"))
+
+    def _upstream_failed(self, exc: BaseException) -> None:
+        if self.finished:
+            return
+        if self._may_retry(exc):
+            # a kept-alive connection the origin closed as we reused it: nothing was
+            # processed, and a bodiless request can go again on a fresh connection
+            self._retried = True
+            self._release(False)
+            self.upstream = http1.ClientSide()
+            self.ready = False
+            self._task = asyncio.get_running_loop().create_task(self._retry())
+            return
+        self._log_upstream_error(self.origin, exc, self.conn)
+        self._release(False)
+        if self.response_started:
+            self.finished = True
+            self.client.abort()  # a truncated body must look truncated, not complete
+            self._record(self.status or 502)
+            self.client.exchange_done(False)
+            return
+        status = exc.status if isinstance(exc, http1.ProtocolError) else classify(exc)
+        self.respond_error(status, str(exc))
+
+    def _may_retry(self, exc: BaseException) -> bool:
+        return (
+            self.reused
+            and not self._retried
+            and not self.response_started
+            and not self.head.has_body
+            and self.request_done
+            and self.received == 0
+            and isinstance(exc, ConnectionError)
+        )
+
+    async def _retry(self) -> None:
+        assert self.origin is not None
+        try:
+            conn = await self.proxy.pool.acquire(self.origin)
+        except (OSError, ssl.SSLError) as e:
+            self._log_upstream_error(self.origin, e, None)
+            status = classify(e)
+            extra = [(b"retry-after", b"1")] if status == 503 else []
+            self.respond_error(status, f"upstream unavailable: {e}", extra)
+            return
+        if self.client.closed:
+            self.proxy.pool.release(conn, reusable=True)
+            return
+        self._attach(conn, resend=True)
+
+    def _finish(self) -> None:
+        self._disarm()
+        self.finished = True
+        reusable = self.upstream.reusable
+        self._release(reusable)
+        self._record(self.status)
+        self.client.exchange_done(self.client.http.keep_alive)
+
+    def _release(self, reusable: bool) -> None:
+        self._disarm()
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        self.proxy._active_by_origin[conn.origin] = self.proxy.active(conn.origin) - 1
+        self.egress_ip = conn.local[0]
+        self.proxy.pool.release(conn, reusable and conn.alive)
+
+    def client_gone(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if not self.finished:
+            self.finished = True
+            self._release(False)
+            self._record(499)
+
+    # -- endings -----------------------------------------------------------------------------
+
+    def respond_error(
+        self, status: int, reason: str, extra: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.status = status
+        self._release(False)
+        self._record(status)
+        self.client.exchange = None
+        self.client.fail(status, reason, extra)
+
+    def _record(self, status: int) -> None:
+        seconds = time.monotonic() - self.started
+        route = self.route.name if self.route else "-"
+        self.proxy.stats.observe(route, status, seconds)
+        log.info(
+            "access",
+            method=self.head.method.decode("latin-1"),
+            host=self.host,
+            path=self.path,
+            status=status,
+            bytes=self.received,
+            bytes_in=self.sent,
+            duration_ms=round(seconds * 1000, 3),
+            origin=str(self.origin) if self.origin else None,
+            egress=self.egress_ip,
+            client=self.client.peer[0],
+        )
+
+    def _log_upstream_error(
+        self, origin: Origin | None, exc: BaseException, conn: UpstreamConnection | None
+    ) -> None:
+        fields: dict[str, Any] = {
+            "route": self.route.name if self.route else None,
+            "origin": str(origin) if origin else None,
+            "errno": _errno_name(exc),
+            "error": str(exc),
+        }
+        if isinstance(exc, EgressExhausted):
+            fields["destination"] = f"{exc.destination[0]}:{exc.destination[1]}"
+            fields["egress"] = [ip or "default" for ip, _ in exc.attempts]
+        elif conn is not None:
+            dst = conn.slot.destination
+            fields["egress"] = conn.local[0]
+            fields["four_tuple"] = f"{conn.local[0]}:{conn.local[1]}->{dst[0]}:{dst[1]}"
+        else:
+            local = getattr(exc, "local_addr", None)
+            remote = getattr(exc, "remote_addr", None)
+            if local is not None:
+                fields["egress"] = str(local[0])
+            if remote is not None:
+                fields["destination"] = f"{remote[0]}:{remote[1]}"
+        log.warning("upstream_error", **fields)
+
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        if seconds > 0:
+            self._timer = asyncio.get_running_loop().call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- WebSocket tunnel hooks (filled in by the WebSocket relay) ---------------------------
+
+    def tunnel_to_origin(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.conn.write(data)
+
+    def tunnel_eof_from_client(self) -> None:
+        if self.conn is not None and self.conn.transport is not None:
+            self.conn.transport.write_eof()
+
+
+class Listener:
+    """A listening socket with its own accept loop, so accepting can pause at the limit.
+
+    asyncio's Server cannot stop accepting without closing the socket; with our own reader
+    on the listening fd, reaching ``max_connections`` just removes the reader (new clients
+    wait in the kernel's backlog) and the first close adds it back.
+    """
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        address: tuple[str, int],
+        ssl_context: ssl.SSLContext | None = None,
+        reuse_port: bool = False,
+        backlog: int = 4096,
+    ) -> None:
+        self.proxy = proxy
+        self.ssl = ssl_context
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.sock.bind(address)
+        self.sock.listen(backlog)
+        self.sock.setblocking(False)
+        self.address = self.sock.getsockname()
+        self._accepting = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._resume()
+
+    def _resume(self) -> None:
+        if not self._accepting and self._loop is not None and self.sock.fileno() >= 0:
+            self._loop.add_reader(self.sock.fileno(), self._accept_ready)
+            self._accepting = True
+
+    def _pause(self) -> None:
+        if self._accepting and self._loop is not None:
+            self._loop.remove_reader(self.sock.fileno())
+            self._accepting = False
+
+    def _accept_ready(self) -> None:
+        assert self._loop is not None
+        for _ in range(64):
+            if len(self.proxy.clients) + len(self._tasks) >= self.proxy.settings.max_connections:
+                self._pause()
+                return
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    log.error("accept_failed", errno=_errno_name(e), error=str(e))
+                    self._pause()
+                    self._loop.call_later(0.1, self._resume)
+                    return
+                raise
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = self._loop.create_task(
+                self._loop.connect_accepted_socket(self.proxy.protocol, conn, ssl=self.ssl)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._accepted)
+
+    def _accepted(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("accept_handshake_failed", error=str(task.exception()))
+
+    def connection_closed(self) -> None:
+        room = len(self.proxy.clients) < self.proxy.settings.max_connections
+        if room and not self._accepting and not self.proxy.draining:
+            self._resume()
+
+    def close(self) -> None:
+        self._pause()
+        self.sock.close()
