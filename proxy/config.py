@@ -8,8 +8,8 @@ Why it is built this way:
   all. ``originpool check-config FILE`` prints them and exits 2; nothing starts.
 * **No silent defaults.** Unknown keys anywhere are errors (with a "did you mean" from
   :mod:`difflib`): a misspelt ``max_idel`` that quietly fell back to the default would be
-  found only in production. For the same reason settings that the chosen mode would ignore
-  (egress addresses in ``plain`` mode, port windows in ``bind`` mode) are errors too.
+  found only in production. (Settings a demonstration mode ignores, egress addresses in
+  ``plain`` and windows in ``bind``, are accepted: comparing modes changes one line.)
 * **Failures that would only surface at startup or at the first request surface here**:
   certificate/key pairs and CA bundles are loaded, listener addresses that would collide on
   bind are reported, origins the egress addresses cannot reach are reported.
@@ -842,19 +842,9 @@ class _Reader:
                 )
                 continue
             seen[ip] = i
-            if mode == "bind" and egress.window is not None:
-                self.problem(
-                    path,
-                    "port windows only apply in mode 'connectx' (in 'bind' mode the kernel "
-                    "picks the port): drop the window or use mode 'connectx'",
-                )
             parsed.append(egress)
-        if mode == "plain" and items:
-            self.problem(
-                "egress.addresses",
-                "mode 'plain' ignores egress addresses (the kernel picks the source): remove "
-                "them or use mode 'connectx' or 'bind'",
-            )
+        # 'plain' ignores the addresses and 'bind' the windows: accepted on purpose, so a
+        # side-by-side run (the testbed) changes the mode line and nothing else
         return EgressConfig(mode, tuple(parsed))
 
     def routes(self, data: Mapping[str, Any], egress: EgressConfig) -> list[Route]:
