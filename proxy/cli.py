@@ -24,6 +24,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--ports", type=int, default=200, help="size of the namespace's port range")
     demo.set_defaults(func=_run_demo)
+    ports = sub.add_parser(
+        "ports",
+        help="census of this namespace's outgoing sockets per (source IP, destination): "
+        "how full each pair's port range is (no root needed)",
+    )
+    ports.add_argument("--json", action="store_true", help="machine-readable output")
+    ports.add_argument("--proto", choices=("tcp", "udp", "all"), default="all")
+    ports.add_argument(
+        "--min-util", type=float, default=0.0, help="only pairs at least this full (0.0-1.0)"
+    )
+    ports.set_defaults(func=_run_ports)
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file: exit 0 if valid, else print every problem and exit 2",
+    )
+    check.add_argument("file", metavar="FILE", help="the TOML config file")
+    check.set_defaults(func=_run_check_config)
+    serve = sub.add_parser("serve", help="run the proxy (SIGTERM drains, SIGHUP reloads)")
+    serve.add_argument("--config", required=True, metavar="FILE", help="the TOML config file")
+    serve.add_argument("--log-format", choices=("json", "console"), help="override [log] format")
+    serve.set_defaults(func=_run_serve)
     return parser
 
 
@@ -31,6 +52,31 @@ def _run_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run
 
     return run(ports=args.ports)
+
+
+def _run_ports(args: argparse.Namespace) -> int:
+    from pool.census import run
+
+    return run(as_json=args.json, proto=args.proto, min_util=args.min_util)
+
+
+def _run_check_config(args: argparse.Namespace) -> int:
+    from proxy.config import ConfigError, load
+
+    try:
+        config = load(args.file)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    print(f"{args.file}: ok ({config.summary()})")
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from proxy.app import serve
+
+    return serve(args.config, args.log_format)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

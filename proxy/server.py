@@ -17,7 +17,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -78,24 +78,22 @@ class Stats:
 class Proxy:
     """One worker's shared state: routes, pool, settings, counters, drain flag."""
 
-    def __init__(
-        self, router: Router, pool: OriginPool, settings: Settings, scheme: bytes = b"http"
-    ) -> None:
+    def __init__(self, router: Router, pool: OriginPool, settings: Settings) -> None:
         self.router = router
         self.pool = pool
         self.settings = settings
-        self.scheme = scheme
         self.stats = Stats()
         self.draining = False
         self.clients: set[Downstream] = set()
         self.listeners: list[Listener] = []
+        self.all_closed = asyncio.Event()  # set when draining and the last client is gone
         self._active_by_origin: dict[Origin, int] = {}
 
     def active(self, origin: Origin) -> int:
         return self._active_by_origin.get(origin, 0)
 
-    def protocol(self) -> Downstream:
-        return Downstream(self)
+    def protocol(self, scheme: bytes = b"http") -> Downstream:
+        return Downstream(self, scheme)
 
 
 def classify(exc: BaseException) -> int:
@@ -117,8 +115,9 @@ def _errno_name(exc: BaseException) -> str:
 class Downstream(asyncio.Protocol):
     """One client connection: reads requests, runs one :class:`Exchange` at a time."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, scheme: bytes = b"http") -> None:
         self.proxy = proxy
+        self.scheme = scheme
         s = proxy.settings
         self.http = http1.ServerSide(s.max_header_bytes, s.max_request_line)
         self.transport: asyncio.Transport | None = None
@@ -133,8 +132,8 @@ class Downstream(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: same interface, no isinstance
+        self.transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         peer = transport.get_extra_info("peername")
         if peer:
@@ -181,6 +180,8 @@ class Downstream(asyncio.Protocol):
             self.exchange.client_gone()
         for listener in self.proxy.listeners:
             listener.connection_closed()
+        if self.proxy.draining and not self.proxy.clients:
+            self.proxy.all_closed.set()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -375,7 +376,7 @@ class Exchange:
                     break  # the origin's own limit: another origin would overload too
                 continue
             if self.client.closed:
-                self.proxy.pool.release(conn, reusable=True)
+                conn.pool.release(conn, reusable=True)
                 return
             self.origin = origin
             self._attach(conn)
@@ -400,7 +401,7 @@ class Exchange:
         headers = hdrs.to_origin(
             head.headers,
             client_ip=self.client.peer[0],
-            scheme=self.proxy.scheme,
+            scheme=self.client.scheme,
             trusted=self.proxy.settings.trusted_proxies,
         )
         if head.has_body and not any(n == b"content-length" for n, _ in head.headers):
@@ -578,7 +579,7 @@ class Exchange:
             self.respond_error(status, f"upstream unavailable: {e}", extra)
             return
         if self.client.closed:
-            self.proxy.pool.release(conn, reusable=True)
+            conn.pool.release(conn, reusable=True)
             return
         self._attach(conn, resend=True)
 
@@ -597,7 +598,7 @@ class Exchange:
             return
         self.proxy._active_by_origin[conn.origin] = self.proxy.active(conn.origin) - 1
         self.egress_ip = conn.local[0]
-        self.proxy.pool.release(conn, reusable and conn.alive)
+        conn.pool.release(conn, reusable and conn.alive)  # its own pool, even after a reload
 
     def client_gone(self) -> None:
         if self._task is not None and not self._task.done():
@@ -703,6 +704,7 @@ class Listener:
     ) -> None:
         self.proxy = proxy
         self.ssl = ssl_context
+        self.scheme = b"https" if ssl_context is not None else b"http"
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -750,10 +752,13 @@ class Listener:
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = self._loop.create_task(
-                self._loop.connect_accepted_socket(self.proxy.protocol, conn, ssl=self.ssl)
+                self._loop.connect_accepted_socket(self._protocol, conn, ssl=self.ssl)
             )
             self._tasks.add(task)
             task.add_done_callback(self._accepted)
+
+    def _protocol(self) -> Downstream:
+        return self.proxy.protocol(self.scheme)
 
     def _accepted(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

@@ -1,0 +1,146 @@
+"""The admin listener: /healthz, /readyz, /metrics (Prometheus text), /ports (census JSON).
+
+Separate from the data path on purpose: probes and scrapes keep answering while the proxy is
+saturated, and nothing here can be reached from the public listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+import structlog
+
+from pool import metrics as pool_metrics
+from proxy import http1
+from proxy.server import LATENCY_BUCKETS, Proxy
+
+log = structlog.get_logger("originpool.admin")
+
+
+def render_metrics(proxy: Proxy) -> str:
+    """The pool's samples plus the data path's counters, in one exposition."""
+    text = pool_metrics.render_prometheus(pool_metrics.collect(proxy.pool.egress, proxy.pool))
+    st = proxy.stats
+    lines = [
+        "# HELP originpool_requests_total Requests answered, by route and status.",
+        "# TYPE originpool_requests_total counter",
+    ]
+    for (route, status), n in sorted(st.requests.items()):
+        lines.append(f'originpool_requests_total{{route="{route}",status="{status}"}} {n}')
+    lines += [
+        "# HELP originpool_request_duration_seconds Time from request head to response end.",
+        "# TYPE originpool_request_duration_seconds histogram",
+    ]
+    total = 0
+    for bound, n in zip(LATENCY_BUCKETS, st.latency, strict=False):
+        total += n
+        lines.append(f'originpool_request_duration_seconds_bucket{{le="{bound}"}} {total}')
+    total += st.latency[-1]
+    lines.append(f'originpool_request_duration_seconds_bucket{{le="+Inf"}} {total}')
+    lines.append(f"originpool_request_duration_seconds_sum {st.latency_sum}")
+    lines.append(f"originpool_request_duration_seconds_count {total}")
+    gauges = {
+        "originpool_bytes_relayed_total": None,
+        "originpool_downstream_connections": st.connections,
+        "originpool_downstream_connections_total": st.connections_total,
+        "originpool_websocket_sessions_active": st.ws_active,
+        "originpool_websocket_sessions_total": st.ws_total,
+        "originpool_draining": int(proxy.draining),
+    }
+    lines += [
+        "# HELP originpool_bytes_relayed_total Body bytes relayed, by direction.",
+        "# TYPE originpool_bytes_relayed_total counter",
+        f'originpool_bytes_relayed_total{{direction="to_origin"}} {st.bytes_in}',
+        f'originpool_bytes_relayed_total{{direction="to_client"}} {st.bytes_out}',
+    ]
+    for name, value in gauges.items():
+        if value is None:
+            continue
+        kind = "counter" if name.endswith("_total") else "gauge"
+        lines += [f"# TYPE {name} {kind}", f"{name} {value}"]
+    return text + "\n".join(lines) + "\n"
+
+
+def ports_json() -> str:
+    from pool import census
+
+    return json.dumps(census.to_json(census.take_census()))
+
+
+class Admin:
+    """A small HTTP/1.1 server on asyncio streams (not the relay path: simplicity wins)."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.routes: dict[str, Callable[[], tuple[int, str, str]]] = {
+            "/healthz": lambda: (200, "text/plain", "ok\n"),
+            "/readyz": self._ready,
+            "/metrics": lambda: (200, "text/plain; version=0.0.4", render_metrics(self.proxy)),
+            "/ports": lambda: (200, "application/json", ports_json()),
+        }
+        self.server: asyncio.base_events.Server | None = None
+
+    def _ready(self) -> tuple[int, str, str]:
+        if self.proxy.draining:
+            return (503, "text/plain", "draining\n")
+        return (200, "text/plain", "ready\n")
+
+    async def start(self, host: str, port: int) -> None:
+        self.server = await asyncio.start_server(self._serve, host, port)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        http = http1.ServerSide()
+        try:
+            while True:
+                event = http.next_event()
+                if event is http1.NEED_DATA:
+                    data = await asyncio.wait_for(reader.read(65536), 30)
+                    http.feed(data)
+                    if not data:
+                        return
+                    continue
+                if isinstance(event, http1.RequestHead):
+                    path = event.target.decode("latin-1").split("?", 1)[0]
+                    handler = self.routes.get(path)
+                    if handler is None:
+                        status, ctype, body = 404, "text/plain", "not found\n"
+                    else:
+                        try:
+                            status, ctype, body = handler()
+                        except Exception as e:  # an admin page must not kill the listener
+                            log.exception("admin_error", path=path)
+                            status, ctype, body = 500, "text/plain", f"{e}\n"
+                    data = body.encode()
+                    if event.method == b"HEAD":
+                        data = b""
+                    writer.write(
+                        http.response_head(
+                            status,
+                            [
+                                (b"content-type", ctype.encode()),
+                                (b"content-length", str(len(body.encode())).encode()),
+                            ],
+                        )
+                        + http.body(data)
+                        + http.end()
+                    )
+                    await writer.drain()
+                elif isinstance(event, http1.End):
+                    if not http.keep_alive:
+                        return
+                    http.start_next()
+                elif event is http1.CLOSED or event is http1.PAUSED:
+                    return
+        except http1.ProtocolError as e:
+            writer.write(http.error_response(e.status, e.reason))
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()

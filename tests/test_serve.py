@@ -1,0 +1,186 @@
+"""``originpool serve`` as a real subprocess in a namespace: curl and httpx as clients, the
+admin endpoints, a bad config's messages, SIGHUP reload and SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.http_origin import TestOrigin
+
+CONFIG = """
+[listen]
+address = "127.0.0.1:8080"
+[admin]
+address = "127.0.0.1:9090"
+[egress]
+mode = "connectx"
+addresses = ["127.0.1.1", "127.0.1.2:40000-40063"]
+[[routes]]
+host = "app.example"
+path_prefix = "/"
+origins = ["http://127.0.2.1:9000", "http://127.0.2.2:9000"]
+balance = "{balance}"
+[timeouts]
+drain = 5
+[log]
+format = "json"
+"""
+
+
+class Proc:
+    """The proxy process, its JSON log lines read as they come (the only synchronisation)."""
+
+    def __init__(self, config: Path) -> None:
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[dict] = []
+        self._buf = b""
+
+    def wait_for(self, event: str, timeout: float = 20) -> dict:
+        """Read log lines until one has this event (or the time or the process ends).
+
+        Reads the pipe's fd directly: a buffered readline() can hold the very line we wait
+        for while select() reports nothing more to read.
+        """
+        for line in self.lines:
+            if line.get("event") == event:
+                return line
+        fd = self.p.stdout.fileno()
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            ready, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))
+            if not ready:
+                break
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            self._buf += chunk
+            *complete, self._buf = self._buf.split(b"\n")
+            found = None
+            for raw in complete:
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    continue
+                self.lines.append(line)
+                if found is None and line.get("event") == event:
+                    found = line
+            if found is not None:
+                return found
+        stderr = self.p.stderr.read() if self.p.poll() is not None else ""
+        seen = [line.get("event") for line in self.lines][-10:]
+        raise AssertionError(f"no {event!r} log line (last: {seen}); stderr: {stderr}")
+
+    def rest(self) -> list[dict]:
+        """Every line left after the process exited."""
+        data = self._buf + os.read(self.p.stdout.fileno(), 1 << 20)
+        return [json.loads(x) for x in data.split(b"\n") if x.startswith(b"{")]
+
+    def stop(self) -> int:
+        if self.p.poll() is None:
+            os.kill(self.p.pid, signal.SIGTERM)
+        return self.p.wait(timeout=20)
+
+
+@pytest.fixture
+async def origins(ns):
+    servers = []
+    for host in ("127.0.2.1", "127.0.2.2"):
+        s = TestOrigin()
+        await s.start(host, 9000)
+        servers.append(s)
+    yield servers
+    for s in servers:
+        await s.close()
+
+
+def write_config(tmp_path: Path, balance: str = "round_robin") -> Path:
+    path = tmp_path / "originpool.toml"
+    path.write_text(CONFIG.replace("{balance}", balance))
+    return path
+
+
+async def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True)
+
+
+async def test_serve_proxies_with_curl_and_httpx_and_exits_0_on_sigterm(origins, tmp_path):
+    proc = Proc(write_config(tmp_path))
+    try:
+        await asyncio.to_thread(proc.wait_for, "ready")
+        if shutil.which("curl"):
+            out = await run(
+                ["curl", "-sS", "-H", "Host: app.example", "http://127.0.0.1:8080/hello"]
+            )
+            assert out.returncode == 0 and out.stdout.startswith("hello"), out
+        async with httpx.AsyncClient(headers={"host": "app.example"}) as client:
+            for _ in range(10):
+                r = await client.get("http://127.0.0.1:8080/hello")
+                assert r.status_code == 200
+            assert (await client.get("http://127.0.0.1:9090/healthz")).text == "ok\n"
+            assert (await client.get("http://127.0.0.1:9090/readyz")).status_code == 200
+            metrics = (await client.get("http://127.0.0.1:9090/metrics")).text
+            assert 'originpool_requests_total{route="app.example/",status="200"}' in metrics
+            assert "originpool_egress_live_connections" in metrics
+            ports = (await client.get("http://127.0.0.1:9090/ports")).json()
+            assert any(p["dst"] in ("127.0.2.1:9000", "127.0.2.2:9000") for p in ports["pairs"])
+        # both origins served (round robin), each over kept-alive connections
+        assert all(s.connections for s in origins)
+        access = await asyncio.to_thread(proc.wait_for, "access")
+        assert {"method", "host", "path", "status", "bytes", "duration_ms", "egress"} <= set(access)
+    finally:
+        code = await asyncio.to_thread(proc.stop)
+    assert code == 0
+    assert any(line.get("event") == "stopped" for line in proc.lines + proc.rest())
+
+
+async def test_sighup_applies_new_routes_to_new_requests(origins, tmp_path):
+    path = write_config(tmp_path)
+    proc = Proc(path)
+    try:
+        await asyncio.to_thread(proc.wait_for, "ready")
+        async with httpx.AsyncClient() as client:
+            r = await client.get("http://127.0.0.1:8080/hello", headers={"host": "new.example"})
+            assert r.status_code == 421
+            path.write_text(
+                path.read_text()
+                + textwrap.dedent(
+                    """
+                    [[routes]]
+                    host = "new.example"
+                    origins = ["http://127.0.2.2:9000"]
+                    """
+                )
+            )
+            os.kill(proc.p.pid, signal.SIGHUP)
+            await asyncio.to_thread(proc.wait_for, "reloaded")
+            r = await client.get("http://127.0.0.1:8080/hello", headers={"host": "new.example"})
+            assert r.status_code == 200
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0
+
+
+async def test_bad_config_names_every_problem_and_starts_nothing(ns, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(CONFIG.replace("{balance}", "fastest").replace('"127.0.1.1"', '"not-an-ip"'))
+    out = await run([sys.executable, "-m", "proxy.cli", "serve", "--config", str(path)])
+    assert out.returncode == 2
+    assert "egress.addresses[0]" in out.stderr and "routes[0].balance" in out.stderr
+    assert out.stdout == ""
