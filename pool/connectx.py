@@ -28,13 +28,15 @@ addresses are also kept as ``.local_addr`` / ``.remote_addr``.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
+import itertools
 import os
 import random
 import socket
 import threading
-from collections.abc import Generator
+from collections.abc import Generator, Iterable, Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -47,7 +49,7 @@ Address = tuple[Any, ...]
 PortRange = tuple[int, int]
 
 # The generator yields once per connect() it needs and is sent back that connect's error.
-_Steps = Generator[None, OSError | None, Address]
+_Steps = Generator[None, OSError | None, None]
 
 # Threads of one process must not interleave the UDP bind/check/connect sequence: the
 # SO_REUSEADDR lock only keeps *new* binds out.
@@ -61,14 +63,28 @@ def connectx(
     *,
     port_range: PortRange | None = None,
     userspace_ports: bool = False,
-) -> Address:
+) -> None:
     """Bind ``sock`` to a source on ``local_addr`` and connect it to ``remote_addr``.
 
-    ``sock`` must be fresh (unbound, unconnected). Returns the local address the connection
-    got. ``userspace_ports=True`` forces the userspace port choice that older kernels
+    ``sock`` must be fresh (unbound, unconnected); ``sock.getsockname()`` tells the port it
+    got (not returned: that syscall would be a tenth of an idle connect, paid by every
+    caller). ``userspace_ports=True`` forces the userspace port choice that older kernels
     (no ``IP_LOCAL_PORT_RANGE``) get, so both paths can be exercised on one machine.
     """
-    steps = _steps(sock, local_addr, remote_addr, port_range, userspace_ports)
+    family, kind = _raw_family(sock), _raw_type(sock)
+    if family not in _FAMILIES or kind != _STREAM or port_range is not None:
+        _check(family, kind, local_addr, port_range)
+        if kind == _DGRAM:
+            _udp(sock, family, local_addr, remote_addr, port_range)
+            return
+    window = _tcp_prepare(sock, family, local_addr, remote_addr, port_range, userspace_ports)
+    if window is None:  # the kernel chooses the port: one connect, no generator
+        try:
+            sock.connect(remote_addr)
+        except OSError as e:
+            raise _error(e, _local_for_error(sock, local_addr), remote_addr) from None
+        return
+    steps = _tcp_userspace(sock, family, local_addr, remote_addr, window)
     try:
         steps.send(None)
         while True:
@@ -78,8 +94,8 @@ def connectx(
                 steps.send(e)
             else:
                 steps.send(None)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
+    except StopIteration:
+        return
     finally:
         steps.close()
 
@@ -91,13 +107,25 @@ async def connectx_async(
     *,
     port_range: PortRange | None = None,
     userspace_ports: bool = False,
-) -> Address:
+) -> None:
     """:func:`connectx` for a non-blocking socket, awaiting the handshake on the running loop.
 
     Cancelling it leaves ``sock`` to the caller to close, as with ``loop.sock_connect``.
     """
+    family, kind = _raw_family(sock), _raw_type(sock)
+    _check(family, kind, local_addr, port_range)
+    if kind == _DGRAM:
+        _udp(sock, family, local_addr, remote_addr, port_range)  # never waits: no handshake
+        return
     loop = asyncio.get_running_loop()
-    steps = _steps(sock, local_addr, remote_addr, port_range, userspace_ports)
+    window = _tcp_prepare(sock, family, local_addr, remote_addr, port_range, userspace_ports)
+    if window is None:
+        try:
+            await loop.sock_connect(sock, remote_addr)
+        except OSError as e:
+            raise _error(e, _local_for_error(sock, local_addr), remote_addr) from None
+        return
+    steps = _tcp_userspace(sock, family, local_addr, remote_addr, window)
     try:
         steps.send(None)
         while True:
@@ -107,65 +135,64 @@ async def connectx_async(
                 steps.send(e)
             else:
                 steps.send(None)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
+    except StopIteration:
+        return
     finally:
         steps.close()
 
 
 # --- the decisions, free of how connect() is awaited -------------------------------------
 
+# socket.socket.family/.type build an enum on every read (~0.5 us each); the C-level
+# descriptors give the plain ints.
+_raw_family = _socket.socket.family.__get__
+_raw_type = _socket.socket.type.__get__
+_STREAM, _DGRAM = int(socket.SOCK_STREAM), int(socket.SOCK_DGRAM)
+_FAMILIES = (int(socket.AF_INET), int(socket.AF_INET6))
 
-def _steps(
+
+def _check(family: int, kind: int, local: Address, port_range: PortRange | None) -> None:
+    """Reject what connectx cannot do, before touching the socket."""
+    if family not in _FAMILIES:
+        raise ValueError(f"connectx: address family {family} is not AF_INET/AF_INET6")
+    if kind != _STREAM and kind != _DGRAM:
+        raise ValueError(f"connectx: socket type {kind} is not SOCK_STREAM/SOCK_DGRAM")
+    if port_range is not None:
+        if local[1]:
+            raise ValueError("connectx: give an explicit local port or a port_range, not both")
+        if not (0 < port_range[0] <= port_range[1] <= 65535):
+            raise ValueError(f"connectx: bad port_range {port_range[0]}-{port_range[1]}")
+
+
+def _tcp_prepare(
     sock: socket.socket,
+    family: int,
     local: Address,
     remote: Address,
     port_range: PortRange | None,
     userspace: bool,
-) -> _Steps:
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        raise ValueError(f"connectx: address family {sock.family!r} is not AF_INET/AF_INET6")
-    if local[1] and port_range is not None:
-        raise ValueError("connectx: give an explicit local port or a port_range, not both")
-    if port_range is not None and not (0 < port_range[0] <= port_range[1] <= 65535):
-        raise ValueError(f"connectx: bad port_range {port_range[0]}-{port_range[1]}")
-    if sock.type == socket.SOCK_DGRAM:
-        return _udp(sock, local, remote, port_range)
-    if sock.type != socket.SOCK_STREAM:
-        raise ValueError(f"connectx: socket type {sock.type!r} is not SOCK_STREAM/SOCK_DGRAM")
-    return (yield from _tcp(sock, local, remote, port_range, userspace))
-
-
-def _tcp(
-    sock: socket.socket,
-    local: Address,
-    remote: Address,
-    port_range: PortRange | None,
-    userspace: bool,
-) -> _Steps:
-    wildcard = is_wildcard(sock.family, local[0])
+) -> PortRange | None:
+    """Set the socket up for the kernel's port choice and return None, or return the window
+    in which the port must be chosen here (no ``IP_LOCAL_PORT_RANGE``, forced, or a window
+    the kernel would ignore)."""
     if port_range is not None:
         window = effective_window(*port_range)
-        if window is not None and not userspace and kernel.has_ip_local_port_range():
-            sockopt.restrict_source_ports(sock, *window)
-        else:
-            return (yield from _tcp_userspace(sock, local, remote, window or port_range))
+        if window is None or userspace or not kernel.has_ip_local_port_range():
+            return window or port_range
+        sockopt.restrict_source_ports(sock, *window)
     # SO_REUSEADDR on every outgoing socket, bound or not: a port held without it cannot
     # be bound explicitly by anyone else, even toward another destination.
     sockopt.allow_shared_source_port(sock)
     if local[1]:
         _bind(sock, local, remote)
-    elif not wildcard:
+    elif not is_wildcard(family, local[0]):
         sockopt.share_source_port_across_destinations(sock)
         _bind(sock, local, remote)
-    err = yield
-    if err is not None:
-        raise _error(err, _local_for_error(sock, local), remote)
-    return sock.getsockname()  # type: ignore[no-any-return]
+    return None
 
 
 def _tcp_userspace(
-    sock: socket.socket, local: Address, remote: Address, window: PortRange
+    sock: socket.socket, family: int, local: Address, remote: Address, window: PortRange
 ) -> _Steps:
     """Choose the port here: what kernels without ``IP_LOCAL_PORT_RANGE`` need.
 
@@ -175,14 +202,14 @@ def _tcp_userspace(
     unshared bind fails bind() with EADDRINUSE and is skipped; a port lost to a race fails
     connect() with EADDRNOTAVAIL and costs a fresh socket.
     """
-    src = _source_ip(sock.family, local, remote)
+    src = _source_ip(family, local, remote)
     reserved = kernel.port_sysctls().reserved
     with open_socket(NETLINK_SOCK_DIAG) as nl:
         for port in candidate_ports(*window):
             if port in reserved:
                 continue
             holder = sockdiag.lookup(
-                sock.family, socket.IPPROTO_TCP, (src, port), remote, _scope(local, remote), nl
+                family, socket.IPPROTO_TCP, (src, port), remote, _scope(local, remote), nl
             )
             if holder is not None and holder.state != sockdiag.TCP_TIME_WAIT:
                 continue
@@ -195,7 +222,7 @@ def _tcp_userspace(
                 raise _error(e, (src, port), remote, "bind") from None
             err = yield
             if err is None:
-                return sock.getsockname()  # type: ignore[no-any-return]
+                return
             if err.errno != errno.EADDRNOTAVAIL:
                 raise _error(err, (src, port), remote)
             sockopt.reissue(sock)
@@ -203,26 +230,30 @@ def _tcp_userspace(
 
 
 def _udp(
-    sock: socket.socket, local: Address, remote: Address, port_range: PortRange | None
-) -> Address:
+    sock: socket.socket,
+    family: int,
+    local: Address,
+    remote: Address,
+    port_range: PortRange | None,
+) -> None:
     """UDP connect that never creates a duplicate 4-tuple (the kernel does not check)."""
-    src = _source_ip(sock.family, local, remote)
+    src = _source_ip(family, local, remote)
     scope = _scope(local, remote)
     facts = kernel.port_sysctls()
     if local[1]:
-        ports: list[int] | range = [local[1]]
-        exhausted = errno.EADDRNOTAVAIL
+        ports: Iterable[int] = (local[1],)
+        exhausted, what = errno.EADDRNOTAVAIL, str(local[1])
     else:
         low, high = port_range or (facts.low, facts.high)
         ports = candidate_ports(low, high)
-        exhausted = errno.EAGAIN
+        exhausted, what = errno.EAGAIN, f"{low}-{high}"
     reserved = frozenset() if local[1] else facts.reserved
     with open_socket(NETLINK_SOCK_DIAG) as nl, _udp_lock:
         for port in ports:
             if port in reserved:
                 continue
             here = (src, port)
-            if sockdiag.lookup(sock.family, socket.IPPROTO_UDP, here, remote, scope, nl):
+            if sockdiag.lookup(family, socket.IPPROTO_UDP, here, remote, scope, nl):
                 continue  # held: connected to this peer, or bound to receive from it
             sockopt.allow_shared_source_port(sock)
             try:
@@ -233,7 +264,7 @@ def _udp(
                 raise _error(e, here, remote, "bind") from None
             sockopt.allow_shared_source_port(sock, False)  # the lock: no new binds here
             cookie = kernel.socket_cookie(sock)
-            owner = sockdiag.lookup(sock.family, socket.IPPROTO_UDP, here, remote, scope, nl)
+            owner = sockdiag.lookup(family, socket.IPPROTO_UDP, here, remote, scope, nl)
             if owner is None or owner.cookie != cookie:
                 sockopt.reissue(sock)  # someone bound or connected in between
                 continue
@@ -242,8 +273,7 @@ def _udp(
             except OSError as e:
                 raise _error(e, here, remote) from None
             sockopt.allow_shared_source_port(sock)
-            return sock.getsockname()  # type: ignore[no-any-return]
-    what = local[1] if local[1] else f"{ports[0]}-{ports[-1]}" if len(ports) else "(none)"
+            return
     raise _error(exhausted, (src, what), remote)
 
 
@@ -270,11 +300,13 @@ def effective_window(low: int, high: int) -> PortRange | None:
     return (lo, hi) if lo <= hi else None
 
 
-def candidate_ports(low: int, high: int) -> list[int]:
-    """Every port of the window once, starting at a random one, like the kernel's search."""
-    n = high - low + 1
-    start = random.randrange(n)
-    return [low + (start + i) % n for i in range(n)]
+def candidate_ports(low: int, high: int) -> Iterator[int]:
+    """Every port of the window once, starting at a random one, like the kernel's search.
+
+    Lazy: building a 16,000-entry list cost more than a whole connect on an idle range.
+    """
+    start = low + random.randrange(high - low + 1)
+    return itertools.chain(range(start, high + 1), range(low, start))
 
 
 def _scope(local: Address, remote: Address) -> int:

@@ -111,7 +111,8 @@ def _open(
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
     s = socket.socket(socket.AF_INET, kind)
     try:
-        got = connectx(s, (src, 0), dst, port_range=window, userspace_ports=userspace)
+        connectx(s, (src, 0), dst, port_range=window, userspace_ports=userspace)
+        got = s.getsockname()
     except OSError as e:
         s.close()
         assert e.errno in (errno.EADDRNOTAVAIL, errno.EAGAIN), e

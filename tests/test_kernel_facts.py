@@ -25,7 +25,7 @@ def test_port_range_packs_as_unsigned_u32():
 def test_candidates_cover_the_window_once_from_a_random_start():
     starts = set()
     for _ in range(50):
-        ports = candidate_ports(100, 131)
+        ports = list(candidate_ports(100, 131))
         assert sorted(ports) == list(range(100, 132))
         starts.add(ports[0])
     assert len(starts) > 5
