@@ -80,6 +80,8 @@ class Admin:
             "/metrics": lambda: (200, "text/plain; version=0.0.4", render_metrics(self.proxy)),
             "/ports": lambda: (200, "application/json", ports_json()),
         }
+        # a census of 10,000 sockets takes ~60 ms: off the loop that relays traffic
+        self.threaded = {"/ports"}
         self.server: asyncio.base_events.Server | None = None
 
     def _ready(self) -> tuple[int, str, str]:
@@ -113,7 +115,10 @@ class Admin:
                         status, ctype, body = 404, "text/plain", "not found\n"
                     else:
                         try:
-                            status, ctype, body = handler()
+                            if path in self.threaded:
+                                status, ctype, body = await asyncio.to_thread(handler)
+                            else:
+                                status, ctype, body = handler()
                         except Exception as e:  # an admin page must not kill the listener
                             log.exception("admin_error", path=path)
                             status, ctype, body = 500, "text/plain", f"{e}\n"

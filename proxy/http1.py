@@ -238,12 +238,14 @@ class ServerSide:
         """Begin the next request on a kept-alive connection."""
         self._h.start_next_cycle()
         self._in_head = True
-        leftover, _closed = self._h.trailing_data
+        leftover, closed = self._h.trailing_data
         if leftover:
             # pipelined bytes went into h11 unchecked: take them out and check them like any
             # other head (a fresh server-side h11 is equivalent: it keeps no per-cycle state)
             self._h = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
             self.feed(bytes(leftover))
+            if closed:
+                self.feed(b"")  # the client's EOF came with those bytes: keep it
 
     def trailing_data(self) -> bytes:
         return bytes(self._h.trailing_data[0])

@@ -248,3 +248,14 @@ async def test_reused_connection_closed_by_origin_is_retried(rig):
         rig.origins[0].close_idle_connections()
         await asyncio.wait_for(rig.origins[0].disconnects.get(), 5)
         assert (await client.get("/hello")).status_code == 200
+
+
+async def test_pipelined_requests_and_a_partial_one_before_eof(rig):
+    """Found by the fuzzer: bytes after a request plus the client's EOF must not hang."""
+    out = await rig.raw(
+        b"GET /hello HTTP/1.1\r\nHost: app.test\r\n\r\n"
+        b"GET /hello HTTP/1.1\r\nHost: app.test\r\n\r\n"
+        b"GET /hel",
+        close_write=True,
+    )
+    assert out.count(b"HTTP/1.1 200 ") == 2
