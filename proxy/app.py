@@ -102,6 +102,8 @@ class Worker:
         for listener in self.proxy.listeners:
             listener.close()
         log.info("draining", clients=len(self.proxy.clients))
+        for session in list(self.proxy.sessions):
+            session.shutdown()  # Close 1001 both ways; the peers answer and close
         for client in list(self.proxy.clients):
             if client.exchange is None:
                 client.close()  # idle keep-alive connections go at once

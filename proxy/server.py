@@ -25,6 +25,7 @@ from pool.egress import EgressExhausted
 from pool.origin import Origin, OriginPool, PoolError, UpstreamConnection
 from proxy import headers as hdrs
 from proxy import http1
+from proxy import websocket as ws
 from proxy.routing import Route, Router, normalise_host
 
 log = structlog.get_logger("originpool.proxy")
@@ -87,6 +88,7 @@ class Proxy:
         self.clients: set[Downstream] = set()
         self.listeners: list[Listener] = []
         self.all_closed = asyncio.Event()  # set when draining and the last client is gone
+        self.sessions: set[Exchange] = set()  # WebSocket tunnels, for Close 1001 on shutdown
         self._active_by_origin: dict[Origin, int] = {}
 
     def active(self, origin: Origin) -> int:
@@ -328,6 +330,15 @@ class Exchange:
         self.egress_ip: str | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        self.websocket = ws.is_upgrade(head.headers, head.method)
+        self.c2o = ws.FrameTracker()  # frame boundaries client -> origin, once tunnelled
+        self.o2c = ws.FrameTracker()
+        self.client_eof = False
+        self.origin_eof = False
+        self.closed_by: str | None = None
+        self.close_code: int | None = None
+        self.stopping = False
+        self.ws_started = 0.0
         host_header = next((v for n, v in head.headers if n == b"host"), b"")
         self.host = normalise_host(host_header)
         self.path = head.target.decode("latin-1")
@@ -367,8 +378,10 @@ class Exchange:
             if origin is None:
                 break
             tried.append(origin)
+            pool = self.proxy.pool
             try:
-                conn = await self.proxy.pool.acquire(origin)
+                # a WebSocket gets a lease: never back to the idle set, counted apart
+                conn = await (pool.lease(origin) if self.websocket else pool.acquire(origin))
             except (OSError, ssl.SSLError) as e:
                 last = e
                 self._log_upstream_error(origin, e, None)
@@ -403,6 +416,7 @@ class Exchange:
             client_ip=self.client.peer[0],
             scheme=self.client.scheme,
             trusted=self.proxy.settings.trusted_proxies,
+            websocket=self.websocket,
         )
         if head.has_body and not any(n == b"content-length" for n, _ in head.headers):
             headers.append((b"transfer-encoding", b"chunked"))  # re-framed for this hop
@@ -452,15 +466,14 @@ class Exchange:
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel:
-            self.client.write(data)
+            self._to_client(data)
             return
         self.upstream.feed(data)
         self._pump_response()
 
     def eof_received(self) -> None:
         if self.tunnel:
-            if self.client.transport is not None and self.client.transport.can_write_eof():
-                self.client.transport.write_eof()
+            self._origin_eof()
             return
         self.upstream.feed(b"")
         self._pump_response()
@@ -469,8 +482,10 @@ class Exchange:
         if self.finished:
             return
         if self.tunnel:
-            self.finished = True
-            self.client.close()
+            if self.o2c.closed or self.stopping:
+                self._end_tunnel()  # after its Close frame: the normal end
+            else:
+                self._origin_failed(f"origin connection lost: {exc}" if exc else "origin closed")
             return
         reason = f"origin closed the connection: {exc}" if exc else "origin closed the connection"
         self._upstream_failed(ConnectionResetError(errno.ECONNRESET, reason))
@@ -500,6 +515,9 @@ class Exchange:
                 return
             if isinstance(event, http1.ResponseHead):
                 if event.informational:
+                    if event.status == 101 and self.websocket:
+                        self._switch(event)
+                        return
                     if event.status == 100:
                         continue  # we sent our own 100 Continue, if it was asked for
                     self.client.write(self.client.http.informational(event.status, event.headers))
@@ -603,6 +621,13 @@ class Exchange:
     def client_gone(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self.tunnel:
+            if not self.finished:
+                if not self.c2o.closed and not self.stopping:
+                    self._tell_origin(ws.GOING_AWAY, "client went away")
+                    self.closed_by = self.closed_by or "client"
+                self._end_tunnel()
+            return
         if not self.finished:
             self.finished = True
             self._release(False)
@@ -675,15 +700,124 @@ class Exchange:
             self._timer.cancel()
             self._timer = None
 
-    # -- WebSocket tunnel hooks (filled in by the WebSocket relay) ---------------------------
+    # -- WebSocket tunnel: bytes both ways after the origin's 101 ----------------------------
+
+    def _switch(self, event: http1.ResponseHead) -> None:
+        """The origin accepted the upgrade: relay its 101, then only bytes."""
+        self._disarm()
+        self.status = 101
+        self.response_started = True
+        self.tunnel = True
+        head = self.client.http.informational(101, hdrs.to_client(event.headers, websocket=True))
+        self.client.write(head)
+        self.ws_started = time.monotonic()
+        self.proxy.stats.ws_active += 1
+        self.proxy.stats.ws_total += 1
+        self.proxy.sessions.add(self)
+        self._record(101)
+        early = self.upstream.trailing_data()  # frames that came with the 101
+        if early:
+            self._to_client(early)
+        early = self.client.http.trailing_data()  # frames the client sent before the 101
+        if early:
+            self.tunnel_to_origin(early)
+        self.client.resume_reading()
+
+    def _to_client(self, data: bytes) -> None:
+        if self.stopping:
+            return
+        self.o2c.feed(data)
+        if self.o2c.closed and self.closed_by is None:
+            self.closed_by, self.close_code = "origin", self.o2c.close_code
+        self.received += len(data)
+        self.proxy.stats.bytes_out += len(data)
+        self.client.write(data)
 
     def tunnel_to_origin(self, data: bytes) -> None:
-        if self.conn is not None:
-            self.conn.write(data)
+        if self.stopping or self.conn is None:
+            return
+        self.c2o.feed(data)
+        if self.c2o.closed and self.closed_by is None:
+            self.closed_by, self.close_code = "client", self.c2o.close_code
+        self.sent += len(data)
+        self.proxy.stats.bytes_in += len(data)
+        self.conn.write(data)
 
     def tunnel_eof_from_client(self) -> None:
-        if self.conn is not None and self.conn.transport is not None:
-            self.conn.transport.write_eof()
+        """The client half-closed: pass the FIN on, or treat it as the client gone."""
+        self.client_eof = True
+        if not self.c2o.closed and not self.stopping:
+            self._tell_origin(ws.GOING_AWAY, "client went away")
+            self.closed_by = self.closed_by or "client"
+            self._end_tunnel()
+            return
+        conn = self.conn
+        if conn is not None and conn.transport is not None and conn.transport.can_write_eof():
+            conn.transport.write_eof()
+        if self.origin_eof:
+            self._end_tunnel()
+
+    def _origin_eof(self) -> None:
+        self.origin_eof = True
+        if not self.o2c.closed and not self.stopping:
+            self._origin_failed("origin closed without a Close frame")
+            return
+        transport = self.client.transport
+        if transport is not None and not self.client.closed and transport.can_write_eof():
+            transport.write_eof()
+        if self.client_eof:
+            self._end_tunnel()
+
+    def _origin_failed(self, reason: str) -> None:
+        """The client must learn it from a Close 1011, not from a bare TCP close."""
+        if self.o2c.at_boundary and not self.client.closed:
+            self.client.write(ws.close_frame(ws.INTERNAL_ERROR, "origin failed", to_origin=False))
+        self.closed_by, self.close_code = "origin", int(ws.INTERNAL_ERROR)
+        log.warning(
+            "websocket_origin_failed",
+            origin=str(self.origin),
+            egress=self.conn.local[0] if self.conn else None,
+            reason=reason,
+        )
+        self._end_tunnel()
+
+    def _tell_origin(self, code: int, reason: str) -> None:
+        conn = self.conn
+        if conn is not None and conn.alive and self.c2o.at_boundary:
+            conn.write(ws.close_frame(code, reason, to_origin=True))
+            self.close_code = self.close_code or int(code)
+
+    def shutdown(self) -> None:
+        """Proxy shutdown: Close 1001 to both sides, then stop relaying; the drain closes."""
+        if self.finished or self.stopping:
+            return
+        if self.o2c.at_boundary and not self.client.closed:
+            self.client.write(ws.close_frame(ws.GOING_AWAY, "proxy shutting down", to_origin=False))
+        self._tell_origin(ws.GOING_AWAY, "proxy shutting down")
+        self.stopping = True
+        self.closed_by = self.closed_by or "proxy"
+        self.close_code = self.close_code or int(ws.GOING_AWAY)
+
+    def _end_tunnel(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.proxy.stats.ws_active -= 1
+        self.proxy.sessions.discard(self)
+        log.info(
+            "websocket_session",
+            host=self.host,
+            path=self.path,
+            origin=str(self.origin) if self.origin else None,
+            egress=self.conn.local[0] if self.conn else self.egress_ip,
+            duration_s=round(time.monotonic() - self.ws_started, 3),
+            bytes_to_origin=self.sent,
+            bytes_to_client=self.received,
+            closed_by=self.closed_by or "unknown",
+            close_code=self.close_code,
+        )
+        self._release(False)  # a lease: closing it flushes, then FIN
+        self.client.close()
 
 
 class Listener:
