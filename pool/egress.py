@@ -29,7 +29,7 @@ import random
 import socket
 import time
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -47,6 +47,13 @@ Destination = tuple[str, int]
 
 # errnos that mean "this (egress, destination) pair has no port left": try the next egress.
 _FULL = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EAGAIN})
+
+# A recorded port the kernel refuses is held by someone the record does not know (another
+# process sharing the IP, or our own actively closed connection in TIME_WAIT/FIN_WAIT2): park
+# it for as long as those states last, and let the kernel search after this many refusals in
+# one call, so a polluted record costs a bounded number of attempts per connect.
+_PARK_SECONDS = 60.0
+_RECORD_MISSES = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +183,7 @@ class _Pair:
     live: int = 0  # connected plus in flight
     ports: set[int] = field(default_factory=set)  # ports of connected sockets
     free: FreePorts | None = None  # only while busy
+    parked: deque[tuple[float, int]] = field(default_factory=deque)  # (until, port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,6 +381,7 @@ class EgressSet:
                     pair.free.add(port)
             if pair.free is not None and pair.live < capacity * self.busy_threshold / 2:
                 pair.free = None  # no longer busy: the kernel's search is cheap again
+                pair.parked.clear()
             self._forget_if_idle(key, pair)
 
         family = socket.AF_INET6 if ":" in destination[0] else socket.AF_INET
@@ -398,45 +407,57 @@ class EgressSet:
         capacity: int,
         timeout: float | None,
     ) -> socket.socket:
-        """The one place the three modes differ: how the socket is set up and connected."""
+        """The one place the three modes differ: how the socket is set up and connected.
+
+        ``timeout`` bounds the whole call, retries on refused recorded ports included.
+        """
         local = (egress.ip or ("::" if family == socket.AF_INET6 else "0.0.0.0"), 0)
-        while True:
-            port: int | None = None
-            if self.mode == "connectx" and pair.live > capacity * self.busy_threshold:
-                if pair.free is None:
-                    reserved = kernel.port_sysctls().reserved
-                    pair.free = FreePorts(
-                        p
-                        for p in self._ports_of(egress)
-                        if p not in pair.ports and p not in reserved
-                    )
-                if len(pair.free):
-                    port = pair.free.pop_random()
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            try:
-                async with asyncio.timeout(timeout):
-                    if self.mode == "connectx":
-                        window = (port, port) if port is not None else egress.window
-                        await connectx_async(sock, local, destination, port_range=window)
-                    else:
-                        await self._legacy_connect(sock, egress, destination)
-            except TimeoutError:
-                sock.close()
-                raise OSError(
-                    errno.ETIMEDOUT,
-                    f"{_why(errno.ETIMEDOUT)} (connect {format_address(local)} -> "
-                    f"{format_address(destination)} after {timeout}s)",
-                ) from None
-            except OSError as e:
-                sock.close()
-                if port is not None and e.errno == errno.EADDRNOTAVAIL:
-                    continue  # taken by another process: it stays out of the record
-                raise
-            except BaseException:
-                sock.close()
-                raise
-            return sock
+        misses = 0
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    port: int | None = None
+                    busy = pair.live > capacity * self.busy_threshold
+                    if self.mode == "connectx" and busy and misses < _RECORD_MISSES:
+                        if pair.free is None:
+                            reserved = kernel.port_sysctls().reserved
+                            pair.free = FreePorts(
+                                p
+                                for p in self._ports_of(egress)
+                                if p not in pair.ports and p not in reserved
+                            )
+                        now = self._clock()
+                        while pair.parked and pair.parked[0][0] <= now:
+                            parked = pair.parked.popleft()[1]
+                            if parked not in pair.ports:
+                                pair.free.add(parked)
+                        if len(pair.free):
+                            port = pair.free.pop_random()
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                    sock.setblocking(False)
+                    try:
+                        if self.mode == "connectx":
+                            window = (port, port) if port is not None else egress.window
+                            await connectx_async(sock, local, destination, port_range=window)
+                        else:
+                            await self._legacy_connect(sock, egress, destination)
+                    except OSError as e:
+                        sock.close()
+                        if port is not None and e.errno == errno.EADDRNOTAVAIL:
+                            pair.parked.append((self._clock() + _PARK_SECONDS, port))
+                            misses += 1
+                            continue
+                        raise
+                    except BaseException:
+                        sock.close()
+                        raise
+                    return sock
+        except TimeoutError:
+            raise OSError(
+                errno.ETIMEDOUT,
+                f"{_why(errno.ETIMEDOUT)} (connect {format_address(local)} -> "
+                f"{format_address(destination)} after {timeout}s)",
+            ) from None
 
     async def _legacy_connect(
         self, sock: socket.socket, egress: Egress, destination: Destination

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import ssl
 import sys
+import time
 from collections.abc import Callable
 
 import structlog
@@ -63,7 +65,10 @@ def _server_tls(listener: cfg.Listener) -> ssl.SSLContext | None:
 class Worker:
     """One process's proxy: listeners, admin, signal handling."""
 
-    def __init__(self, config: cfg.Config, path: str | None, reuse_port: bool = False) -> None:
+    def __init__(
+        self, config: cfg.Config, path: str | None, reuse_port: bool = False, index: int = 0
+    ) -> None:
+        self.index = index
         self.config = config
         self.path = path
         self.reuse_port = reuse_port
@@ -79,7 +84,11 @@ class Worker:
             )
             self.proxy.listeners.append(listener)
             listener.start()
-        await self.admin.start(*self.config.admin)
+        # worker 0 answers on the admin address, worker i on its port + i: one scrape target
+        # per worker, so /metrics is never a random worker's partial view
+        admin_host, admin_port = self.config.admin
+        self.admin_address = (admin_host, admin_port + self.index if admin_port else 0)
+        await self.admin.start(*self.admin_address)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -87,13 +96,14 @@ class Worker:
         log.info(
             "ready",
             listen=[f"{a.address[0]}:{a.address[1]}" for a in self.proxy.listeners],
-            admin=f"{self.config.admin[0]}:{self.config.admin[1]}",
+            admin=f"{self.admin_address[0]}:{self.admin_address[1]}",
             egress=[str(e) for e in self.proxy.pool.egress.egresses],
             mode=self.proxy.pool.egress.mode,
         )
 
     def request_stop(self) -> None:
         if not self.proxy.draining:
+            self.proxy.draining = True  # now: a second signal must not start a second drain
             asyncio.get_running_loop().create_task(self.drain())
 
     async def drain(self) -> None:
@@ -136,15 +146,24 @@ class Worker:
         log.info("reloaded", routes=len(new.routes), egress=[str(e) for e in new.egress.addresses])
 
 
-async def run_worker(
-    config: cfg.Config, path: str | None, on_ready: Callable[[], None] | None = None
-) -> int:
-    worker = Worker(config, path, reuse_port=config.proxy.workers > 1)
+async def run_worker(config: cfg.Config, path: str | None, index: int = 0) -> int:
+    workers = config.proxy.workers
+    worker = Worker(config, path, reuse_port=workers > 1, index=index)
     await worker.start()
-    if on_ready:
-        on_ready()
     await worker.stopped.wait()
     return 0
+
+
+def _run_one(config: cfg.Config, path: str | None, index: int) -> int:
+    structlog.contextvars.bind_contextvars(worker=index, pid=os.getpid())
+    runner: Callable[..., int]
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    return runner(run_worker(config, path, index))
 
 
 def serve(path: str, log_format: str | None = None) -> int:
@@ -154,11 +173,87 @@ def serve(path: str, log_format: str | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 2
     logs.configure(log_format or config.log.format, config.log.level)
-    runner: Callable[..., int]
-    try:
-        import uvloop
+    if config.proxy.workers <= 1:
+        return _run_one(config, path, 0)
+    return Master(config, path).run()
 
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    return runner(run_worker(config, path))
+
+class Master:
+    """``workers = N``: N processes sharing each listener with SO_REUSEPORT, like nginx.
+
+    Needed where one process may hold at most 20,000 open files (two per proxied session).
+    Workers share the egress IPs without coordination: connectx leaves the port choice to
+    the kernel (which refuses duplicate 4-tuples across processes) and each worker's
+    free-port record learns the ports other workers hold from EADDRNOTAVAIL, so the
+    capacity to one destination stays E x R. The master only forks, forwards signals and
+    restarts a worker that died; it never opens a socket or an event loop.
+    """
+
+    RESTART_WINDOW = 10.0  # seconds; more than 5 deaths in it and the master gives up
+
+    def __init__(self, config: cfg.Config, path: str) -> None:
+        self.config = config
+        self.path = path
+        self.children: dict[int, int] = {}  # pid -> worker index
+        self.stopping = False
+        self.deaths: list[float] = []
+
+    def _spawn(self, index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 1
+            try:
+                code = _run_one(self.config, self.path, index)
+            finally:
+                os._exit(code)
+        self.children[pid] = index
+
+    def _forward(self, sig: int) -> None:
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def _on_stop(self, signum: int, _frame: object) -> None:
+        self.stopping = True
+        self._forward(signal.SIGTERM)
+
+    def _on_reload(self, signum: int, _frame: object) -> None:
+        try:
+            self.config = cfg.load(self.path)  # workers forked later get the new one too
+        except cfg.ConfigError as e:
+            log.error("reload_rejected", problems=e.problems)
+            return
+        self._forward(signal.SIGHUP)
+
+    def run(self) -> int:
+        structlog.contextvars.bind_contextvars(worker="master", pid=os.getpid())
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        for i in range(self.config.proxy.workers):
+            self._spawn(i)
+        log.info("master_ready", workers=len(self.children))
+        worst = 0
+        while self.children:
+            pid, status = os.waitpid(-1, 0)
+            index = self.children.pop(pid, None)
+            if index is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                worst = max(worst, code if code > 0 else 0)
+                continue
+            log.error("worker_died", worker=index, pid=pid, exit=code)
+            now = time.monotonic()
+            self.deaths = [t for t in self.deaths if now - t < self.RESTART_WINDOW] + [now]
+            if len(self.deaths) > 5:
+                log.error("workers_keep_dying", action="stopping")
+                self.stopping = True
+                self._forward(signal.SIGTERM)
+                worst = 1
+                continue
+            self._spawn(index)
+        log.info("master_stopped")
+        return worst

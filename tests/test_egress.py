@@ -304,3 +304,29 @@ async def test_no_count_leaks_after_random_open_close_cancel_timeout(ns, listene
     assert all(v > 50 for v in outcomes.values()), outcomes
     assert spread(egress) == [0, 0]
     assert egress.utilisation() == []
+
+
+async def test_two_sets_sharing_an_ip_still_reach_the_full_range(ns, listeners):
+    """Two workers' EgressSets on one IP, no windows: the kernel keeps them apart and each
+    record learns the other's ports, so together they hold the whole range."""
+    listeners.add(*DST)
+    a, b = EgressSet(["127.0.1.1"]), EgressSet(["127.0.1.1"])
+    held = []
+    try:
+        for _ in range(28):
+            held.append(await a.connect(DST))
+        b_count = 0
+        while True:  # b turns busy at R/2 and then picks from a record that lists a's ports
+            try:
+                held.append(await b.connect(DST, timeout=2))
+            except EgressExhausted:
+                break
+            b_count += 1
+            assert b_count <= R
+        assert b_count == R - 28
+        ports = [s.getsockname()[1] for s, _ in held]
+        assert len(set(ports)) == R  # the whole range, each port once
+    finally:
+        for sock, slot in held:
+            abort(sock)
+            slot.release()

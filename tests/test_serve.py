@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -41,62 +41,65 @@ format = "json"
 
 
 class Proc:
-    """The proxy process, its JSON log lines read as they come (the only synchronisation)."""
+    """The proxy process; a thread reads its JSON log lines as they come (a full pipe would
+    block the proxy's event loop), and tests wait on those lines: the only synchronisation."""
 
     def __init__(self, config: Path) -> None:
         self.p = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
         )
         self.lines: list[dict] = []
-        self._buf = b""
+        self._seen = threading.Condition()
+        self._eof = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-    def wait_for(self, event: str, timeout: float = 20) -> dict:
-        """Read log lines until one has this event (or the time or the process ends).
-
-        Reads the pipe's fd directly: a buffered readline() can hold the very line we wait
-        for while select() reports nothing more to read.
-        """
-        for line in self.lines:
-            if line.get("event") == event:
-                return line
+    def _read(self) -> None:
+        buf = b""
         fd = self.p.stdout.fileno()
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            ready, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))
-            if not ready:
-                break
+        while True:
             chunk = os.read(fd, 65536)
             if not chunk:
                 break
-            self._buf += chunk
-            *complete, self._buf = self._buf.split(b"\n")
-            found = None
+            buf += chunk
+            *complete, buf = buf.split(b"\n")
+            parsed = []
             for raw in complete:
                 try:
-                    line = json.loads(raw)
+                    parsed.append(json.loads(raw))
                 except ValueError:
                     continue
-                self.lines.append(line)
-                if found is None and line.get("event") == event:
-                    found = line
-            if found is not None:
-                return found
-        stderr = self.p.stderr.read() if self.p.poll() is not None else ""
+            with self._seen:
+                self.lines += parsed
+                self._seen.notify_all()
+        with self._seen:
+            self._eof = True
+            self._seen.notify_all()
+
+    def wait_for(self, event: str, timeout: float = 20, count: int = 1) -> dict:
+        """The count-th log line with this event (waits for it, bounded by timeout)."""
+        end = time.monotonic() + timeout
+        with self._seen:
+            while True:
+                found = [ln for ln in self.lines if ln.get("event") == event]
+                if len(found) >= count:
+                    return found[count - 1]
+                left = end - time.monotonic()
+                if self._eof or left <= 0:
+                    break
+                self._seen.wait(left)
+        stderr = self.p.stderr.read().decode() if self.p.poll() is not None else ""
         seen = [line.get("event") for line in self.lines][-10:]
         raise AssertionError(f"no {event!r} log line (last: {seen}); stderr: {stderr}")
-
-    def rest(self) -> list[dict]:
-        """Every line left after the process exited."""
-        data = self._buf + os.read(self.p.stdout.fileno(), 1 << 20)
-        return [json.loads(x) for x in data.split(b"\n") if x.startswith(b"{")]
 
     def stop(self) -> int:
         if self.p.poll() is None:
             os.kill(self.p.pid, signal.SIGTERM)
-        return self.p.wait(timeout=20)
+        code = self.p.wait(timeout=20)
+        self._reader.join(10)
+        return code
 
 
 @pytest.fixture
@@ -148,7 +151,7 @@ async def test_serve_proxies_with_curl_and_httpx_and_exits_0_on_sigterm(origins,
     finally:
         code = await asyncio.to_thread(proc.stop)
     assert code == 0
-    assert any(line.get("event") == "stopped" for line in proc.lines + proc.rest())
+    assert any(line.get("event") == "stopped" for line in proc.lines)
 
 
 async def test_sighup_applies_new_routes_to_new_requests(origins, tmp_path):
