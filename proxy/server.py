@@ -30,6 +30,7 @@ from proxy.routing import Route, Router, normalise_host
 
 log = structlog.get_logger("originpool.proxy")
 
+LINGER = 2.0  # seconds an error response's connection keeps draining input
 WRITE_HIGH = 256 * 1024
 WRITE_LOW = 64 * 1024
 
@@ -130,6 +131,7 @@ class Downstream(asyncio.Protocol):
         self.write_paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._got_bytes = False
+        self.lingering = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -146,6 +148,8 @@ class Downstream(asyncio.Protocol):
         self._arm(self.proxy.settings.header_timeout, self._header_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # after an error response: read and drop until EOF or LINGER
         self._got_bytes = True
         ex = self.exchange
         if ex is not None and ex.tunnel:
@@ -157,10 +161,13 @@ class Downstream(asyncio.Protocol):
             self.fail(e.status, e.reason)
             return
         if ex is not None and ex.in_body:
-            self._arm(self.proxy.settings.body_idle_timeout, self._body_timeout)
+            self.arm_body_timer()
         self.process()
 
     def eof_received(self) -> bool | None:
+        if self.lingering:
+            self.close()
+            return None
         ex = self.exchange
         if ex is not None and ex.tunnel:
             ex.tunnel_eof_from_client()
@@ -209,7 +216,7 @@ class Downstream(asyncio.Protocol):
 
     def process(self) -> None:
         """Pull events from the parser as far as the current exchange can take them."""
-        while not self.closed:
+        while not self.closed and not self.lingering:
             ex = self.exchange
             if ex is not None and (not ex.ready or ex.tunnel):
                 return  # waiting for the origin; the parser holds the rest
@@ -230,7 +237,8 @@ class Downstream(asyncio.Protocol):
                 self.pause_reading()
                 self.exchange.start()
                 continue
-            assert ex is not None
+            if ex is None:
+                return  # body of a request already answered (error): nothing to feed
             if isinstance(event, http1.Body):
                 ex.request_body(event.data)
             elif isinstance(event, http1.End):
@@ -259,14 +267,27 @@ class Downstream(asyncio.Protocol):
             self.transport.write(data)
 
     def fail(self, status: int, reason: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
-        """Answer with an error (if no response started) and close cleanly."""
-        if self.closed:
+        """Answer with an error (if no response started) and close cleanly.
+
+        Cleanly means a lingering close, as nginx does: closing a socket with unread input
+        sends RST, which can destroy the error response before the client reads it (a 413
+        while the client is still uploading). So: send, half-close, discard what still
+        arrives, close at the client's EOF or after LINGER seconds.
+        """
+        if self.closed or self.lingering:
             return
         self.write(self.http.error_response(status, reason, extra))
         log.info(
             "client_error", status=status, reason=reason, client=f"{self.peer[0]}:{self.peer[1]}"
         )
-        self.close()
+        transport = self.transport
+        if transport is None or not transport.can_write_eof():
+            self.close()
+            return
+        self.lingering = True
+        transport.write_eof()
+        self.resume_reading()
+        self._arm(LINGER, self.close)
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
@@ -298,8 +319,14 @@ class Downstream(asyncio.Protocol):
         else:
             self.close()  # an idle keep-alive connection: close quietly, like nginx
 
+    def arm_body_timer(self) -> None:
+        self._arm(self.proxy.settings.body_idle_timeout, self._body_timeout)
+
     def _body_timeout(self) -> None:
         self._timer = None
+        if self.reading_paused:
+            self.arm_body_timer()  # the stall is ours (origin back-pressure), not the client's
+            return
         if self.exchange is not None:
             self.exchange.abort_request(408, "request body stalled")
 
@@ -435,6 +462,8 @@ class Exchange:
             self.client.write(self.client.http.informational(100))
         self.ready = True
         self.in_body = head.has_body
+        if self.in_body:
+            self.client.arm_body_timer()
         self.client.resume_reading()
         self.client.process()
 

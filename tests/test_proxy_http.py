@@ -259,3 +259,86 @@ async def test_pipelined_requests_and_a_partial_one_before_eof(rig):
         close_write=True,
     )
     assert out.count(b"HTTP/1.1 200 ") == 2
+
+
+async def test_body_limit_413_before_any_upstream_contact(ns):
+    rig = await make_rig(settings=Settings(max_body_bytes=1000))
+    out = await rig.raw(
+        b"POST /echo HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000
+    )
+    assert out.startswith(b"HTTP/1.1 413 ")
+    assert rig.origins[0].connections == []
+    async with rig.client() as client:  # a chunked body over the limit is cut off too
+
+        async def chunks():
+            for _ in range(10):
+                yield b"y" * 500
+
+        r = await client.post("/echo", content=chunks())
+        assert r.status_code == 413
+        assert (await client.post("/echo", content=b"z" * 999)).content == b"z" * 999
+    rig.listener.close()
+
+
+async def test_stalled_body_gets_408(ns):
+    rig = await make_rig(settings=Settings(body_idle_timeout=0.2))
+    reader, writer = await asyncio.open_connection(*rig.listener.address)
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: app.test\r\nContent-Length: 10\r\n\r\nabc")
+    out = await asyncio.wait_for(reader.read(-1), 5)
+    assert out.startswith(b"HTTP/1.1 408 ")
+    writer.close()
+    rig.listener.close()
+
+
+async def test_max_connections_pauses_accept_and_resumes(ns):
+    rig = await make_rig(settings=Settings(max_connections=2))
+    first = [await asyncio.open_connection(*rig.listener.address) for _ in range(2)]
+    keep = b"GET /hello HTTP/1.1\r\nHost: app.test\r\n\r\n"  # both stay connected
+    request = b"GET /hello HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+    for _r, w in first:
+        w.write(keep)
+    for r, _w in first:
+        assert (await asyncio.wait_for(r.readuntil(b"hello"), 5)).startswith(b"HTTP/1.1 200")
+    reader, writer = await asyncio.open_connection(*rig.listener.address)  # kernel backlog
+    writer.write(request)
+    with pytest.raises(TimeoutError):  # not accepted while two clients are connected
+        await asyncio.wait_for(reader.read(1), 0.3)
+    assert len(rig.proxy.clients) == 2
+    for _r, w in first:
+        w.close()
+    out = await asyncio.wait_for(reader.read(-1), 5)
+    assert out.startswith(b"HTTP/1.1 200 ")
+    writer.close()
+    rig.listener.close()
+
+
+async def test_downstream_tls_termination(ns, tmp_path):
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("app.test")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    server = TestOrigin()
+    await server.start(*O1)
+    route = Route("app.test", "/", [(Origin("http", *O1), 1)])
+    proxy = Proxy(Router([route]), OriginPool(EgressSet(["127.0.1.1"])), Settings())
+    listener = Listener(proxy, ("127.0.0.1", 0), server_ctx)
+    proxy.listeners.append(listener)
+    listener.start()
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    port = listener.address[1]
+    async with httpx.AsyncClient(verify=client_ctx) as client:
+        r = await client.get(
+            f"https://127.0.0.1:{port}/hello",
+            headers={"host": "app.test"},
+            extensions={"sni_hostname": "app.test"},  # the certificate's name
+        )
+    assert r.status_code == 200
+    sent = dict((n.decode(), v.decode()) for n, v in server.last_headers)
+    assert sent["x-forwarded-proto"] == "https"
+    listener.close()
+    await server.close()
