@@ -1,0 +1,14 @@
+"""``originpool testbed``: the WebSocket-origin scenario the project exists for, end to end.
+
+An edge proxy carrying many long-lived WebSocket sessions runs out of ephemeral ports long
+before the physical limit (egress IPs x port range x destinations). The testbed reproduces
+that on one machine, in a network namespace of its own, and measures how close a proxy gets:
+
+* :mod:`proxy.testbed.wsorigin`: the WebSocket echo origin (asyncio Protocols + wsproto);
+* :mod:`proxy.testbed.wsclient`: the load client, one process per shard, JSON lines out;
+* :mod:`proxy.testbed.run`: the orchestrator (namespace, processes, sampling);
+* :mod:`proxy.testbed.report`: what the figures mean (bands, tables, JSON, plot).
+
+Origin and client are separate processes so they never share a core's event loop with the
+proxy they measure, and so big runs can shard them under the per-process open-file cap.
+"""
