@@ -45,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, metavar="FILE", help="the TOML config file")
     serve.add_argument("--log-format", choices=("json", "console"), help="override [log] format")
     serve.set_defaults(func=_run_serve)
+    testbed = sub.add_parser(
+        "testbed",
+        help="the WebSocket origin scenario end to end: how many sessions each egress mode "
+        "holds against the physical limit, in a namespace of its own (root)",
+    )
+    from proxy.testbed.run import add_arguments
+
+    add_arguments(testbed)
+    testbed.set_defaults(func=_run_testbed)
     return parser
 
 
@@ -77,6 +86,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     from proxy.app import serve
 
     return serve(args.config, args.log_format)
+
+
+def _run_testbed(args: argparse.Namespace) -> int:
+    from proxy.testbed.run import run_args
+
+    return run_args(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -605,8 +605,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="all",
         help="the proxy's egress mode to measure (default: all three in turn)",
     )
-    parser.add_argument("--egress", type=_positive(int), default=d.egress, help="egress IPs E")
-    parser.add_argument("--origins", type=_positive(int), default=d.origins, help="origins K")
+    parser.add_argument(
+        "--egress", type=_positive(int), default=d.egress, help="egress IPs E (default %(default)s)"
+    )
+    parser.add_argument(
+        "--origins", type=_positive(int), default=d.origins, help="origins K (default %(default)s)"
+    )
     parser.add_argument(
         "--port-range",
         type=_port_range,
@@ -615,22 +619,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the namespace's ephemeral range: R = HI - LO + 1 (default 40000-40999)",
     )
     parser.add_argument(
-        "--sessions", type=_positive(int), default=d.sessions, help="attempts N per mode"
+        "--sessions",
+        type=_positive(int),
+        default=d.sessions,
+        help="attempts N per mode (default %(default)s)",
     )
     parser.add_argument(
-        "--hold", type=_positive(float), default=d.hold, help="seconds every session is held"
+        "--hold",
+        type=_positive(float),
+        default=d.hold,
+        help="seconds every session is held (default %(default)s)",
     )
     parser.add_argument(
-        "--workers", type=_positive(int), default=d.workers, help="proxy worker processes"
+        "--workers",
+        type=_positive(int),
+        default=d.workers,
+        help="proxy worker processes (default %(default)s)",
     )
     parser.add_argument(
         "--concurrency",
         type=_positive(int),
         default=d.concurrency,
-        help="handshakes in flight per client process (1: one at a time)",
+        help="handshakes in flight per client process, 1: one at a time (default %(default)s)",
     )
     parser.add_argument(
-        "--timeout", type=_positive(float), default=d.timeout, help="seconds per client step"
+        "--timeout",
+        type=_positive(float),
+        default=d.timeout,
+        help="seconds per client step (default %(default)s)",
     )
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="write the figures")
     parser.add_argument("--plot", dest="plot_path", metavar="FILE", help="write a PNG plot")
