@@ -45,6 +45,7 @@ def build_settings(config: cfg.Config) -> Settings:
         header_timeout=t.header,
         body_idle_timeout=t.body_idle,
         upstream_response_timeout=t.upstream_response,
+        websocket_idle_timeout=t.websocket_idle or 0.0,
         trusted_proxies=config.proxy.trusted_proxies,
     )
 

@@ -46,6 +46,7 @@ class Settings:
     header_timeout: float = 10.0
     body_idle_timeout: float = 60.0
     upstream_response_timeout: float = 60.0
+    websocket_idle_timeout: float = 0.0  # 0: off (sessions are meant to live for days)
     trusted_proxies: Sequence[hdrs.Network] = ()
 
 
@@ -366,6 +367,7 @@ class Exchange:
         self.close_code: int | None = None
         self.stopping = False
         self.ws_started = 0.0
+        self.last_activity = 0.0
         host_header = next((v for n, v in head.headers if n == b"host"), b"")
         self.host = normalise_host(host_header)
         self.path = head.target.decode("latin-1")
@@ -744,6 +746,9 @@ class Exchange:
         self.proxy.stats.ws_total += 1
         self.proxy.sessions.add(self)
         self._record(101)
+        self.last_activity = self.ws_started
+        if self.proxy.settings.websocket_idle_timeout > 0:
+            self._arm(self.proxy.settings.websocket_idle_timeout, self._idle_check)
         early = self.upstream.trailing_data()  # frames that came with the 101
         if early:
             self._to_client(early)
@@ -755,6 +760,7 @@ class Exchange:
     def _to_client(self, data: bytes) -> None:
         if self.stopping:
             return
+        self.last_activity = time.monotonic()
         self.o2c.feed(data)
         if self.o2c.closed and self.closed_by is None:
             self.closed_by, self.close_code = "origin", self.o2c.close_code
@@ -765,6 +771,7 @@ class Exchange:
     def tunnel_to_origin(self, data: bytes) -> None:
         if self.stopping or self.conn is None:
             return
+        self.last_activity = time.monotonic()
         self.c2o.feed(data)
         if self.c2o.closed and self.closed_by is None:
             self.closed_by, self.close_code = "client", self.c2o.close_code
@@ -816,6 +823,22 @@ class Exchange:
             conn.write(ws.close_frame(code, reason, to_origin=True))
             self.close_code = self.close_code or int(code)
 
+    def _idle_check(self) -> None:
+        """One timer per idle period, not one reset per chunk: cheap for busy sessions."""
+        self._timer = None
+        if self.finished:
+            return
+        limit = self.proxy.settings.websocket_idle_timeout
+        quiet = time.monotonic() - self.last_activity
+        if quiet < limit:
+            self._arm(limit - quiet, self._idle_check)
+            return
+        if self.o2c.at_boundary and not self.client.closed:
+            self.client.write(ws.close_frame(ws.GOING_AWAY, "idle timeout", to_origin=False))
+        self._tell_origin(ws.GOING_AWAY, "idle timeout")
+        self.closed_by, self.close_code = "proxy", int(ws.GOING_AWAY)
+        self._end_tunnel()
+
     def shutdown(self) -> None:
         """Proxy shutdown: Close 1001 to both sides, then stop relaying; the drain closes."""
         if self.finished or self.stopping:
@@ -831,6 +854,7 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
+        self._disarm()
         self.proxy.stats.ws_active -= 1
         self.proxy.sessions.discard(self)
         log.info(

@@ -256,3 +256,22 @@ async def test_client_vanishing_closes_upstream_and_releases_the_lease(rig):
     assert sum(rig.proxy.pool.egress.live_by_egress().values()) == 0
     assert rig.proxy.pool.stats()[0].leased == 0
     assert rig.proxy.stats.ws_active == 0
+
+
+async def test_optional_idle_timeout_closes_quiet_sessions_with_1001(ns):
+    route = Route("app.test", "/", [(Origin("ws", *ORIGIN), 1)])
+    proxy = Proxy(
+        Router([route]),
+        OriginPool(EgressSet(["127.0.1.1"])),
+        Settings(websocket_idle_timeout=0.3),
+    )
+    listener = Listener(proxy, ("127.0.0.1", 0))
+    listener.start()
+    rig = WsRig(proxy, listener)
+    async with serve(echo, *ORIGIN), rig.connect() as ws:
+        for _ in range(3):  # activity keeps it open past the limit
+            await ws.send("x")
+            assert await ws.recv() == "x"
+        await asyncio.wait_for(ws.wait_closed(), 5)
+        assert ws.close_code == 1001
+    listener.close()
