@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import ssl
 import sys
@@ -167,6 +168,15 @@ def _run_one(config: cfg.Config, path: str | None, index: int) -> int:
     return runner(run_worker(config, path, index))
 
 
+def raise_open_files() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit: containers often start at 1024 (~500 sessions)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
 def serve(path: str, log_format: str | None = None) -> int:
     try:
         config = cfg.load(path)
@@ -174,6 +184,14 @@ def serve(path: str, log_format: str | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 2
     logs.configure(log_format or config.log.format, config.log.level)
+    soft, _hard = raise_open_files()
+    if soft < 2 * config.limits.max_connections + 64:
+        log.warning(
+            "open_file_limit_low",
+            nofile=soft,
+            max_connections=config.limits.max_connections,
+            hint="each proxied session holds two sockets; see README on workers",
+        )
     if config.proxy.workers <= 1:
         return _run_one(config, path, 0)
     return Master(config, path).run()
