@@ -31,9 +31,10 @@ class Merged:
     """Every shard's attempts on one time line, in start order, with run-wide held counts.
 
     ``held_before``: sessions held (verified by their echo) when the attempt started, what
-    its handshake latency is read against. ``held_at_end``: sessions held when its outcome
-    arrived, what a failure is read against (with several handshakes in flight, the ones
-    that started earlier may complete in between).
+    its handshake latency is read against. ``held_at_end``: sessions that were held or
+    being opened (and went on to succeed) when the attempt's outcome arrived: what a
+    failure is read against, since with several handshakes in flight an earlier session
+    may already own its upstream connection while its echo is still on the way.
     """
 
     started: list[float] = field(default_factory=list)
@@ -49,19 +50,20 @@ class Merged:
 def merge(shards: Sequence[Sequence[Sequence[Any]]]) -> Merged:
     """Attempts ``[started, finished, outcome, handshake_ms, held_before]`` of all shards.
 
-    Run-wide counts come from the successes' finish times (one monotonic clock for every
-    process), so one shard or several are read the same way.
+    Run-wide counts come from the successes' start and finish times (one monotonic clock
+    for every process), so one shard or several are read the same way.
     """
     rows = sorted((tuple(r) for shard in shards for r in shard), key=lambda r: r[0])
     ok_done = sorted(float(r[1]) for r in rows if r[2] == OK)
+    ok_started = sorted(float(r[0]) for r in rows if r[2] == OK)
     out = Merged()
     for started, finished, outcome, ms, _held in rows:
         out.started.append(float(started))
         out.outcome.append(str(outcome))
         out.handshake_ms.append(None if ms is None else float(ms))
         out.held_before.append(bisect.bisect_left(ok_done, float(started)))
-        # successes finished before this one did (itself excluded)
-        out.held_at_end.append(bisect.bisect_left(ok_done, float(finished)))
+        opened = bisect.bisect_left(ok_started, float(finished))
+        out.held_at_end.append(opened - (outcome == OK))  # itself excluded
     return out
 
 
@@ -89,6 +91,17 @@ def latency_bands(merged: Merged, limit: int) -> dict[str, float | None]:
                 buckets[name].append(ms)
                 break
     return {name: (round(statistics.median(v), 4) if v else None) for name, v in buckets.items()}
+
+
+def latency_deciles(merged: Merged, limit: int) -> list[float | None]:
+    """Median handshake latency (ms) per tenth of the limit: the plot's latency line."""
+    buckets: list[list[float]] = [[] for _ in range(10)]
+    rows = zip(merged.outcome, merged.handshake_ms, merged.held_before, strict=True)
+    for outcome, ms, held in rows:
+        if outcome != OK or ms is None or limit <= 0:
+            continue
+        buckets[min(9, int(10 * held / limit))].append(ms)
+    return [round(statistics.median(b), 4) if b else None for b in buckets]
 
 
 def band_counts(merged: Merged, limit: int) -> dict[str, int]:
@@ -247,6 +260,7 @@ def build_run(
         "hold_seconds": hold_seconds,
         "handshake_median_ms": bands,
         "handshake_sessions_per_band": band_counts(merged, limit),
+        "handshake_median_ms_by_decile": latency_deciles(merged, limit),
         "handshake_ratio_90_100_vs_0_50": latency_ratio(bands),
         "workers": workers,
         "concurrency": concurrency,

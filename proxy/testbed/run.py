@@ -66,7 +66,7 @@ class Options:
     sessions: int = 12000
     hold: float = 5.0
     workers: int = 1
-    concurrency: int = 4
+    concurrency: int = 1
     timeout: float = 10.0  # per client step
     deadline: float = 600.0  # per ramp
     json_path: str | None = None
