@@ -347,7 +347,7 @@ def test_without_root_it_says_so_in_one_line_and_exits_2(monkeypatch, capsys):
 SMALL = ["--egress", "2", "--origins", "2", "--port-range", "40000-40099", "--hold", "1"]
 
 
-def testbed_cmd(*args: str) -> list[str]:
+def cli_testbed(*args: str) -> list[str]:
     return [sys.executable, "-m", "proxy.cli", "testbed", *args]
 
 
@@ -356,7 +356,7 @@ def small_run(tmp_path_factory) -> tuple[dict, Path, str]:
     needs_root()
     out = tmp_path_factory.mktemp("testbed")
     proc = subprocess.run(
-        testbed_cmd(
+        cli_testbed(
             *SMALL,
             "--sessions",
             "450",
@@ -436,7 +436,7 @@ def test_small_run_plot_is_a_png_and_the_output_has_a_table_per_mode(small_run):
 def test_sigint_mid_ramp_ends_every_process_and_the_namespace():
     needs_root()
     proc = subprocess.Popen(
-        testbed_cmd(
+        cli_testbed(
             "--mode",
             "connectx",
             "--port-range",
@@ -497,7 +497,7 @@ def test_sigint_mid_ramp_ends_every_process_and_the_namespace():
 def test_a_proxy_that_does_not_start_is_reported_with_its_own_words(tmp_path):
     needs_root()
     proc = subprocess.run(
-        testbed_cmd(
+        cli_testbed(
             *SMALL,
             "--mode",
             "connectx",
