@@ -531,3 +531,34 @@ def test_unit_socket_helpers_in_namespace(ns):
     assert not procs.alive(child.pid)
     with socket.socket() as s:  # the namespace is ours: 127/8 is local
         s.bind(("127.0.1.9", 0))
+
+
+def test_any_origin_and_any_proxy_in_the_same_scenario(tmp_path):
+    """The staging use: the user's origin command and the user's proxy with its own config
+    (here ours again, started the way a user would start theirs)."""
+    needs_root()
+    config = tmp_path / "user.toml"
+    config.write_text(proxy_config("connectx", Options(egress=2, origins=2)))
+    python = sys.executable
+    proc = subprocess.run(
+        cli_testbed(
+            *SMALL,
+            "--sessions",
+            "420",
+            "--origin-cmd",
+            f"{python} -m proxy.testbed.wsorigin --listen {{host}}:{{port}}",
+            "--proxy-cmd",
+            f"{python} -m proxy.cli serve --config {config}",
+            "--json",
+            str(tmp_path / "tb.json"),
+        ),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run,) = json.loads((tmp_path / "tb.json").read_text())["runs"]
+    assert run["mode"] == "proxy-cmd"
+    assert run["held"] >= 0.995 * 400 and run["lost"] == 0
+    assert sum(run["per_egress"].values()) == run["held"]

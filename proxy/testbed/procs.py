@@ -335,26 +335,28 @@ class Children:
         event: str,
         timeout: float,
         on_line: Callable[[Child, dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
-        """Read every child's lines until ``child`` writes ``event``; raise if it cannot."""
-        for line in child.lines:
-            if line.get("event") == event:
-                return line
+        count: int = 1,
+    ) -> list[dict[str, Any]]:
+        """Read every child's lines until ``child`` has written ``event`` ``count`` times (a
+        proxy's workers each say ``ready``); raise, with its own words, if it cannot."""
+
+        def found() -> list[dict[str, Any]]:
+            return [line for line in child.lines if line.get("event") == event]
+
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        while len(found()) < count and time.monotonic() < end and not child.eof:
             for who, line in self.pump(end - time.monotonic()):
                 if on_line is not None:
                     on_line(who, line)
-                if who is child and line.get("event") == event:
-                    return line
-            if child.eof:
-                break
+        lines = found()
+        if len(lines) >= count:
+            return lines[:count]
         code = child.popen.poll()
         status = "still running" if code is None else f"exited with {code}"
         seen = [line.get("event") for line in child.lines][-5:]
         raise ChildFailed(
-            f"{child.name} wrote no {event!r} line within {timeout:g} s ({status}; "
-            f"last events {seen}); stderr: {child.stderr_tail() or '(empty)'}"
+            f"{child.name} wrote {len(lines)} of {count} {event!r} lines within {timeout:g} s "
+            f"({status}; last events {seen}); stderr: {child.stderr_tail() or '(empty)'}"
         )
 
     def end_all(self, grace: float = 10.0) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import json
 import os
 import re
 import statistics
@@ -65,6 +66,22 @@ def merge(shards: Sequence[Sequence[Sequence[Any]]]) -> Merged:
         opened = bisect.bisect_left(ok_started, float(finished))
         out.held_at_end.append(opened - (outcome == OK))  # itself excluded
     return out
+
+
+def append_records(path: str, mode: str, merged: Merged) -> None:
+    """Every attempt of a run as JSON lines, for whoever wants more than the figures."""
+    with open(path, "a") as f:
+        for i in range(len(merged)):
+            row = {
+                "mode": mode,
+                "attempt": i + 1,
+                "started": merged.started[i],
+                "outcome": merged.outcome[i],
+                "handshake_ms": merged.handshake_ms[i],
+                "held_before": merged.held_before[i],
+                "held_at_end": merged.held_at_end[i],
+            }
+            f.write(json.dumps(row) + "\n")
 
 
 def held_curve(merged: Merged) -> list[int]:

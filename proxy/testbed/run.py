@@ -71,9 +71,11 @@ class Options:
     deadline: float = 600.0  # per ramp
     json_path: str | None = None
     plot_path: str | None = None
+    records_path: str | None = None  # every attempt, one JSON line each
     origin_cmd: str | None = None
     proxy_cmd: str | None = None
     progress: str = "rich"  # rich | json
+    client_processes: int = 0  # 0: as many as the open-file cap needs
 
     @property
     def size(self) -> int:
@@ -141,6 +143,11 @@ workers = {options.workers}
 format = "json"
 level = "info"
 """
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def http_get(address: tuple[str, int], path: str, source_port: int, timeout: float = 10.0) -> str:
@@ -247,6 +254,7 @@ class ModeRun:
     clients: list[Child] = field(default_factory=list)
     first_proxy_error: dict[str, Any] | None = None
     proxy_errors: Counter[str] = field(default_factory=Counter)
+    admins: list[tuple[str, int]] = field(default_factory=list)
     _admin_port: int = 0
 
     def __post_init__(self) -> None:
@@ -293,6 +301,8 @@ class ModeRun:
             self.children.end_all()
             space.leave()
         merged = report.merge([r["records"] for r in results])
+        if opts.records_path:
+            report.append_records(opts.records_path, self.mode, merged)
         return report.build_run(
             mode=self.mode,
             egress=opts.egress,
@@ -368,7 +378,11 @@ class ModeRun:
         argv = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)]
         # access lines are most of what it writes: not worth parsing
         self.proxy = self.children.start("proxy", argv, skip=b'"event": "access"')
-        self.children.wait_for(self.proxy, "ready", 30, self.on_line)
+        # one ready line per worker, each naming its own admin address (port + index)
+        ready = self.children.wait_for(
+            self.proxy, "ready", 30 + 2 * opts.workers, self.on_line, count=opts.workers
+        )
+        self.admins = [_address(str(line["admin"])) for line in ready if line.get("admin")]
 
     def on_line(self, child: Child, line: dict[str, Any]) -> None:
         if child is not self.proxy:
@@ -385,7 +399,7 @@ class ModeRun:
 
     def start_clients(self) -> None:
         opts = self.options
-        shards = max(1, math.ceil(opts.sessions / SESSIONS_PER_PROCESS))
+        shards = opts.client_processes or max(1, math.ceil(opts.sessions / SESSIONS_PER_PROCESS))
         window = client_port_window(opts.port_range)
         if window is not None:
             # the first ports of the window are the runner's own (admin scrapes)
@@ -468,14 +482,17 @@ class ModeRun:
 
         destinations = {f"{h}:{p}" for h, p in self.options.origin_addresses()}
         per_egress = report.per_egress_from_census(census.take_census(("tcp",)), destinations)
-        metrics: dict[str, int] | None = None
-        if not self.options.proxy_cmd and self._admin_port:
-            try:
-                text = http_get(ADMIN, "/metrics", self._admin_port)
-                metrics = report.parse_live_per_egress(text)
-            except OSError as e:
-                self.ui.say(f"(admin /metrics unavailable: {e})")
-        return per_egress, metrics
+        metrics: Counter[str] | None = None
+        if self.admins and self._admin_port:
+            metrics = Counter()
+            for i, admin in enumerate(self.admins):  # every worker's own view, summed
+                try:
+                    text = http_get(admin, "/metrics", self._admin_port + i)
+                except OSError as e:
+                    self.ui.say(f"(admin /metrics of {admin[0]}:{admin[1]} unavailable: {e})")
+                    return per_egress, None
+                metrics.update(report.parse_live_per_egress(text))
+        return per_egress, None if metrics is None else dict(sorted(metrics.items()))
 
     def hold(self, seconds: float) -> None:
         """The hold is the measurement (do sessions survive idle?), not a synchronisation;
@@ -491,7 +508,7 @@ class ModeRun:
         results: list[dict[str, Any]] = []
         wait = self.options.timeout * (1 + self.options.sessions // 1000) + 30
         for client in self.clients:
-            results.append(self.children.wait_for(client, "result", wait, self.on_line))
+            results.append(self.children.wait_for(client, "result", wait, self.on_line)[0])
         return results
 
 
@@ -520,6 +537,8 @@ def run(options: Options) -> int:
             f"({opts.concurrency} in flight), each verified by an echo and held "
             f"{opts.hold:g} s; one fresh namespace and proxy per mode"
         )
+        if opts.records_path:
+            Path(opts.records_path).write_text("")
         with tempfile.TemporaryDirectory(prefix="originpool-testbed-") as tmp:
             modes = ("proxy-cmd",) if opts.proxy_cmd and opts.modes == MODES else opts.modes
             for mode in modes:
@@ -648,7 +667,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.timeout,
         help="seconds per client step (default %(default)s)",
     )
+    parser.add_argument(
+        "--client-processes",
+        type=_positive(int),
+        default=None,
+        metavar="P",
+        help="load client processes (default: one per 15,000 sessions, the open-file cap)",
+    )
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="write the figures")
+    parser.add_argument(
+        "--records",
+        dest="records_path",
+        metavar="FILE",
+        help="write every attempt as a JSON line: mode, start, outcome, handshake ms, held",
+    )
     parser.add_argument("--plot", dest="plot_path", metavar="FILE", help="write a PNG plot")
     parser.add_argument(
         "--origin-cmd",
@@ -682,9 +714,11 @@ def options_from_args(args: argparse.Namespace) -> Options:
         timeout=args.timeout,
         json_path=args.json_path,
         plot_path=args.plot_path,
+        records_path=args.records_path,
         origin_cmd=args.origin_cmd,
         proxy_cmd=args.proxy_cmd,
         progress=args.progress,
+        client_processes=args.client_processes or 0,
     )
 
 
@@ -692,7 +726,8 @@ def validate(options: Options) -> str | None:
     """What the namespace's addressing cannot express, in one sentence."""
     if options.egress > 254 or options.origins > 254:
         return "--egress and --origins must be at most 254 (one 127.0.x.0/24 each)"
-    if math.ceil(options.sessions / SESSIONS_PER_PROCESS) > 256:
+    shards = options.client_processes or math.ceil(options.sessions / SESSIONS_PER_PROCESS)
+    if shards > 256:
         return "--sessions: at most 256 client processes (127.3.0.0/16)"
     return None
 
