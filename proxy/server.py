@@ -78,6 +78,30 @@ class Stats:
         self.latency[-1] += 1
 
 
+class Timer:
+    """At most one pending callback: each connection and exchange waits for one thing at a
+    time (head, body, response, idle), so arming replaces whatever was armed."""
+
+    __slots__ = ("_handle",)
+
+    def __init__(self) -> None:
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        self.disarm()
+        if seconds > 0:
+            self._handle = asyncio.get_running_loop().call_later(seconds, callback)
+
+    def disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def fired(self) -> None:
+        """Called first thing by a callback: its handle is spent."""
+        self._handle = None
+
+
 class Proxy:
     """One worker's shared state: routes, pool, settings, counters, drain flag."""
 
@@ -130,7 +154,7 @@ class Downstream(asyncio.Protocol):
         self.closed = False
         self.reading_paused = False
         self.write_paused = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer = Timer()
         self._got_bytes = False
         self.lingering = False
 
@@ -304,17 +328,13 @@ class Downstream(asyncio.Protocol):
     # -- timers ------------------------------------------------------------------------------
 
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
-        self._disarm()
-        if seconds > 0:
-            self._timer = asyncio.get_running_loop().call_later(seconds, callback)
+        self._timer.arm(seconds, callback)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.disarm()
 
     def _header_timeout(self) -> None:
-        self._timer = None
+        self._timer.fired()
         if self._got_bytes:
             self.fail(408, "request head not received in time")
         else:
@@ -324,7 +344,7 @@ class Downstream(asyncio.Protocol):
         self._arm(self.proxy.settings.body_idle_timeout, self._body_timeout)
 
     def _body_timeout(self) -> None:
-        self._timer = None
+        self._timer.fired()
         if self.reading_paused:
             self.arm_body_timer()  # the stall is ours (origin back-pressure), not the client's
             return
@@ -356,7 +376,7 @@ class Exchange:
         self.reused = False
         self._retried = False
         self.egress_ip: str | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer = Timer()
         self._task: asyncio.Task[None] | None = None
         self.websocket = ws.is_upgrade(head.headers, head.method)
         self.c2o = ws.FrameTracker()  # frame boundaries client -> origin, once tunnelled
@@ -580,7 +600,7 @@ class Exchange:
                 return  # PAUSED / SWITCHED: handled by the WebSocket path
 
     def _response_timeout(self) -> None:
-        self._timer = None
+        self._timer.fired()
         self._upstream_failed(TimeoutError(errno.ETIMEDOUT, "origin sent no response head in time"))
 
     def _upstream_failed(self, exc: BaseException) -> None:
@@ -722,14 +742,10 @@ class Exchange:
         log.warning("upstream_error", **fields)
 
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
-        self._disarm()
-        if seconds > 0:
-            self._timer = asyncio.get_running_loop().call_later(seconds, callback)
+        self._timer.arm(seconds, callback)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.disarm()
 
     # -- WebSocket tunnel: bytes both ways after the origin's 101 ----------------------------
 
@@ -825,7 +841,7 @@ class Exchange:
 
     def _idle_check(self) -> None:
         """One timer per idle period, not one reset per chunk: cheap for busy sessions."""
-        self._timer = None
+        self._timer.fired()
         if self.finished:
             return
         limit = self.proxy.settings.websocket_idle_timeout
