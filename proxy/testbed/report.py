@@ -461,17 +461,23 @@ def plot(runs: Sequence[dict[str, Any]], path: str) -> None:
     left.set_ylim(bottom=0, top=max(limits, default=1) * 1.12)
     left.grid(alpha=0.3)
     left.legend(loc="lower right")
-    names = [name for name, _, _ in BANDS]
-    width = 0.8 / max(1, len(good))
-    for i, run in enumerate(good):
-        values = [run["handshake_median_ms"].get(n) or 0.0 for n in names]
-        xs = [j + (i - (len(good) - 1) / 2) * width for j in range(len(names))]
-        right.bar(xs, values, width=width, label=run["mode"])
-    right.set_xticks(range(len(names)), [f"{n} of limit" for n in names])
+    for run in good:
+        deciles = run.get("handshake_median_ms_by_decile") or []
+        points = [(10 * i + 5, ms) for i, ms in enumerate(deciles) if ms is not None]
+        if not points:
+            continue
+        ratio = run.get("handshake_ratio_90_100_vs_0_50")
+        label = run["mode"] + (f" (90-100% / 0-50%: {ratio:.2f})" if ratio else "")
+        right.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+    for edge in (50, 90):
+        right.axvline(edge, color="grey", linestyle=":", linewidth=1)
+    right.set_xlim(0, 100)
+    right.set_ylim(bottom=0)
+    right.set_xlabel("sessions held, % of the physical limit")
     right.set_ylabel("median handshake (ms)")
     right.set_title("handshake latency by utilisation")
-    right.grid(alpha=0.3, axis="y")
-    right.legend()
+    right.grid(alpha=0.3)
+    right.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
