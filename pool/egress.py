@@ -123,18 +123,23 @@ def _parse_window(text: str, spec: str) -> tuple[int, int]:
 class EgressExhausted(OSError):
     """Every egress IP is full (or down) for this destination.
 
-    An ``OSError`` with EADDRNOTAVAIL, so code that handles the kernel's refusal handles this
-    too; ``attempts`` lists each egress tried with its errno.
+    An ``OSError`` with the kernel's errno (EADDRNOTAVAIL, or EADDRINUSE for bind-before-
+    connect), so code that handles the kernel's refusal handles this too; ``attempts`` lists
+    each egress tried with its errno, and the message gives the kernel's words.
     """
 
     def __init__(self, destination: Destination, attempts: Sequence[tuple[str, int]]) -> None:
         tried = ", ".join(
-            f"{ip or 'default'}: {errno.errorcode.get(code, code)}" for ip, code in attempts
+            f"{ip or 'default'}: {errno.errorcode.get(code, code)} ({os.strerror(code)})"
+            for ip, code in attempts
         )
+        codes = {code for _ip, code in attempts}
+        # the kernel's own errno when every egress agrees (EADDRINUSE in bind mode)
+        code = codes.pop() if len(codes) == 1 else errno.EADDRNOTAVAIL
         super().__init__(
-            errno.EADDRNOTAVAIL,
-            f"no source port left for {format_address(destination)} on any egress IP "
-            f"(tried {tried or 'none: all down'})",
+            code,
+            f"{os.strerror(code)}: no source port left for {format_address(destination)} on "
+            f"any egress IP (tried {tried or 'none: all down'})",
         )
         self.destination = destination
         self.attempts = list(attempts)
@@ -182,6 +187,7 @@ class _Pair:
 
     live: int = 0  # connected plus in flight
     ports: set[int] = field(default_factory=set)  # ports of connected sockets
+    in_slice: int = 0  # of those, ports in this worker's own slice
     free: FreePorts | None = None  # only while busy
     parked: deque[tuple[float, int]] = field(default_factory=deque)  # (until, port)
 
@@ -248,7 +254,15 @@ class EgressSet:
         busy_threshold: float = 0.5,
         backoff: tuple[float, float] = (1.0, 30.0),
         clock: Callable[[], float] = time.monotonic,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
+        """``share=(i, n)``: this is worker i of n processes using the same egress IPs.
+
+        Each worker then prefers its own contiguous slice of every window (no collisions,
+        its free-port record stays true, connect() stays flat) and overflows into the whole
+        window through the kernel's search once its slice is full, so SO_REUSEPORT's uneven
+        spread never costs capacity: together the workers still reach E x R.
+        """
         if mode not in MODES:
             raise ValueError(f"egress mode must be one of {', '.join(MODES)}, not {mode!r}")
         parsed = [a if isinstance(a, Egress) else Egress.parse(a) for a in addresses]
@@ -263,6 +277,9 @@ class EgressSet:
         self._pairs: dict[tuple[Egress, Destination], _Pair] = {}
         self._down: dict[Egress, tuple[float, float]] = {}  # egress -> (until, current backoff)
         self._rr = 0
+        if not (0 <= share[0] < share[1]):
+            raise ValueError(f"share must be (index, count) with 0 <= index < count: {share}")
+        self.share = share
         self.metrics = EgressMetrics()
 
     # -- capacity -------------------------------------------------------------------------
@@ -281,6 +298,15 @@ class EgressSet:
             return range(facts.low, facts.high + 1)
         lo, hi = effective_window(*egress.window) or egress.window
         return range(lo, hi + 1)
+
+    def _slice_of(self, egress: Egress) -> range:
+        """This worker's own part of the egress window (the whole of it for one worker)."""
+        full = self._ports_of(egress)
+        index, count = self.share
+        if count == 1:
+            return full
+        size = len(full)
+        return range(full.start + size * index // count, full.start + size * (index + 1) // count)
 
     def utilisation(self) -> list[PairUsage]:
         """Every pair with live connections, fullest first."""
@@ -368,6 +394,9 @@ class EgressSet:
             raise _full(egress, destination)
         pair.live += 1  # reserved before the await: concurrent callers see it
         released = False
+        own = self._slice_of(egress)
+        reserved = kernel.port_sysctls().reserved
+        own_capacity = len(own) - sum(1 for p in reserved if p in own)
 
         def release_count(port: int | None = None) -> None:
             nonlocal released
@@ -377,22 +406,26 @@ class EgressSet:
             pair.live -= 1
             if port is not None:
                 pair.ports.discard(port)
-                if pair.free is not None and port in self._ports_of(egress):
-                    pair.free.add(port)
-            if pair.free is not None and pair.live < capacity * self.busy_threshold / 2:
+                if port in own:
+                    pair.in_slice -= 1
+                    if pair.free is not None:
+                        pair.free.add(port)
+            if pair.free is not None and pair.in_slice < own_capacity * self.busy_threshold / 2:
                 pair.free = None  # no longer busy: the kernel's search is cheap again
                 pair.parked.clear()
             self._forget_if_idle(key, pair)
 
         family = socket.AF_INET6 if ":" in destination[0] else socket.AF_INET
         try:
-            sock = await self._open(egress, destination, family, pair, capacity, timeout)
+            sock = await self._open(egress, destination, family, pair, own, own_capacity, timeout)
         except BaseException:
             release_count()
             raise
         local = sock.getsockname()
         port = int(local[1])
         pair.ports.add(port)
+        if port in own:
+            pair.in_slice += 1
         if pair.free is not None:
             pair.free.discard(port)
         self._down.pop(egress, None)
@@ -404,27 +437,34 @@ class EgressSet:
         destination: Destination,
         family: int,
         pair: _Pair,
-        capacity: int,
+        own: range,
+        own_capacity: int,
         timeout: float | None,
     ) -> socket.socket:
         """The one place the three modes differ: how the socket is set up and connected.
 
-        ``timeout`` bounds the whole call, retries on refused recorded ports included.
+        In connectx mode the port comes, in order of preference, from this worker's slice
+        via the kernel (while the slice is less than busy_threshold full), from the slice via
+        the free-port record (busy: flat latency), or from the whole window via the kernel
+        (slice full: overflow into room other workers left). ``timeout`` bounds the whole
+        call, retries on refused recorded ports included.
         """
+        sliced = self.share[1] > 1
+        own_window = (own.start, own.stop - 1) if sliced and len(own) else egress.window
         local = (egress.ip or ("::" if family == socket.AF_INET6 else "0.0.0.0"), 0)
         misses = 0
         try:
             async with asyncio.timeout(timeout):
                 while True:
                     port: int | None = None
-                    busy = pair.live > capacity * self.busy_threshold
-                    if self.mode == "connectx" and busy and misses < _RECORD_MISSES:
+                    room = pair.in_slice < own_capacity
+                    window = own_window if room else egress.window
+                    busy = pair.in_slice >= own_capacity * self.busy_threshold
+                    if self.mode == "connectx" and room and busy and misses < _RECORD_MISSES:
                         if pair.free is None:
                             reserved = kernel.port_sysctls().reserved
                             pair.free = FreePorts(
-                                p
-                                for p in self._ports_of(egress)
-                                if p not in pair.ports and p not in reserved
+                                p for p in own if p not in pair.ports and p not in reserved
                             )
                         now = self._clock()
                         while pair.parked and pair.parked[0][0] <= now:
@@ -437,7 +477,8 @@ class EgressSet:
                     sock.setblocking(False)
                     try:
                         if self.mode == "connectx":
-                            window = (port, port) if port is not None else egress.window
+                            if port is not None:
+                                window = (port, port)
                             await connectx_async(sock, local, destination, port_range=window)
                         else:
                             await self._legacy_connect(sock, egress, destination)

@@ -51,8 +51,8 @@ def build_settings(config: cfg.Config) -> Settings:
     )
 
 
-def build_pool(config: cfg.Config) -> OriginPool:
-    return OriginPool(config.to_egress_set(), config.to_pool_limits(), config.to_tls_config())
+def build_pool(config: cfg.Config, worker: int = 0) -> OriginPool:
+    return OriginPool(config.to_egress_set(worker), config.to_pool_limits(), config.to_tls_config())
 
 
 def _server_tls(listener: cfg.Listener) -> ssl.SSLContext | None:
@@ -74,7 +74,7 @@ class Worker:
         self.config = config
         self.path = path
         self.reuse_port = reuse_port
-        self.proxy = Proxy(build_router(config), build_pool(config), build_settings(config))
+        self.proxy = Proxy(build_router(config), build_pool(config, index), build_settings(config))
         self.admin = Admin(self.proxy)
         self.stopped = asyncio.Event()
         self._old_pools: list[OriginPool] = []
@@ -143,7 +143,7 @@ class Worker:
         self.proxy.settings = build_settings(new)
         if new.egress != self.config.egress or new.pool != self.config.pool:
             self._old_pools.append(self.proxy.pool)
-            self.proxy.pool = build_pool(new)  # old connections finish on their own pool
+            self.proxy.pool = build_pool(new, self.index)  # old ones finish on their own pool
         self.config = new
         log.info("reloaded", routes=len(new.routes), egress=[str(e) for e in new.egress.addresses])
 

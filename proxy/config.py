@@ -241,8 +241,10 @@ class Config:
     def to_tls_config(self) -> TLSConfig:
         return TLSConfig(verify=self.upstream_tls.verify, ca_file=self.upstream_tls.ca_file)
 
-    def to_egress_set(self) -> EgressSet:
-        return EgressSet(self.egress.addresses, self.egress.mode)
+    def to_egress_set(self, worker: int = 0) -> EgressSet:
+        """Worker ``worker`` of ``proxy.workers``: each prefers its own slice of the ports."""
+        share = (worker, max(1, self.proxy.workers))
+        return EgressSet(self.egress.addresses, self.egress.mode, share=share)
 
     def summary(self) -> str:
         """One line for ``check-config`` and the startup log."""

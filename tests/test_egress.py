@@ -330,3 +330,35 @@ async def test_two_sets_sharing_an_ip_still_reach_the_full_range(ns, listeners):
         for sock, slot in held:
             abort(sock)
             slot.release()
+
+
+async def test_workers_fill_their_own_slice_first_then_overflow_to_the_full_range(ns, listeners):
+    listeners.add(*DST)
+    w0 = EgressSet(["127.0.1.1"], share=(0, 2))
+    w1 = EgressSet(["127.0.1.1"], share=(1, 2))
+    held = []
+    try:
+        for _ in range(R // 2):  # worker 0 takes exactly its half, by its own record
+            held.append(await w0.connect(DST))
+        assert {s.getsockname()[1] for s, _ in held} == set(range(40000, 40064))
+        for _ in range(10):  # worker 1 starts in its own half
+            held.append(await w1.connect(DST))
+        assert all(40064 <= s.getsockname()[1] <= 40127 for s, _ in held[-10:])
+        while True:  # worker 0 overflows into what worker 1 has not taken
+            try:
+                held.append(await w0.connect(DST, timeout=2))
+            except EgressExhausted:
+                break
+        assert len(held) == R
+        assert len({s.getsockname()[1] for s, _ in held}) == R
+        with pytest.raises(EgressExhausted):
+            await w1.connect(DST)
+    finally:
+        for sock, slot in held:
+            abort(sock)
+            slot.release()
+
+
+def test_share_must_name_a_worker():
+    with pytest.raises(ValueError, match="share"):
+        EgressSet(["127.0.1.1"], share=(2, 2))
