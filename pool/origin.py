@@ -179,6 +179,19 @@ class UpstreamHandler(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """One upstream transport, kept by the pool between exchanges."""
 
+    __slots__ = (
+        "_idle_timer",
+        "alive",
+        "created",
+        "handler",
+        "leased",
+        "origin",
+        "pool",
+        "requests",
+        "slot",
+        "transport",
+    )
+
     def __init__(self, pool: OriginPool, origin: Origin, slot: Slot, now: float) -> None:
         self.pool = pool
         self.origin = origin

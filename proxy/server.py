@@ -143,6 +143,22 @@ def _errno_name(exc: BaseException) -> str:
 class Downstream(asyncio.Protocol):
     """One client connection: reads requests, runs one :class:`Exchange` at a time."""
 
+    # slots: thousands of these live at once (two sockets' worth of state per session)
+    __slots__ = (
+        "_got_bytes",
+        "_timer",
+        "closed",
+        "exchange",
+        "http",
+        "lingering",
+        "peer",
+        "proxy",
+        "reading_paused",
+        "scheme",
+        "transport",
+        "write_paused",
+    )
+
     def __init__(self, proxy: Proxy, scheme: bytes = b"http") -> None:
         self.proxy = proxy
         self.scheme = scheme
@@ -354,6 +370,44 @@ class Downstream(asyncio.Protocol):
 
 class Exchange:
     """One request and its response; the upstream handler of the pooled connection."""
+
+    # slots: thousands of these live at once (two sockets' worth of state per session)
+    __slots__ = (
+        "_retried",
+        "_task",
+        "_timer",
+        "c2o",
+        "client",
+        "client_eof",
+        "close_code",
+        "closed_by",
+        "conn",
+        "egress_ip",
+        "finished",
+        "head",
+        "host",
+        "in_body",
+        "last_activity",
+        "o2c",
+        "origin",
+        "origin_eof",
+        "path",
+        "proxy",
+        "ready",
+        "received",
+        "request_done",
+        "response_started",
+        "reused",
+        "route",
+        "sent",
+        "started",
+        "status",
+        "stopping",
+        "tunnel",
+        "upstream",
+        "websocket",
+        "ws_started",
+    )
 
     def __init__(self, client: Downstream, head: http1.RequestHead) -> None:
         self.client = client
@@ -771,6 +825,11 @@ class Exchange:
         early = self.client.http.trailing_data()  # frames the client sent before the 101
         if early:
             self.tunnel_to_origin(early)
+        # the HTTP parsers (two h11 connections, a few KiB) are done for this connection's
+        # life: a shared spent pair keeps the types and frees the memory of every session
+        self.upstream = _SPENT_CLIENT
+        self.client.http = _SPENT_SERVER
+        self.head.headers = []
         self.client.resume_reading()
 
     def _to_client(self, data: bytes) -> None:
@@ -887,6 +946,10 @@ class Exchange:
         )
         self._release(False)  # a lease: closing it flushes, then FIN
         self.client.close()
+
+
+_SPENT_CLIENT = http1.ClientSide()  # never used: stands in for parsers a tunnel dropped
+_SPENT_SERVER = http1.ServerSide()
 
 
 class Listener:
