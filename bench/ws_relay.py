@@ -89,6 +89,7 @@ REFERENCE_KB = {"HAProxy": 6.0, "nginx": 18.2, "bare asyncio transports (pair)":
 SIZES = ((64, 20_000), (4096, 10_000), (65536, 2_000))  # (bytes, messages) at --scale 1
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 STEP_TIMEOUT = 10.0  # seconds for any one network step
+_OURS = (str(_ROOT / "proxy") + "/", str(_ROOT / "pool") + "/")  # the project's own code
 
 PROXY_CONFIG = """
 [listen]
@@ -644,6 +645,12 @@ def in_process_proxy(sink: LogSink) -> tuple[Any, Any]:
     from proxy.routing import Route, Router
     from proxy.server import Listener, Proxy, Settings
 
+    # the report quotes source lines: read them now, as imported, not at report time from
+    # files that may have been edited meanwhile
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None) or ""
+        if path.startswith(_OURS):
+            linecache.getlines(path)
     with contextlib.redirect_stdout(sink):  # type: ignore[type-var]
         logs.configure("json", "info")  # binds sys.stdout as it is now: the sink
     route = Route(HOST, "/", [(Origin("ws", *ORIGIN), 1)])
@@ -653,9 +660,6 @@ def in_process_proxy(sink: LogSink) -> tuple[Any, Any]:
     proxy.listeners.append(listener)
     listener.start()
     return proxy, listener
-
-
-_OURS = (str(_ROOT / "proxy"), str(_ROOT / "pool"))
 
 
 def _where(frame_: tracemalloc.Frame) -> str:
