@@ -4,6 +4,7 @@ admin endpoints, a bad config's messages, SIGHUP reload and SIGTERM drain."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -95,10 +96,22 @@ class Proc:
         raise AssertionError(f"no {event!r} log line (last: {seen}); stderr: {stderr}")
 
     def stop(self) -> int:
+        """SIGTERM, and the exit code; a proxy that does not drain in 20 s is killed (its
+        workers too, by PID) so a failing test leaves nothing running."""
         if self.p.poll() is None:
             os.kill(self.p.pid, signal.SIGTERM)
-        code = self.p.wait(timeout=20)
-        self._reader.join(10)
+        try:
+            code = self.p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            workers = {ln.get("pid") for ln in self.lines if isinstance(ln.get("pid"), int)}
+            for pid in workers - {self.p.pid}:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.p.kill()
+            self.p.wait(10)
+            raise
+        finally:
+            self._reader.join(10)
         return code
 
 
