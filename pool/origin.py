@@ -362,7 +362,12 @@ class OriginPool:
             conn.close()
             return
         conn.requests += 1
-        if reusable and self._usable(conn):
+        if reusable and conn.transport is not None:
+            # back-pressure may have paused it on the exchange's last write, and the resume
+            # went to no one: idle connections must read (an EOF drops them) and the next
+            # exchange expects a response to arrive
+            conn.transport.resume_reading()
+        if reusable and self._usable(conn, poll=False):
             self._recycle(state, conn)
         else:
             state.active -= 1
@@ -429,12 +434,14 @@ class OriginPool:
                 if not waiter.done():
                     waiter.set_exception(PoolError(errno.ESHUTDOWN, "pool closed"))
 
-    def _usable(self, conn: UpstreamConnection) -> bool:
+    def _usable(self, conn: UpstreamConnection, poll: bool = True) -> bool:
         lim = self.limits
         if not conn.alive or conn.requests >= lim.max_requests:
             return False
         if lim.max_lifetime is not None and self._clock() - conn.created >= lim.max_lifetime:
             return False
+        if not poll:
+            return True  # checked in: its protocol sees any EOF; acquire() polls once more
         return not (conn.handler is None and conn.requests and conn.readable_while_idle())
 
     async def _wait(self, origin: Origin, state: _OriginState) -> UpstreamConnection | None:

@@ -513,6 +513,10 @@ class Exchange:
         self.reused = conn.requests > 0
         self.proxy._active_by_origin[conn.origin] = self.proxy.active(conn.origin) + 1
         conn.attach(self)
+        if self.client.write_paused:
+            # the client's buffer filled during an earlier exchange and has not drained: its
+            # pause_writing() will not come again, so this origin must start paused
+            self.pause_origin()
         head = self.head
         headers = hdrs.to_origin(
             head.headers,
@@ -610,48 +614,63 @@ class Exchange:
             self.conn.transport.resume_reading()
 
     def _pump_response(self) -> None:
+        out: list[bytes] = []  # one write per pump: head and body of a small response together
+
+        def flush() -> None:
+            if out:
+                self.client.write(b"".join(out))
+                out.clear()
+
         while not self.finished:
             try:
                 event = self.upstream.next_event()
             except http1.ProtocolError as e:
+                flush()
                 self._upstream_failed(e)
                 return
             if event is http1.NEED_DATA:
+                flush()
                 return
             if isinstance(event, http1.ResponseHead):
                 if event.informational:
                     if event.status == 101 and self.websocket:
+                        flush()
                         self._switch(event)
                         return
                     if event.status == 100:
                         continue  # we sent our own 100 Continue, if it was asked for
-                    self.client.write(self.client.http.informational(event.status, event.headers))
+                    out.append(self.client.http.informational(event.status, event.headers))
                     continue
                 self._disarm()
                 self.status = event.status
                 self.response_started = True
                 try:
-                    self.client.write(
+                    out.append(
                         self.client.http.response_head(
                             event.status, hdrs.to_client(event.headers), event.reason
                         )
                     )
                 except Exception as e:
+                    flush()
                     self._upstream_failed(http1.ProtocolError(502, f"bad response head: {e}"))
                     return
             elif isinstance(event, http1.Body):
                 self.received += len(event.data)
                 self.proxy.stats.bytes_out += len(event.data)
-                self.client.write(self.client.http.body(event.data))
+                out.append(self.client.http.body(event.data))
             elif isinstance(event, http1.End):
-                self.client.write(self.client.http.end())
+                out.append(self.client.http.end())
+                flush()
                 self._finish()
                 return
             elif event is http1.CLOSED:
+                flush()
                 self._upstream_failed(ConnectionResetError(errno.ECONNRESET, "origin closed"))
                 return
             else:
+                flush()
                 return  # PAUSED / SWITCHED: handled by the WebSocket path
+        flush()
 
     def _response_timeout(self) -> None:
         self._timer.fired()
@@ -830,6 +849,7 @@ class Exchange:
         self.upstream = _SPENT_CLIENT
         self.client.http = _SPENT_SERVER
         self.head.headers = []
+        self._task = None  # _start() finished when the request went upstream: ~0.6 KB
         self.client.resume_reading()
 
     def _to_client(self, data: bytes) -> None:

@@ -18,7 +18,7 @@ down in 5-13 s and up in 3.5-9 s (idle vs busy machine), proxy RSS growth ~1 MiB
 
 Then back-pressure across exchanges on one keep-alive connection, with a slow client and
 the data path in-process on uvloop: a pause must not outlive its exchange (the pooled
-upstream connection must read again: xfail, a proxy bug today), and a pipelined next
+upstream connection must read again), and a pipelined next
 exchange must start paused while the client's buffer is still full.
 """
 
@@ -372,13 +372,6 @@ def on_uvloop(scenario: Awaitable[T]) -> T:
     return uvloop.run(asyncio.wait_for(scenario, 120))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy bug: a pooled upstream connection keeps the back-pressure pause of its last "
-    "exchange (Downstream.resume_writing finds no exchange to resume); the next request on it "
-    "gets 504. Fix: resume reading when a connection is checked in (pool.origin release) and "
-    "start an exchange's origin paused while the client's writes are (server _attach)",
-)
 def test_slow_reader_then_next_request_on_the_same_connection(ns):
     """Back-pressure must end with its exchange. A client that reads a large response slowly
     makes the proxy pause the origin connection (the buffer toward the client is full); if the
