@@ -112,6 +112,17 @@ def _check_raw_head(head: bytes, max_line: int) -> None:
         raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
 
 
+def _message_event(event: object, status: int, where: str) -> Event:
+    """Body, end and close: the same on both sides of the proxy."""
+    if isinstance(event, h11.Data):
+        return Body(bytes(event.data))
+    if isinstance(event, h11.EndOfMessage):
+        return End(list(event.headers))
+    if isinstance(event, h11.ConnectionClosed):
+        return CLOSED
+    raise ProtocolError(status, f"unexpected {type(event).__name__}{where}")
+
+
 class ServerSide:
     """The downstream connection: requests in, responses out."""
 
@@ -170,13 +181,7 @@ class ServerSide:
             return RequestHead(
                 event.method, event.target, headers, event.http_version, expect, has_body
             )
-        if isinstance(event, h11.Data):
-            return Body(bytes(event.data))
-        if isinstance(event, h11.EndOfMessage):
-            return End(list(event.headers))
-        if isinstance(event, h11.ConnectionClosed):
-            return CLOSED
-        raise ProtocolError(400, f"unexpected {type(event).__name__}")
+        return _message_event(event, 400, "")
 
     # -- output --------------------------------------------------------------------------------
 
@@ -282,13 +287,7 @@ class ClientSide:
             return ResponseHead(
                 event.status_code, event.reason, list(event.headers), event.http_version
             )
-        if isinstance(event, h11.Data):
-            return Body(bytes(event.data))
-        if isinstance(event, h11.EndOfMessage):
-            return End(list(event.headers))
-        if isinstance(event, h11.ConnectionClosed):
-            return CLOSED
-        raise ProtocolError(502, f"unexpected {type(event).__name__} from origin")
+        return _message_event(event, 502, " from origin")
 
     @property
     def reusable(self) -> bool:
