@@ -1,0 +1,251 @@
+"""h11 is the strictness bar for the llhttp request parser: the same bytes, split the same way,
+must be accepted or refused by both, and parsed to the same fields when accepted.
+
+Inputs: the hostile heads of the proxy fuzz test, valid requests with Content-Length and
+chunked bodies, and those valid requests with one byte inserted, replaced or removed (where
+parsers differ in practice: a stray CR, a control byte, a lost colon). Every input is cut at
+random points into several ``feed()`` calls, then EOF.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from proxy.http1 import CLOSED, NEED_DATA, PAUSED, Body, End, ProtocolError, RequestHead, ServerSide
+from tests.test_proxy_fuzz import head as hostile_head
+from tests.test_proxy_fuzz import token
+
+pytest.importorskip("httptools")
+
+from proxy.http1_fast import FastRequestParser
+
+value_text = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20
+).map(str.strip)
+plain_headers = st.lists(
+    st.tuples(
+        token.filter(lambda t: t.lower() not in ("host", "content-length", "transfer-encoding")),
+        value_text,
+    ),
+    max_size=5,
+)
+target = st.one_of(
+    st.sampled_from(["/", "/a/b?c=d", "*", "http://app.test/x", "/%20"]),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789/?&=%._~-", max_size=20).map(
+        lambda s: "/" + s
+    ),
+)
+
+
+@st.composite
+def valid_request(draw: st.DrawFn) -> bytes:
+    """A request both parsers must accept: optional body, CL or chunked, maybe pipelined."""
+    method = draw(st.one_of(st.sampled_from(["GET", "POST", "PUT", "HEAD", "OPTIONS"]), token))
+    version = draw(st.sampled_from(["HTTP/1.1", "HTTP/1.1", "HTTP/1.0"]))
+    headers = [("Host", draw(st.sampled_from(["app.test", "a.b:8080"])))]
+    headers += draw(plain_headers)
+    body = draw(st.binary(max_size=64))
+    framing = draw(st.sampled_from(["none", "length", "chunked"]))
+    if version == "HTTP/1.0" and framing == "chunked":
+        framing = "length"
+    payload = b""
+    if framing == "length":
+        headers.append(("Content-Length", str(len(body))))
+        payload = body
+    elif framing == "chunked":
+        headers.append(("Transfer-Encoding", draw(st.sampled_from(["chunked", "Chunked"]))))
+        cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=4)))
+        pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+        for piece in pieces:
+            if piece:
+                ext = draw(st.sampled_from(["", ";x=1", ";name"]))
+                payload += b"%x%s\r\n%s\r\n" % (len(piece), ext.encode(), piece)
+        payload += b"0\r\n"
+        for name, value in draw(st.lists(st.tuples(token, value_text), max_size=2)):
+            payload += f"{name}: {value}\r\n".encode()
+        payload += b"\r\n"
+    order = draw(st.permutations(headers))
+    raw = f"{method} {draw(target)} {version}\r\n".encode()
+    raw += b"".join(f"{n}: {v}\r\n".encode() for n, v in order) + b"\r\n" + payload
+    if draw(st.booleans()):
+        raw += b"GET /next HTTP/1.1\r\nHost: app.test\r\n\r\n"  # pipelined: must stay unparsed
+    return raw
+
+
+@st.composite
+def mutated_request(draw: st.DrawFn) -> bytes:
+    """A valid request with one byte inserted, replaced or deleted."""
+    raw = draw(valid_request())
+    at = draw(st.integers(0, len(raw) - 1))
+    byte = draw(st.sampled_from(b'\r\n\x00\x0b\x7f\x80\xff :;\t,"') | st.integers(0, 255))
+    how = draw(st.sampled_from(["insert", "replace", "delete"]))
+    if how == "insert":
+        return raw[:at] + bytes([byte]) + raw[at:]
+    if how == "replace":
+        return raw[:at] + bytes([byte]) + raw[at + 1 :]
+    return raw[:at] + raw[at + 1 :]
+
+
+@st.composite
+def split(draw: st.DrawFn, raw: st.SearchStrategy[bytes]) -> list[bytes]:
+    """The bytes, cut at random points into several feeds (1 to 5 pieces)."""
+    data = draw(raw)
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=4)))
+    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    return [p for p in pieces if p]  # b"" is EOF to both parsers
+
+
+def run(parser: Any, chunks: list[bytes]) -> tuple[Any, ...]:
+    """Drive one request through a parser, then EOF.
+
+    ("error", status) when refused before End; otherwise (fields, how the stream went on after
+    End or stopped before it): "paused", "closed", "need-data" or "error".
+    """
+    fields: dict[str, Any] = {"body": b""}
+    try:
+        for chunk in [*chunks, b""]:
+            parser.feed(chunk)
+            while True:
+                event = parser.next_event()
+                if event is NEED_DATA:
+                    break
+                if event is CLOSED or event is PAUSED:
+                    return (fields, repr(event))
+                if isinstance(event, RequestHead):
+                    fields["head"] = (
+                        event.method,
+                        event.target,
+                        event.http_version,
+                        event.headers,
+                        event.expect_continue,
+                        event.has_body,
+                    )
+                elif isinstance(event, Body):
+                    fields["body"] += event.data
+                elif isinstance(event, End):
+                    fields["trailers"] = event.trailers
+                else:
+                    raise AssertionError(f"unexpected event {event!r}")
+    except ProtocolError as e:
+        if "trailers" in fields:
+            assert 400 <= e.status < 600
+            return (fields, "error")  # a request was parsed, the bytes after it were not HTTP
+        return ("error", e.status)
+    return (fields, "need-data")
+
+
+def fast_is_stricter(raw: bytes, slow: tuple[Any, ...], fast: tuple[Any, ...]) -> bool:
+    """The documented places where llhttp plus our rules refuse what h11 lets through.
+
+    Each is a hole in h11 the proxy should close (ServerSide included), not a leniency to copy.
+    """
+    if fast[0] != "error" or slow[0] == "error":
+        return False
+    head = slow[0].get("head")
+    if head is None:
+        return False
+    # h11 parses any HTTP/d.d request line as HTTP/1.1 framing (HTTP/2.0 even skips the Host
+    # rule); the fast parser answers 505 / 400 for anything but 1.0 and 1.1
+    if head[2] not in (b"1.0", b"1.1"):
+        return True
+    # h11 takes a bare LF as a line end in the head; the fast parser refuses it
+    head_bytes = raw.lstrip(b"\r\n")
+    head_bytes = head_bytes[: head_bytes.find(b"\r\n\r\n") + 4]
+    if b"\n" in head_bytes.replace(b"\r\n", b""):
+        return True
+    # h11 takes LF alone as the end of a trailer line (or of the trailer block), any byte but
+    # LF in a chunk extension, and spaces after the chunk size; llhttp refuses all three
+    if (b"transfer-encoding", b"chunked") in head[3]:
+        last_chunk = raw[raw.rfind(b"\n0") + 1 :]
+        if BARE_LF.search(last_chunk) or odd_chunk_ext(raw) or CHUNK_SIZE_WS.search(raw):
+            return True
+        # obs-fold in a trailer: ServerSide refuses it in the head only, llhttp everywhere
+        if b"\n " in last_chunk or b"\n\t" in last_chunk:
+            return True
+    # h11 takes a Content-Length list of equal values ("5, 5") as one value; the fast parser
+    # refuses it (a list is what one hop reads as 5 and another as invalid or as the first)
+    if re.search(rb"\ncontent-length:[^\n]*,", raw, re.IGNORECASE):
+        return True
+    # h11 takes any visible bytes as a target; llhttp only the RFC 9112 forms (origin "/p",
+    # absolute "scheme://host", asterisk "*", authority "host:port" for CONNECT)
+    if not TARGET_FORM.match(head[1]):
+        return True
+    # h11 forwards control bytes other than NUL/CR/LF/VT/FF in a header value (RFC 9110 has
+    # none but HTAB); the fast parser refuses them
+    return any(CTL.search(v) for _, v in head[3] + slow[0].get("trailers", []))
+
+
+def check(chunks: list[bytes]) -> None:
+    slow = run(ServerSide(), chunks)
+    fast = run(FastRequestParser(), chunks)
+    raw = b"".join(chunks)
+    if slow[0] == "error" and fast[0] == "error":
+        assert 400 <= slow[1] < 600 and 400 <= fast[1] < 600, (raw, slow, fast)
+        return
+    if fast_is_stricter(raw, slow, fast):
+        return
+    assert slow == fast, (raw, slow, fast)
+
+
+CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+TARGET_FORM = re.compile(
+    rb"/|\*\Z|[^/?#]*:[0-9]+\Z"
+    rb"|[A-Za-z]+://[-A-Za-z0-9._~%!$&'()*+,;=:@\[\]]*(?:[/?#]|\Z)"
+)
+BARE_LF = re.compile(rb"(?<!\r)\n")
+_PARAM = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+(?:=(?:[-!#$%&'*+.^_`|~0-9a-zA-Z]+|\"[^\"\\\r\n]*\"))?"
+CHUNK_EXT = re.compile(rb"\n[0-9A-Fa-f]+;([^\n]*)\n")
+CHUNK_EXT_OK = re.compile(_PARAM + rb"(?:;" + _PARAM + rb")*\r")
+
+
+def odd_chunk_ext(raw: bytes) -> bool:
+    """A chunk extension outside name[=token|"quoted"] (spaces, NUL, bare CR, open quote)."""
+    return any(not CHUNK_EXT_OK.fullmatch(m.group(1)) for m in CHUNK_EXT.finditer(raw))
+
+
+CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+TARGET_FORM = re.compile(
+    rb"/|\*\Z|[^/?#]*:[0-9]+\Z"
+    rb"|[A-Za-z]+://[-A-Za-z0-9._~%!$&'()*+,;=:@\[\]]*(?:[/?#]|\Z)"
+)
+BARE_LF = re.compile(rb"(?<!\r)\n")
+CHUNK_SIZE_WS = re.compile(rb"\n[0-9A-Fa-f]+[ \t]")
+SETTINGS = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(split(hostile_head))
+def test_hostile_heads_agree(chunks: list[bytes]) -> None:
+    check(chunks)
+
+
+@SETTINGS
+@given(split(valid_request()))
+@example([b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"])
+def test_valid_requests_agree(chunks: list[bytes]) -> None:
+    slow = run(ServerSide(), chunks)
+    assert "trailers" in slow[0], (chunks, slow)  # the generator must make requests h11 accepts
+    check(chunks)
+
+
+@SETTINGS
+@given(split(mutated_request()))
+@example([b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x01b\r\n\r\n"])
+@example([b"GET /\x80 HTTP/1.1\r\nHost: a\r\n\r\n"])
+@example([b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"])
+@example([b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello"])
+@example([b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello"])
+@example(
+    [b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n"]
+)
+@example([b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n"])
+@example([b"GET / HTTP/2.0\r\n\r\n"])
+@example([b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\n\r\n"])
+@example([b"PURGEX / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n\r\n"])
+def test_mutated_requests_agree(chunks: list[bytes]) -> None:
+    check(chunks)
