@@ -95,6 +95,22 @@ STATUS_REASONS = {
 }
 
 
+def head_size(buf: bytes, max_line: int, max_head: int) -> int:
+    """Bytes of the complete request head at the start of ``buf`` (CRLFCRLF included), or 0
+    while it is incomplete; 414 or 431 as soon as a limit is passed, not when it completes."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        first = buf.find(b"\r\n")
+        if (first < 0 and len(buf) > max_line) or first > max_line:
+            raise ProtocolError(414, f"request line longer than {max_line} bytes")
+        if len(buf) > max_head:
+            raise ProtocolError(431, f"request head larger than {max_head} bytes")
+        return 0
+    if end + 4 > max_head:
+        raise ProtocolError(431, f"request head larger than {max_head} bytes")
+    return end + 4
+
+
 def _check_raw_head(head: bytes, max_line: int) -> None:
     """Checks h11 does not make, on the raw request head (up to and including CRLFCRLF)."""
     line_end = head.find(b"\r\n")
@@ -147,18 +163,11 @@ class ServerSide:
 
     def _flush_pending(self) -> None:
         buf = self._pending.lstrip(b"\r\n") if self._h.their_state is h11.IDLE else self._pending
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            first = buf.find(b"\r\n")
-            if (first < 0 and len(buf) > self._max_line) or first > self._max_line:
-                raise ProtocolError(414, f"request line longer than {self._max_line} bytes")
-            if len(buf) > self._max_head:
-                raise ProtocolError(431, f"request head larger than {self._max_head} bytes")
+        size = head_size(buf, self._max_line, self._max_head)
+        if not size:
             self._pending = buf
             return
-        if end + 4 > self._max_head:
-            raise ProtocolError(431, f"request head larger than {self._max_head} bytes")
-        _check_raw_head(buf[: end + 4], self._max_line)
+        _check_raw_head(buf[:size], self._max_line)
         self._pending = b""
         self._in_head = False
         self._h.receive_data(buf)

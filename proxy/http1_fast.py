@@ -58,6 +58,7 @@ from proxy.http1 import (
     RequestHead,
     ServerSide,
     _check_raw_head,
+    head_size,
 )
 
 try:  # imported here, not by proxy.http1: the h11 path must keep working without it
@@ -265,19 +266,13 @@ class FastRequestParser:
     def _flush_pending(self) -> None:
         """Same buffering and limits as ``ServerSide._flush_pending``; llhttp gets whole heads."""
         buf = self._pending.lstrip(b"\r\n") if self._idle else self._pending
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            first = buf.find(b"\r\n")
-            if (first < 0 and len(buf) > self._max_line) or first > self._max_line:
-                raise ProtocolError(414, f"request line longer than {self._max_line} bytes")
-            if len(buf) > self._max_head:
-                raise ProtocolError(431, f"request head larger than {self._max_head} bytes")
+        size = head_size(buf, self._max_line, self._max_head)
+        if not size:
             self._pending = buf
             if buf:
                 self._idle = False
             return
-        if end + 4 > self._max_head:
-            raise ProtocolError(431, f"request head larger than {self._max_head} bytes")
+        end = size - 4
         _check_raw_head(buf[: end + 4], self._max_line)
         if b"\n" in buf[: end + 4].replace(b"\r\n", b""):
             raise ProtocolError(400, "bare LF in the request head")
