@@ -261,8 +261,10 @@ def test_ipv6_link_local_keeps_scope_id(ns, listeners, held):
         connectx(s, local, remote)
         got = s.getsockname()
         assert got[0] == "fe80::1" and got[3] == index
+    taken = {sock.getsockname()[1] for sock in held.socks}
+    free = next(p for p in range(40000, 40128) if p not in taken)  # the kernel chose the others
     s = held.new(socket.AF_INET6)
-    connectx(s, ("::", 0), remote, port_range=(40000, 40000), userspace_ports=True)
+    connectx(s, ("::", 0), remote, port_range=(free, free), userspace_ports=True)
     assert s.getsockname()[3] == index
     u = held.new(socket.AF_INET6, socket.SOCK_DGRAM)
     connectx(u, ("::", 0), ("fe80::1", 53, 0, index))
