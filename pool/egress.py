@@ -318,11 +318,7 @@ class EgressSet:
 
     def capacity(self, egress: Egress) -> int:
         """Ports this egress can hold toward any one destination."""
-        facts = kernel.port_sysctls()
-        if egress.window is None:
-            return facts.size
-        lo, hi = effective_window(*egress.window) or egress.window
-        return hi - lo + 1 - sum(1 for p in facts.reserved if lo <= p <= hi)
+        return _room(self._ports_of(egress))
 
     def _ports_of(self, egress: Egress) -> range:
         facts = kernel.port_sysctls()
@@ -426,8 +422,7 @@ class EgressSet:
             raise _full(egress, destination)
         pair.live += 1  # reserved before the await: concurrent callers see it
         own = self._slice_of(egress)
-        reserved = kernel.port_sysctls().reserved
-        own_capacity = len(own) - sum(1 for p in reserved if p in own)
+        own_capacity = capacity if self.share[1] == 1 else _room(own)
         claim = _Claim(self, key, pair, own_capacity)
         release_count = claim.release
 
@@ -546,6 +541,12 @@ class EgressSet:
     def _forget_if_idle(self, key: tuple[Egress, Destination], pair: _Pair) -> None:
         if pair.live == 0 and self._pairs.get(key) is pair:
             del self._pairs[key]
+
+
+def _room(ports: range) -> int:
+    """Ports of a window the kernel may use: reserved ones (ip_local_reserved_ports) excluded."""
+    reserved = kernel.port_sysctls().reserved
+    return len(ports) - sum(1 for p in reserved if p in ports)
 
 
 def _full(egress: Egress, destination: Destination) -> OSError:
