@@ -6,6 +6,7 @@ them; the proxy only renders. Every value is read at call time: nothing here cac
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pool.egress import EgressSet
@@ -65,14 +66,16 @@ def collect(egress: EgressSet, pool: OriginPool | None = None) -> list[Sample]:
     return out
 
 
-def render_prometheus(samples: list[Sample]) -> str:
-    """Prometheus text exposition format 0.0.4."""
+def render_prometheus(samples: list[Sample], help_text: Mapping[str, str] | None = None) -> str:
+    """Prometheus text exposition format 0.0.4; ``help_text`` adds HELP lines for other
+    layers' metric names."""
+    helps = {**HELP, **(help_text or {})}
     lines: list[str] = []
     seen: set[str] = set()
     for s in samples:
         if s.name not in seen:
             seen.add(s.name)
-            lines.append(f"# HELP {s.name} {HELP.get(s.name, s.name)}")
+            lines.append(f"# HELP {s.name} {helps.get(s.name, s.name)}")
             lines.append(f"# TYPE {s.name} {'counter' if s.counter else 'gauge'}")
         labels = ",".join(f'{k}="{_escape(v)}"' for k, v in s.labels)
         value = int(s.value) if float(s.value).is_integer() else s.value

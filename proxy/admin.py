@@ -19,47 +19,58 @@ from proxy.server import LATENCY_BUCKETS, Proxy
 log = structlog.get_logger("originpool.admin")
 
 
-def render_metrics(proxy: Proxy) -> str:
-    """The pool's samples plus the data path's counters, in one exposition."""
-    text = pool_metrics.render_prometheus(pool_metrics.collect(proxy.pool.egress, proxy.pool))
+PROXY_HELP = {
+    "originpool_requests_total": "Requests answered, by route and status.",
+    "originpool_bytes_relayed_total": "Body bytes relayed, by direction.",
+    "originpool_downstream_connections": "Client connections open.",
+    "originpool_downstream_connections_total": "Client connections accepted.",
+    "originpool_websocket_sessions_active": "WebSocket sessions being relayed.",
+    "originpool_websocket_sessions_total": "WebSocket sessions relayed since start.",
+    "originpool_draining": "1 while the worker drains (SIGTERM).",
+}
+
+
+def proxy_samples(proxy: Proxy) -> list[pool_metrics.Sample]:
+    """The data path's counters and gauges, as the pool's own samples are."""
+    Sample = pool_metrics.Sample
     st = proxy.stats
-    lines = [
-        "# HELP originpool_requests_total Requests answered, by route and status.",
-        "# TYPE originpool_requests_total counter",
+    out = [
+        Sample("originpool_requests_total", (("route", route), ("status", str(status))), n, True)
+        for (route, status), n in sorted(st.requests.items())
     ]
-    for (route, status), n in sorted(st.requests.items()):
-        lines.append(f'originpool_requests_total{{route="{route}",status="{status}"}} {n}')
-    lines += [
-        "# HELP originpool_request_duration_seconds Time from request head to response end.",
-        "# TYPE originpool_request_duration_seconds histogram",
+    out += [
+        Sample("originpool_bytes_relayed_total", (("direction", "to_origin"),), st.bytes_in, True),
+        Sample("originpool_bytes_relayed_total", (("direction", "to_client"),), st.bytes_out, True),
+        Sample("originpool_downstream_connections", (), st.connections),
+        Sample("originpool_downstream_connections_total", (), st.connections_total, True),
+        Sample("originpool_websocket_sessions_active", (), st.ws_active),
+        Sample("originpool_websocket_sessions_total", (), st.ws_total, True),
+        Sample("originpool_draining", (), int(proxy.draining)),
+    ]
+    return out
+
+
+def render_metrics(proxy: Proxy) -> str:
+    """The pool's samples plus the data path's, in one exposition; the latency histogram is
+    written here because the sample renderer knows counters and gauges only."""
+    samples = pool_metrics.collect(proxy.pool.egress, proxy.pool) + proxy_samples(proxy)
+    text = pool_metrics.render_prometheus(samples, PROXY_HELP)
+    st = proxy.stats
+    name = "originpool_request_duration_seconds"
+    lines = [
+        f"# HELP {name} Time from request head to response end.",
+        f"# TYPE {name} histogram",
     ]
     total = 0
     for bound, n in zip(LATENCY_BUCKETS, st.latency, strict=False):
         total += n
-        lines.append(f'originpool_request_duration_seconds_bucket{{le="{bound}"}} {total}')
+        lines.append(f'{name}_bucket{{le="{bound}"}} {total}')
     total += st.latency[-1]
-    lines.append(f'originpool_request_duration_seconds_bucket{{le="+Inf"}} {total}')
-    lines.append(f"originpool_request_duration_seconds_sum {st.latency_sum}")
-    lines.append(f"originpool_request_duration_seconds_count {total}")
-    gauges = {
-        "originpool_bytes_relayed_total": None,
-        "originpool_downstream_connections": st.connections,
-        "originpool_downstream_connections_total": st.connections_total,
-        "originpool_websocket_sessions_active": st.ws_active,
-        "originpool_websocket_sessions_total": st.ws_total,
-        "originpool_draining": int(proxy.draining),
-    }
     lines += [
-        "# HELP originpool_bytes_relayed_total Body bytes relayed, by direction.",
-        "# TYPE originpool_bytes_relayed_total counter",
-        f'originpool_bytes_relayed_total{{direction="to_origin"}} {st.bytes_in}',
-        f'originpool_bytes_relayed_total{{direction="to_client"}} {st.bytes_out}',
+        f'{name}_bucket{{le="+Inf"}} {total}',
+        f"{name}_sum {st.latency_sum}",
+        f"{name}_count {total}",
     ]
-    for name, value in gauges.items():
-        if value is None:
-            continue
-        kind = "counter" if name.endswith("_total") else "gauge"
-        lines += [f"# TYPE {name} {kind}", f"{name} {value}"]
     return text + "\n".join(lines) + "\n"
 
 
