@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from pool import connectx_async
 from tests.conftest import R
 from tests.test_serve import Proc
+from tests.test_websocket import echo
 
 CONFIG = """
 [listen]
@@ -36,14 +37,6 @@ workers = {workers}
 [timeouts]
 drain = 5
 """
-
-
-async def echo(conn) -> None:
-    try:
-        async for message in conn:
-            await conn.send(message)
-    except ConnectionClosed:
-        pass
 
 
 async def open_session(i: int):
