@@ -44,12 +44,14 @@ import re
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Final
 
 from proxy.http1 import (
     CLOSED,
     NEED_DATA,
     PAUSED,
+    STATUS_REASONS,
     Body,
     End,
     Event,
@@ -373,6 +375,132 @@ class FastRequestParser:
         if self._fallback is not None:
             return self._fallback.trailing_data()
         return self._trailing
+
+
+class FastServerSide(FastRequestParser):
+    """``proxy.http1.ServerSide`` on llhttp: requests parsed as above, responses framed here.
+
+    Response framing follows h11's rules for a server (RFC 9112 section 6), which the
+    differential test checks by parsing both outputs with an h11 client: no body for HEAD,
+    204 and 304; Content-Length kept when the origin gave one; otherwise chunked to an
+    HTTP/1.1 client and close-delimited to an HTTP/1.0 one; ``Connection: close`` added when
+    the connection will not be kept (the client asked, HTTP/1.0, or a close-delimited body).
+    The proxy hands over headers it already rewrote (hop-by-hop ones gone), so framing
+    headers are only ever added here, never merged.
+    """
+
+    def __init__(self, max_head: int = 16384, max_line: int = 8192) -> None:
+        super().__init__(max_head, max_line)
+        self._method = b""
+        self._version = b""
+        self._reset_response()
+
+    def _reset_response(self) -> None:
+        self._sent_head = False
+        self._sent_end = False
+        self._chunked_out = False
+        self._close_out = False  # the response itself ends the connection
+
+    def _request_head(self) -> RequestHead:
+        head = super()._request_head()
+        self._method = head.method
+        self._version = head.http_version
+        return head
+
+    # -- output ----------------------------------------------------------------------------------
+
+    def informational(self, status: int, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+        if self._fallback is not None:
+            return self._fallback.informational(status, headers)
+        reason = STATUS_REASONS.get(status, "").encode()
+        return _status_line(status, reason) + _header_block(headers)
+
+    def response_head(self, status: int, headers: Headers, reason: bytes = b"") -> bytes:
+        if self._fallback is not None:
+            return self._fallback.response_head(status, headers, reason)
+        reason = reason or STATUS_REASONS.get(status, "").encode()
+        headers = list(headers)
+        bodiless = status in (204, 304) or 100 <= status < 200
+        if not bodiless and not any(n == b"content-length" for n, _ in headers):
+            if self._version == b"1.1":
+                headers.append((b"Transfer-Encoding", b"chunked"))
+                self._chunked_out = self._method != b"HEAD"
+            elif self._method != b"HEAD":
+                self._close_out = True  # HTTP/1.0: the body ends where the connection does
+        if self._must_close or self._close_out or not self._version:
+            headers.append((b"Connection", b"close"))
+        self._sent_head = True
+        return _status_line(status, reason) + _header_block(headers)
+
+    def body(self, data: bytes) -> bytes:
+        if self._fallback is not None:
+            return self._fallback.body(data)
+        if not data:
+            return b""
+        if self._chunked_out:
+            return b"%x\r\n%b\r\n" % (len(data), data)
+        return data
+
+    def end(self) -> bytes:
+        if self._fallback is not None:
+            return self._fallback.end()
+        self._sent_end = True
+        return b"0\r\n\r\n" if self._chunked_out else b""
+
+    def error_response(
+        self, status: int, detail: str = "", extra: Sequence[tuple[bytes, bytes]] = ()
+    ) -> bytes:
+        """A complete short response that also closes the connection (see ServerSide's)."""
+        if self._fallback is not None:
+            return self._fallback.error_response(status, detail, extra)
+        if self._sent_head:
+            return b""  # a response already started: the caller can only close
+        text = f"{status} {STATUS_REASONS.get(status, '')}\n".encode()
+        if detail:
+            text += detail.encode("utf-8", "replace")[:512] + b"\n"
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(text)).encode()),
+            (b"connection", b"close"),
+            *extra,
+        ]
+        self._sent_head = self._sent_end = True
+        self._close_out = True
+        reason = STATUS_REASONS.get(status, "").encode()
+        return _status_line(status, reason) + _header_block(headers) + text
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def response_started(self) -> bool:
+        if self._fallback is not None:
+            return self._fallback.response_started
+        return self._sent_head
+
+    @property
+    def request_complete(self) -> bool:
+        if self._fallback is not None:
+            return self._fallback.request_complete
+        return self._done
+
+    @property
+    def keep_alive(self) -> bool:
+        if self._fallback is not None:
+            return self._fallback.keep_alive
+        # an Upgrade answered with a plain response stays HTTP and kept alive, as in h11
+        return self._done and self._sent_end and not (self._must_close or self._close_out)
+
+    def start_next(self) -> None:
+        super().start_next()
+        self._reset_response()
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    return b"HTTP/1.1 %d %b\r\n" % (status, reason)
+
+
+def _header_block(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
+    return b"".join([n + b": " + v + b"\r\n" for n, v in headers]) + b"\r\n"
 
 
 def _bench(rounds: int = 20000) -> None:

@@ -9,6 +9,7 @@ random points into several ``feed()`` calls, then EOF.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -22,7 +23,7 @@ from tests.test_proxy_fuzz import token
 
 pytest.importorskip("httptools")
 
-from proxy.http1_fast import FastRequestParser
+from proxy.http1_fast import FastRequestParser, FastServerSide
 
 value_text = st.text(
     alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20
@@ -249,3 +250,91 @@ def test_valid_requests_agree(chunks: list[bytes]) -> None:
 @example([b"PURGEX / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n\r\n"])
 def test_mutated_requests_agree(chunks: list[bytes]) -> None:
     check(chunks)
+
+
+# -- the response side: FastServerSide frames responses as h11 does --------------------------
+
+
+@st.composite
+def exchange(draw: st.DrawFn) -> tuple[bytes, int, list[tuple[bytes, bytes]], list[bytes]]:
+    """A request h11 accepts, and a response to it the proxy could hand over (headers already
+    rewritten: no hop-by-hop ones, Content-Length only when it matches the body)."""
+    method = draw(st.sampled_from(["GET", "HEAD", "POST", "OPTIONS"]))
+    version = draw(st.sampled_from(["1.1", "1.1", "1.0"]))
+    connection = draw(st.sampled_from(["", "close", "keep-alive", "Close, foo"]))
+    raw = f"{method} /x HTTP/{version}\r\nHost: app.test\r\n"
+    if connection:
+        raw += f"Connection: {connection}\r\n"
+    status = draw(st.sampled_from([200, 201, 204, 206, 304, 404, 500, 503]))
+    bodiless = method == "HEAD" or status in (204, 304)
+    pieces = [] if bodiless else draw(st.lists(st.binary(min_size=0, max_size=40), max_size=4))
+    headers = [(n.lower().encode(), v.encode()) for n, v in draw(plain_headers)]
+    if draw(st.booleans()) and status not in (204, 304):
+        length = sum(map(len, pieces)) if method != "HEAD" else draw(st.integers(0, 99))
+        headers.insert(draw(st.integers(0, len(headers))), (b"content-length", b"%d" % length))
+    return (raw + "\r\n").encode(), status, headers, pieces
+
+
+def respond(codec: Any, request: bytes, status: int, headers: Any, pieces: list[bytes]) -> Any:
+    codec.feed(request)
+    while not isinstance(codec.next_event(), End):
+        pass
+    out = codec.response_head(status, list(headers), b"Reason")
+    out += b"".join(codec.body(p) for p in pieces) + codec.end()
+    return out, codec.keep_alive, codec.response_started, codec.request_complete
+
+
+@SETTINGS
+@given(exchange())
+@example((b"GET / HTTP/1.0\r\nHost: a\r\n\r\n", 200, [], [b"abc"]))
+@example((b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", 200, [], []))
+@example((b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 200, [(b"content-length", b"3")], [b"abc"]))
+def test_response_framing_matches_h11(case: tuple[bytes, int, Any, list[bytes]]) -> None:
+    """Byte for byte the same response as h11's, and the same keep-alive verdict."""
+    slow = respond(ServerSide(), *case)
+    fast = respond(FastServerSide(), *case)
+    assert slow == fast, (case, slow, fast)
+
+
+def normalised(response: bytes) -> tuple[bytes, list[bytes], bytes]:
+    """Status line, header lines (names lowercased, sorted) and body: h11 moves the framing
+    headers it sets to the end, title-cased; the order of fields carries no meaning."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    fields = sorted(n.lower() + b":" + v for n, _, v in (line.partition(b":") for line in lines))
+    return status, fields, body
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"GET / HTTP/1.0\r\n\r\n", b"garbage\r\n\r\n"],
+)
+def test_error_response_matches_h11(request_bytes: bytes) -> None:
+    """The error answer before, during and after a parse: same bytes, then nothing more."""
+    for detail in ("", "no route for host 'x'"):
+        answers = []
+        for codec in (ServerSide(), FastServerSide()):
+            with (
+                pytest.raises(ProtocolError)
+                if request_bytes.startswith(b"garbage")
+                else contextlib.nullcontext()
+            ):
+                codec.feed(request_bytes)
+                codec.next_event()
+            first = codec.error_response(421, detail, [(b"retry-after", b"1")])
+            answers.append((normalised(first), codec.error_response(500)))
+        assert answers[0] == answers[1]
+        assert answers[0][0][0] == b"HTTP/1.1 421 Misdirected Request"
+        assert answers[0][1] == b""
+
+
+def test_informational_matches_h11() -> None:
+    for status, headers in ((100, []), (103, [(b"link", b"</a.css>; rel=preload")])):
+        answers = []
+        for codec in (ServerSide(), FastServerSide()):
+            codec.feed(
+                b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n"
+            )
+            assert isinstance(codec.next_event(), RequestHead)
+            answers.append(codec.informational(status, headers))
+        assert answers[0] == answers[1], answers
