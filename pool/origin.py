@@ -180,10 +180,11 @@ class UpstreamConnection(asyncio.Protocol):
     """One upstream transport, kept by the pool between exchanges."""
 
     __slots__ = (
-        "_idle_timer",
         "alive",
         "created",
+        "fd",
         "handler",
+        "idle_since",
         "leased",
         "origin",
         "pool",
@@ -202,13 +203,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.alive = True
         self.transport: asyncio.Transport | None = None
         self.handler: UpstreamHandler | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = now
+        self.fd = -1
 
     # -- asyncio.Protocol: forwarded to the handler, or fatal while idle -------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: same interface, no isinstance
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None else -1
 
     def data_received(self, data: bytes) -> None:
         if self.handler is not None:
@@ -264,13 +268,22 @@ class UpstreamConnection(asyncio.Protocol):
         return (str(self.slot.local[0]), int(self.slot.local[1]))
 
     def readable_while_idle(self) -> bool:
-        """EOF or stray bytes already queued in the kernel but not yet delivered to us."""
-        sock = self.transport.get_extra_info("socket") if self.transport else None
-        if sock is None or sock.fileno() < 0:
+        """EOF or stray bytes already queued in the kernel but not yet delivered to us.
+
+        One poll(2) on the fd kept from connection_made, through one poll object per
+        process: this runs on every checkout, so no per-call socket or poll objects.
+        """
+        if self.fd < 0 or not self.alive or self.transport is None or self.transport.is_closing():
             return True
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
-        return bool(poller.poll(0))
+        _POLLER.register(self.fd, _READABLE)
+        try:
+            return bool(_POLLER.poll(0))
+        finally:
+            _POLLER.unregister(self.fd)
+
+
+_POLLER = select.poll()
+_READABLE = select.POLLIN | select.POLLRDHUP
 
 
 @dataclass
@@ -315,6 +328,7 @@ class OriginPool:
         self._clock = clock
         self._ssl: ssl.SSLContext | None = None
         self._origins: dict[Origin, _OriginState] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def _state(self, origin: Origin) -> _OriginState:
         state = self._origins.get(origin)
@@ -324,17 +338,25 @@ class OriginPool:
 
     # -- HTTP use ----------------------------------------------------------------------------
 
-    async def acquire(self, origin: Origin) -> UpstreamConnection:
-        """An idle keep-alive connection if a usable one exists, else a new one, else wait."""
+    def acquire_idle(self, origin: Origin) -> UpstreamConnection | None:
+        """A usable idle keep-alive connection, or None: no await, so the proxy's hot path
+        (a request to an origin with idle connections) runs without a task or a loop turn."""
         state = self._state(origin)
         while state.idle:
             conn = state.idle.pop()  # most recent first: the rest age out
-            self._cancel_idle_timer(conn)
             if self._usable(conn):
                 state.active += 1
                 state.reused += 1
                 return conn
             conn.close()
+        return None
+
+    async def acquire(self, origin: Origin) -> UpstreamConnection:
+        """An idle keep-alive connection if a usable one exists, else a new one, else wait."""
+        conn = self.acquire_idle(origin)
+        if conn is not None:
+            return conn
+        state = self._state(origin)
         if state.active >= self.limits.max_connections:
             conn = await self._wait(origin, state)
             if conn is not None:
@@ -386,9 +408,10 @@ class OriginPool:
         if len(state.idle) >= self.limits.max_idle:
             conn.close()
             return
+        conn.idle_since = self._clock()
         state.idle.append(conn)
-        loop = asyncio.get_running_loop()
-        conn._idle_timer = loop.call_later(self.limits.idle_timeout, self._expire, conn)
+        if self._sweeper is None:
+            self._sweep_at(conn.idle_since + self.limits.idle_timeout)
 
     # -- long-lived use (WebSocket) ----------------------------------------------------------
 
@@ -424,11 +447,12 @@ class OriginPool:
 
     async def close(self) -> None:
         """Close idle connections and fail waiters; checked-out ones close with their owners."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for state in self._origins.values():
             while state.idle:
-                conn = state.idle.pop()
-                self._cancel_idle_timer(conn)
-                conn.close()
+                state.idle.pop().close()
             while state.waiters:
                 waiter = state.waiters.popleft()
                 if not waiter.done():
@@ -487,21 +511,29 @@ class OriginPool:
                 waiter.set_result(None)
                 return
 
-    def _expire(self, conn: UpstreamConnection) -> None:
-        conn._idle_timer = None
-        state = self._origins.get(conn.origin)
-        if state is not None and conn in state.idle:
-            state.idle.remove(conn)
-        conn.close()
+    def _sweep_at(self, when: float) -> None:
+        delay = max(0.0, when - self._clock())
+        self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
 
-    def _cancel_idle_timer(self, conn: UpstreamConnection) -> None:
-        if conn._idle_timer is not None:
-            conn._idle_timer.cancel()
-            conn._idle_timer = None
+    def _sweep(self) -> None:
+        """Close connections idle for ``idle_timeout``: one timer for the whole pool, due when
+        the oldest idle connection expires, instead of a timer armed and cancelled on every
+        checkin and checkout (the idle deques are oldest first)."""
+        self._sweeper = None
+        now = self._clock()
+        timeout = self.limits.idle_timeout
+        due: float | None = None
+        for state in self._origins.values():
+            idle = state.idle
+            while idle and now - idle[0].idle_since >= timeout:
+                idle.popleft().close()
+            if idle and (due is None or idle[0].idle_since + timeout < due):
+                due = idle[0].idle_since + timeout
+        if due is not None:
+            self._sweep_at(due)
 
     def _lost(self, conn: UpstreamConnection) -> None:
         """The transport is gone: an idle one leaves the idle set now, not at checkout."""
-        self._cancel_idle_timer(conn)
         state = self._origins.get(conn.origin)
         if state is not None and conn in state.idle:
             state.idle.remove(conn)
