@@ -3,12 +3,16 @@
 RFC 9110 section 7.6.1: Connection, the headers it names, and the classic hop-by-hop set
 describe one connection and must not be forwarded. X-Forwarded-For from a client is kept
 only when that client is a trusted proxy; otherwise anyone could forge their address.
+
+Both rewrites run once per proxied request, so each is one pass over the headers with one
+set lookup per header; whether the peer is trusted is decided once per connection
+(:func:`is_trusted`), not per request.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 Headers = list[tuple[bytes, bytes]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -27,19 +31,15 @@ HOP_BY_HOP = frozenset(
     }
 )
 VIA = b"1.1 originpool"
+_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# every name either rewrite looks at; any other header is copied with one set lookup
+_REQUEST_SPECIAL = HOP_BY_HOP | _FORWARDED | {b"expect", b"host", b"via"}
+_RESPONSE_SPECIAL = HOP_BY_HOP | {b"via"}
+_WEBSOCKET = [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return tokens
-
-
-def strip_hop_by_hop(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
-    drop = HOP_BY_HOP | _connection_tokens(headers)
-    return [(n, v) for n, v in headers if n not in drop]
+def _tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",") if t.strip()}
 
 
 def is_trusted(ip: str, trusted: Sequence[Network]) -> bool:
@@ -53,44 +53,71 @@ def is_trusted(ip: str, trusted: Sequence[Network]) -> bool:
 def to_origin(
     headers: Sequence[tuple[bytes, bytes]],
     *,
-    client_ip: str,
+    client_ip: bytes,
     scheme: bytes,
-    trusted: Sequence[Network],
+    trusted_peer: bool,
     websocket: bool = False,
 ) -> Headers:
-    """The request headers as the origin should see them."""
-    out = [(n, v) for n, v in strip_hop_by_hop(headers) if n != b"expect"]
-    trusted_peer = is_trusted(client_ip, trusted)
-    forwarded_for = [v for n, v in out if n == b"x-forwarded-for"] if trusted_peer else []
-    host = next((v for n, v in headers if n == b"host"), b"")
-    keep = {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
-    if trusted_peer:
-        proto = next((v for n, v in out if n == b"x-forwarded-proto"), scheme)
-        fwd_host = next((v for n, v in out if n == b"x-forwarded-host"), host)
-    else:
-        proto, fwd_host = scheme, host
-    out = [(n, v) for n, v in out if n not in keep]
-    chain = b", ".join([*forwarded_for, client_ip.encode()])
-    out += [
-        (b"x-forwarded-for", chain),
-        (b"x-forwarded-proto", proto),
-        (b"x-forwarded-host", fwd_host),
-        (b"via", _via(headers)),
-    ]
+    """The request headers as the origin should see them.
+
+    ``trusted_peer``: the client is a trusted proxy, so its X-Forwarded-* are extended
+    rather than replaced.
+    """
+    out: Headers = []
+    listed: set[bytes] = set()
+    forwarded_for: list[bytes] = []
+    proto = fwd_host = host = b""
+    via: list[bytes] = []
+    for item in headers:
+        name = item[0]
+        if name not in _REQUEST_SPECIAL:
+            out.append(item)
+        elif name == b"host":
+            host = host or item[1]
+            out.append(item)
+        elif name == b"via":
+            via.append(item[1])
+        elif name == b"connection":
+            listed |= _tokens(item[1])
+        elif name == b"x-forwarded-for":
+            forwarded_for.append(item[1])
+        elif name == b"x-forwarded-proto":
+            proto = proto or item[1]
+        elif name == b"x-forwarded-host":
+            fwd_host = fwd_host or item[1]
+        # the rest (hop-by-hop, Expect: the proxy answers 100-continue itself) is dropped
+    if listed:
+        out = [item for item in out if item[0] not in listed]
+    if not trusted_peer:
+        forwarded_for, proto, fwd_host = [], b"", b""
+    forwarded_for.append(client_ip)
+    out.append((b"x-forwarded-for", b", ".join(forwarded_for)))
+    out.append((b"x-forwarded-proto", proto or scheme))
+    out.append((b"x-forwarded-host", fwd_host or host))
+    via.append(VIA)
+    out.append((b"via", b", ".join(via)))
     if websocket:
-        out += [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+        out += _WEBSOCKET
     return out
 
 
 def to_client(headers: Sequence[tuple[bytes, bytes]], websocket: bool = False) -> Headers:
     """The response headers as the client should see them."""
-    out = strip_hop_by_hop(headers)
-    out = [(n, v) for n, v in out if n != b"via"] + [(b"via", _via(headers))]
+    out: Headers = []
+    listed: set[bytes] = set()
+    via: list[bytes] = []
+    for item in headers:
+        name = item[0]
+        if name not in _RESPONSE_SPECIAL:
+            out.append(item)
+        elif name == b"via":
+            via.append(item[1])
+        elif name == b"connection":
+            listed |= _tokens(item[1])
+    if listed:
+        out = [item for item in out if item[0] not in listed]
+    via.append(VIA)
+    out.append((b"via", b", ".join(via)))
     if websocket:
-        out += [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+        out += _WEBSOCKET
     return out
-
-
-def _via(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
-    earlier = [v for n, v in headers if n == b"via"]
-    return b", ".join([*earlier, VIA])
