@@ -48,6 +48,7 @@ def build_settings(config: cfg.Config) -> Settings:
         upstream_response_timeout=t.upstream_response,
         websocket_idle_timeout=t.websocket_idle or 0.0,
         trusted_proxies=config.proxy.trusted_proxies,
+        http_parser=config.proxy.http_parser,
     )
 
 

@@ -10,6 +10,7 @@ source IP and port.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import socket
@@ -24,7 +25,7 @@ import structlog
 from pool.egress import EgressExhausted
 from pool.origin import Origin, OriginPool, PoolError, UpstreamConnection
 from proxy import headers as hdrs
-from proxy import http1
+from proxy import http1, http1_fast
 from proxy import websocket as ws
 from proxy.routing import Route, Router, normalise_host
 
@@ -48,6 +49,7 @@ class Settings:
     upstream_response_timeout: float = 60.0
     websocket_idle_timeout: float = 0.0  # 0: off (sessions are meant to live for days)
     trusted_proxies: Sequence[hdrs.Network] = ()
+    http_parser: str = "httptools"  # or "h11": the strictness bar, ~4x slower per request
 
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -71,35 +73,57 @@ class Stats:
         key = (route, status)
         self.requests[key] = self.requests.get(key, 0) + 1
         self.latency_sum += seconds
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                self.latency[i] += 1
-                return
-        self.latency[-1] += 1
+        self.latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
 
 class Timer:
-    """At most one pending callback: each connection and exchange waits for one thing at a
-    time (head, body, response, idle), so arming replaces whatever was armed."""
+    """At most one pending callback: a connection waits for one thing at a time (head, body,
+    response, idle), so arming replaces whatever was armed.
 
-    __slots__ = ("_handle",)
+    Lazy, as nginx's timers are in effect: arming and disarming only set a deadline and a
+    callback, and a loop timer is scheduled only when none is pending at or before the new
+    deadline. A keep-alive connection arms and disarms several times per request; with
+    ``call_later``/``cancel`` each time that was a heap push and a cancelled handle per arm.
+    The pending loop timer, when it fires early, sleeps again until the current deadline.
+    """
+
+    __slots__ = ("_at", "_callback", "_deadline", "_handle", "_loop")
 
     def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._handle: asyncio.TimerHandle | None = None
+        self._at = 0.0  # when the pending loop timer fires
+        self._deadline = 0.0
+        self._callback: Callable[[], None] | None = None
 
     def arm(self, seconds: float, callback: Callable[[], None]) -> None:
-        self.disarm()
-        if seconds > 0:
-            self._handle = asyncio.get_running_loop().call_later(seconds, callback)
+        if seconds <= 0:
+            self._callback = None
+            return
+        deadline = self._loop.time() + seconds
+        self._deadline = deadline
+        self._callback = callback
+        if self._handle is not None:
+            if self._at <= deadline:
+                return  # it fires first and sleeps again until the deadline
+            self._handle.cancel()
+        self._at = deadline
+        self._handle = self._loop.call_at(deadline, self._fire)
 
     def disarm(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self._callback = None  # the pending loop timer, if any, fires into nothing
 
-    def fired(self) -> None:
-        """Called first thing by a callback: its handle is spent."""
+    def _fire(self) -> None:
         self._handle = None
+        callback = self._callback
+        if callback is None:
+            return
+        if self._loop.time() < self._deadline:
+            self._at = self._deadline
+            self._handle = self._loop.call_at(self._deadline, self._fire)
+            return
+        self._callback = None
+        callback()
 
 
 class Proxy:
@@ -116,6 +140,12 @@ class Proxy:
         self.all_closed = asyncio.Event()  # set when draining and the last client is gone
         self.sessions: set[Exchange] = set()  # WebSocket tunnels, for Close 1001 on shutdown
         self._active_by_origin: dict[Origin, int] = {}
+        fast = settings.http_parser == "httptools" and http1_fast.httptools is not None
+        # which HTTP/1.1 codec runs where: README "HTTP parsing"
+        self.server_codec: Callable[[int, int], http1.ServerSide | http1_fast.FastServerSide] = (
+            http1_fast.FastServerSide if fast else http1.ServerSide
+        )
+        self.client_codec: Callable[[], http1.ClientSide] = http1.ClientSide
 
     def active(self, origin: Origin) -> int:
         return self._active_by_origin.get(origin, 0)
@@ -147,7 +177,9 @@ class Downstream(asyncio.Protocol):
     __slots__ = (
         "_got_bytes",
         "_timer",
+        "client_ip",
         "closed",
+        "ex_timer",
         "exchange",
         "http",
         "lingering",
@@ -156,6 +188,7 @@ class Downstream(asyncio.Protocol):
         "reading_paused",
         "scheme",
         "transport",
+        "trusted_peer",
         "write_paused",
     )
 
@@ -163,7 +196,7 @@ class Downstream(asyncio.Protocol):
         self.proxy = proxy
         self.scheme = scheme
         s = proxy.settings
-        self.http = http1.ServerSide(s.max_header_bytes, s.max_request_line)
+        self.http = proxy.server_codec(s.max_header_bytes, s.max_request_line)
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
         self.peer = ("", 0)
@@ -171,8 +204,11 @@ class Downstream(asyncio.Protocol):
         self.reading_paused = False
         self.write_paused = False
         self._timer = Timer()
+        self.ex_timer = Timer()  # the current exchange's: one pending loop timer per connection
         self._got_bytes = False
         self.lingering = False
+        self.client_ip = b""
+        self.trusted_peer = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -183,6 +219,9 @@ class Downstream(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = (str(peer[0]), int(peer[1]))
+            self.client_ip = self.peer[0].encode()
+            # once per connection, not per request: X-Forwarded-* of trusted proxies are kept
+            self.trusted_peer = hdrs.is_trusted(self.peer[0], self.proxy.settings.trusted_proxies)
         self.proxy.clients.add(self)
         self.proxy.stats.connections += 1
         self.proxy.stats.connections_total += 1
@@ -274,9 +313,10 @@ class Downstream(asyncio.Protocol):
                 return
             if isinstance(event, http1.RequestHead):
                 self._disarm()
-                self.exchange = Exchange(self, event)
-                self.pause_reading()
-                self.exchange.start()
+                ex = self.exchange = Exchange(self, event)
+                ex.start()
+                if not ex.ready and self.exchange is ex:
+                    self.pause_reading()  # connecting upstream: the parser holds the rest
                 continue
             if ex is None:
                 return  # body of a request already answered (error): nothing to feed
@@ -350,7 +390,6 @@ class Downstream(asyncio.Protocol):
         self._timer.disarm()
 
     def _header_timeout(self) -> None:
-        self._timer.fired()
         if self._got_bytes:
             self.fail(408, "request head not received in time")
         else:
@@ -360,7 +399,6 @@ class Downstream(asyncio.Protocol):
         self._arm(self.proxy.settings.body_idle_timeout, self._body_timeout)
 
     def _body_timeout(self) -> None:
-        self._timer.fired()
         if self.reading_paused:
             self.arm_body_timer()  # the stall is ours (origin back-pressure), not the client's
             return
@@ -417,10 +455,9 @@ class Exchange:
         self.route: Route | None = None
         self.origin: Origin | None = None
         self.conn: UpstreamConnection | None = None
-        self.upstream = http1.ClientSide()
+        self.upstream = self.proxy.client_codec()
         self.ready = False  # the origin connection is attached: body may flow
         self.in_body = False
-        self.tunnel = False
         self.status = 0
         self.sent = 0
         self.received = 0
@@ -430,18 +467,10 @@ class Exchange:
         self.reused = False
         self._retried = False
         self.egress_ip: str | None = None
-        self._timer = Timer()
+        self._timer = client.ex_timer
         self._task: asyncio.Task[None] | None = None
         self.websocket = ws.is_upgrade(head.headers, head.method)
-        self.c2o = ws.FrameTracker()  # frame boundaries client -> origin, once tunnelled
-        self.o2c = ws.FrameTracker()
-        self.client_eof = False
-        self.origin_eof = False
-        self.closed_by: str | None = None
-        self.close_code: int | None = None
-        self.stopping = False
-        self.ws_started = 0.0
-        self.last_activity = 0.0
+        self.tunnel = False  # the tunnel's own state is set in _switch(), read only after it
         host_header = next((v for n, v in head.headers if n == b"host"), b"")
         self.host = normalise_host(host_header)
         self.path = head.target.decode("latin-1")
@@ -449,9 +478,22 @@ class Exchange:
     # -- start: route, connect ---------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._start())
+        """Route, then attach an idle pooled connection at once when there is one (the hot
+        path: no task, no loop turn); otherwise connect in a task."""
+        route = self._route()
+        if route is None:
+            return
+        origin = route.pick((), self.proxy.active)
+        if origin is not None and not self.websocket:
+            conn = self.proxy.pool.acquire_idle(origin)
+            if conn is not None:
+                self.origin = origin
+                self._attach(conn)
+                return
+        self._task = asyncio.get_running_loop().create_task(self._connect(origin))
 
-    async def _start(self) -> None:
+    def _route(self) -> Route | None:
+        """The route for this request, or None once an error answer has been sent."""
         target = self.path
         if target.startswith(("http://", "https://")):
             from urllib.parse import urlsplit
@@ -463,23 +505,26 @@ class Exchange:
                 self.path += "?" + parts.query
         elif target == "*" or not target.startswith("/"):
             self.respond_error(400, "request target must be origin-form or absolute-form")
-            return
+            return None
         route = self.proxy.router.match(self.host, self.path)
         if route is None:
             # not an open proxy: no upstream contact for hosts we do not serve
             self.respond_error(421, f"no route for host {self.host!r}")
-            return
+            return None
         self.route = route
         limit = self.proxy.settings.max_body_bytes
         if limit and self._declared_length() > limit:
             self.respond_error(413, f"request body larger than {limit} bytes")
-            return
+            return None
+        return route
+
+    async def _connect(self, origin: Origin | None) -> None:
+        """Connect (or wait for the pool), retrying on the route's other origins."""
+        route = self.route
+        assert route is not None
         tried: list[Origin] = []
         last: BaseException | None = None
-        while True:
-            origin = route.pick(tried, self.proxy.active)
-            if origin is None:
-                break
+        while origin is not None:
             tried.append(origin)
             pool = self.proxy.pool
             try:
@@ -490,12 +535,16 @@ class Exchange:
                 self._log_upstream_error(origin, e, None)
                 if isinstance(e, PoolError):
                     break  # the origin's own limit: another origin would overload too
+                origin = route.pick(tried, self.proxy.active)
                 continue
             if self.client.closed:
                 conn.pool.release(conn, reusable=True)
                 return
             self.origin = origin
             self._attach(conn)
+            if self.ready:
+                self.client.resume_reading()
+                self.client.process()
             return
         status = classify(last) if last else 502
         extra = [(b"retry-after", b"1")] if status == 503 else []
@@ -520,9 +569,9 @@ class Exchange:
         head = self.head
         headers = hdrs.to_origin(
             head.headers,
-            client_ip=self.client.peer[0],
+            client_ip=self.client.client_ip,
             scheme=self.client.scheme,
-            trusted=self.proxy.settings.trusted_proxies,
+            trusted_peer=self.client.trusted_peer,
             websocket=self.websocket,
         )
         if head.has_body and not any(n == b"content-length" for n, _ in head.headers):
@@ -544,8 +593,6 @@ class Exchange:
         self.in_body = head.has_body
         if self.in_body:
             self.client.arm_body_timer()
-        self.client.resume_reading()
-        self.client.process()
 
     # -- request body: client -> origin ------------------------------------------------------
 
@@ -673,7 +720,6 @@ class Exchange:
         flush()
 
     def _response_timeout(self) -> None:
-        self._timer.fired()
         self._upstream_failed(TimeoutError(errno.ETIMEDOUT, "origin sent no response head in time"))
 
     def _upstream_failed(self, exc: BaseException) -> None:
@@ -684,7 +730,7 @@ class Exchange:
             # processed, and a bodiless request can go again on a fresh connection
             self._retried = True
             self._release(False)
-            self.upstream = http1.ClientSide()
+            self.upstream = self.proxy.client_codec()
             self.ready = False
             self._task = asyncio.get_running_loop().create_task(self._retry())
             return
@@ -827,6 +873,13 @@ class Exchange:
         self._disarm()
         self.status = 101
         self.response_started = True
+        self.c2o = ws.FrameTracker()  # frame boundaries client -> origin
+        self.o2c = ws.FrameTracker()
+        self.client_eof = False
+        self.origin_eof = False
+        self.closed_by: str | None = None
+        self.close_code: int | None = None
+        self.stopping = False
         self.tunnel = True
         head = self.client.http.informational(101, hdrs.to_client(event.headers, websocket=True))
         self.client.write(head)
@@ -920,7 +973,6 @@ class Exchange:
 
     def _idle_check(self) -> None:
         """One timer per idle period, not one reset per chunk: cheap for busy sessions."""
-        self._timer.fired()
         if self.finished:
             return
         limit = self.proxy.settings.websocket_idle_timeout
