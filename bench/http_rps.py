@@ -287,7 +287,7 @@ class LogReader:
     and counts log lines by event, so callers can wait for ``ready`` and the like; the lines
     themselves are not kept (an access line per request adds up)."""
 
-    _EVENT = re.compile(rb'"event": "([^"]*)"')
+    _EVENT = re.compile(rb'"event": ?"([^"]*)"')
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None

@@ -227,6 +227,7 @@ class Master:
             try:
                 code = _run_one(self.config, self.path, index)
             finally:
+                logs.flush()  # os._exit skips atexit: the last lines must not be lost
                 os._exit(code)
         self.children[pid] = index
 

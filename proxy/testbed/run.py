@@ -377,7 +377,7 @@ class ModeRun:
         config.write_text(proxy_config(self.mode, opts))
         argv = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)]
         # access lines are most of what it writes: not worth parsing
-        self.proxy = self.children.start("proxy", argv, skip=b'"event": "access"')
+        self.proxy = self.children.start("proxy", argv, skip=b'"event":"access"')
         # one ready line per worker, each naming its own admin address (port + index)
         ready = self.children.wait_for(
             self.proxy, "ready", 30 + 2 * opts.workers, self.on_line, count=opts.workers
