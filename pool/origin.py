@@ -45,6 +45,14 @@ class Origin:
     scheme: str
     host: str
     port: int
+    # a dict key several times per proxied request: hashed once, not per lookup
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.scheme, self.host, self.port)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def parse(cls, url: str) -> Origin:

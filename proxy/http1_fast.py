@@ -71,6 +71,9 @@ except ImportError:  # pragma: no cover - exercised only on installs without htt
 _TOKEN: Final = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 # RFC 9110 field-value: no control byte but HTAB (h11 refuses only NUL, CR, LF, VT, FF)
 _CTL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# the same on a whole raw head, whose CR and LF are checked apart (request line and names
+# cannot hold any control byte either: llhttp refuses them there)
+_CTL_HEAD: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # h11's request line: exactly one SP between method, target and version
 _REQUEST_LINE: Final = re.compile(
     rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+ [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\r\n"
@@ -80,17 +83,28 @@ _DIGITS: Final = re.compile(rb"[0-9]+")
 _VERSIONS: Final = frozenset((b"1.0", b"1.1"))
 
 
-def _comma_values(headers: Headers, name: bytes) -> list[bytes]:
-    """h11's ``get_comma_header``: the lowercased, non-empty items of a comma-separated list."""
-    out = []
-    for n, v in headers:
-        if n == name:
-            out += [item.strip().lower() for item in v.split(b",") if item.strip()]
-    return out
+def _comma_items(value: bytes) -> list[bytes]:
+    """h11's ``get_comma_header`` for one value: its lowercased, non-empty items."""
+    return [item.strip().lower() for item in value.split(b",") if item.strip()]
 
 
-def _check_head(target: bytes, version: bytes, headers: Headers) -> tuple[bool, int]:
-    """The rules of the module docstring on a parsed head; returns (chunked, Content-Length)."""
+_NOTED: Final = frozenset(
+    (b"connection", b"upgrade", b"expect", b"content-length", b"transfer-encoding")
+)
+
+
+# the headers _check_head looks at; any other costs one set lookup
+_FRAMING: Final = frozenset((b"host", b"content-length", b"transfer-encoding"))
+
+
+def _check_head(
+    target: bytes, version: bytes, headers: Headers, values_checked: bool = False
+) -> tuple[bool, int]:
+    """The rules of the module docstring on a parsed head; returns (chunked, Content-Length).
+
+    ``values_checked``: the raw head already passed ``_CTL_HEAD`` (the llhttp path), so
+    values need no scan of their own; the h11 fallback's parsed heads get one.
+    """
     if version not in _VERSIONS:
         raise ProtocolError(505, f"HTTP/{version.decode()} is not supported")
     if not _TARGET.fullmatch(target):
@@ -99,8 +113,10 @@ def _check_head(target: bytes, version: bytes, headers: Headers) -> tuple[bool, 
     chunked = False
     length = -1
     for i, (name, value) in enumerate(headers):
-        if _CTL.search(value):
+        if not values_checked and _CTL.search(value):
             raise ProtocolError(400, "illegal header value")
+        if name not in _FRAMING:
+            continue
         if name == b"host":
             hosts += 1
         elif name == b"content-length":
@@ -226,22 +242,34 @@ class FastRequestParser:
         """h11's rules llhttp does not apply (see the module docstring), then the event."""
         version = self._p.get_http_version().encode()
         headers = self._headers
-        chunked, length = _check_head(self._url, version, headers)
+        chunked, length = _check_head(self._url, version, headers, values_checked=True)
         if chunked:
             self._chunked = _Chunked(self._max_head)
         elif length > 0:
             self._body_left = length
-        connection = _comma_values(headers, b"connection")
-        self._must_close = b"close" in connection or version != b"1.1"
-        self._switch = self._p.get_method() == b"CONNECT" or bool(
-            _comma_values(headers, b"upgrade")
+        method = self._p.get_method()
+        # one pass for h11's connection rules and ServerSide's flags (verbatim, so the proxy
+        # core sees the same RequestHead from either parser)
+        must_close = version != b"1.1"
+        switch = method == b"CONNECT"
+        expect = has_body = zero_length = False
+        for name, value in headers:
+            if name not in _NOTED:
+                continue
+            if name == b"connection":
+                must_close = must_close or b"close" in _comma_items(value)
+            elif name == b"upgrade":
+                switch = switch or bool(value.strip(b", \t"))  # a non-empty list
+            elif name == b"expect":
+                expect = expect or value.lower() == b"100-continue"
+            else:  # Content-Length or Transfer-Encoding
+                has_body = True
+                zero_length = zero_length or (name == b"content-length" and value == b"0")
+        self._must_close = must_close
+        self._switch = switch
+        return RequestHead(
+            method, self._url, headers, version, expect, has_body and not zero_length
         )
-        expect = any(n == b"expect" and v.lower() == b"100-continue" for n, v in headers)
-        # ServerSide's rule verbatim, so the proxy core sees the same flag from either parser
-        has_body = any(n in (b"content-length", b"transfer-encoding") for n, _ in headers)
-        if has_body and any(n == b"content-length" and v == b"0" for n, v in headers):
-            has_body = False
-        return RequestHead(self._p.get_method(), self._url, headers, version, expect, has_body)
 
     # -- input -----------------------------------------------------------------------------------
 
@@ -275,9 +303,12 @@ class FastRequestParser:
                 self._idle = False
             return
         end = size - 4
-        _check_raw_head(buf[: end + 4], self._max_line)
-        if b"\n" in buf[: end + 4].replace(b"\r\n", b""):
+        head = buf[:size]
+        _check_raw_head(head, self._max_line)
+        if b"\n" in head.replace(b"\r\n", b""):
             raise ProtocolError(400, "bare LF in the request head")
+        if _CTL_HEAD.search(head):
+            raise ProtocolError(400, "illegal header value")
         if not _REQUEST_LINE.match(buf):
             raise ProtocolError(400, "malformed request line")
         self._pending = b""

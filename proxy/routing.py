@@ -39,6 +39,9 @@ class Route:
         round_robin is nginx's smooth weighted round robin (spreads a 5:1:1 weighting as
         a a b a c a a, not a a a a a b c); least_conn divides live connections by weight.
         """
+        if len(self.origins) == 1:  # the common route: nothing to balance
+            origin = self.origins[0][0]
+            return None if origin in exclude else origin
         skip = set(exclude)
         candidates = [i for i, (o, _w) in enumerate(self.origins) if o not in skip]
         if not candidates:
