@@ -25,7 +25,7 @@ import structlog
 from pool.egress import EgressExhausted
 from pool.origin import Origin, OriginPool, PoolError, UpstreamConnection
 from proxy import headers as hdrs
-from proxy import http1, http1_fast
+from proxy import http1, http1_fast, logs
 from proxy import websocket as ws
 from proxy.routing import Route, Router, normalise_host
 
@@ -821,18 +821,19 @@ class Exchange:
         seconds = time.monotonic() - self.started
         route = self.route.name if self.route else "-"
         self.proxy.stats.observe(route, status, seconds)
-        log.info(
-            "access",
-            method=self.head.method.decode("latin-1"),
-            host=self.host,
-            path=self.path,
-            status=status,
-            bytes=self.received,
-            bytes_in=self.sent,
-            duration_ms=round(seconds * 1000, 3),
-            origin=str(self.origin) if self.origin else None,
-            egress=self.egress_ip,
-            client=self.client.peer[0],
+        logs.access(
+            {
+                "method": self.head.method.decode("latin-1"),
+                "host": self.host,
+                "path": self.path,
+                "status": status,
+                "bytes": self.received,
+                "bytes_in": self.sent,
+                "duration_ms": round(seconds * 1000, 3),
+                "origin": str(self.origin) if self.origin else None,
+                "egress": self.egress_ip,
+                "client": self.client.peer[0],
+            }
         )
 
     def _log_upstream_error(
