@@ -27,6 +27,7 @@ from pool.origin import Origin, OriginPool, PoolError, UpstreamConnection
 from proxy import headers as hdrs
 from proxy import http1, http1_fast, logs
 from proxy import websocket as ws
+from proxy.http1_fast_client import FastClientSide
 from proxy.routing import Route, Router, normalise_host
 
 log = structlog.get_logger("originpool.proxy")
@@ -145,7 +146,9 @@ class Proxy:
         self.server_codec: Callable[[int, int], http1.ServerSide | http1_fast.FastServerSide] = (
             http1_fast.FastServerSide if fast else http1.ServerSide
         )
-        self.client_codec: Callable[[], http1.ClientSide] = http1.ClientSide
+        self.client_codec: Callable[[], http1.ClientSide | FastClientSide] = (
+            FastClientSide if fast else http1.ClientSide
+        )
 
     def active(self, origin: Origin) -> int:
         return self._active_by_origin.get(origin, 0)
