@@ -47,9 +47,12 @@ class Origin:
     port: int
     # a dict key several times per proxied request: hashed once, not per lookup
     _hash: int = field(init=False, repr=False, compare=False, default=0)
+    _text: str = field(init=False, repr=False, compare=False, default="")  # for every log line
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_hash", hash((self.scheme, self.host, self.port)))
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        object.__setattr__(self, "_text", f"{self.scheme}://{host}:{self.port}")
 
     def __hash__(self) -> int:
         return self._hash
@@ -76,8 +79,7 @@ class Origin:
         return self.scheme in ("https", "wss")
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        return self._text
 
 
 @dataclass(frozen=True)
