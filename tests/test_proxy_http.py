@@ -4,8 +4,10 @@ the proxy's own listener and pool (in-process, so failures show their traceback)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import socket
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -42,6 +44,18 @@ class Rig:
         return out
 
 
+PARSER = ["httptools"]  # set per test by the fixture below
+
+
+@pytest.fixture(autouse=True, params=["httptools", "h11"])
+def parser(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs on both codecs: the fast one the proxy uses by default and h11,
+    the reference (``proxy.http_parser``), so the two stay interchangeable end to end."""
+    PARSER[0] = request.param
+    yield request.param
+    PARSER[0] = "httptools"
+
+
 async def make_rig(
     origins=(O1,),
     egress=("127.0.1.1", "127.0.1.2"),
@@ -57,7 +71,7 @@ async def make_rig(
     route = Route("app.test", "/", [(Origin("http", h, p), 1) for h, p in origins], "round_robin")
     pool = OriginPool(EgressSet(list(egress)), limits or PoolLimits())
     settings = settings or Settings(trusted_proxies=[ipaddress.ip_network("127.0.0.9/32")])
-    proxy = Proxy(Router([route]), pool, settings)
+    proxy = Proxy(Router([route]), pool, dataclasses.replace(settings, http_parser=PARSER[0]))
     listener = Listener(proxy, ("127.0.0.1", 0))
     proxy.listeners.append(listener)
     listener.start()
