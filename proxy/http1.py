@@ -1,11 +1,13 @@
 """HTTP/1.1 for the proxy, sans I/O: bytes in, events out; events in, bytes out.
 
-The proxy core talks to this module only, never to a parser's API, so the parser behind it
-can change (h11 today; a faster one on the hot path later, with h11 kept as the strictness
-bar). h11 does the framing; this module adds what a reverse proxy in front of real origins
-must refuse on top of what h11 accepts (request smuggling vectors h11 tolerates: both
-Content-Length and Transfer-Encoding, repeated Content-Length, obs-fold), and separates the
-limits operators configure: request line (414) and header block (431).
+The proxy core talks to these interfaces only, never to a parser's API: the event types here
+are shared by the h11 codecs below (the strictness bar, ``proxy.http_parser = "h11"``) and
+the llhttp ones in ``proxy.http1_fast`` and ``proxy.http1_fast_client`` (the default, held to
+these by differential tests). Here h11 does the framing; this module adds what a reverse
+proxy in front of real origins must refuse on top of what h11 accepts (request smuggling
+vectors h11 tolerates: both Content-Length and Transfer-Encoding, repeated Content-Length,
+obs-fold), and separates the limits operators configure: request line (414) and header
+block (431).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Request parsing on httptools (llhttp), held to h11's strictness: the proxy's hot path.
+"""The downstream codec on httptools (llhttp), held to h11's strictness: the proxy's hot path.
+
+``FastRequestParser`` parses requests; ``FastServerSide`` adds response framing (see its
+docstring) and is the drop-in for ``proxy.http1.ServerSide``.
 
 h11 costs most of a proxy cycle (issue 4 measured ~195 µs against ~5.5 µs for llhttp), so the
 request side moves to llhttp. h11 stays the bar: ``FastRequestParser`` accepts what

@@ -2,9 +2,11 @@
 
 Protocol-based I/O with flow control both ways: a full client write buffer pauses reading
 from the origin, a full origin write buffer pauses reading from the client, so bodies stream
-through bounded buffers and are never held whole. HTTP parsing is :mod:`proxy.http1`
-(sans I/O); upstream connections come from :mod:`pool.origin`, whose egress layer picks the
-source IP and port.
+through bounded buffers and are never held whole. HTTP parsing is sans I/O: the codecs of
+:mod:`proxy.http1_fast` and :mod:`proxy.http1_fast_client` (llhttp, the default) or those of
+:mod:`proxy.http1` (h11), chosen by ``Settings.http_parser``. A request to an origin with an
+idle pooled connection runs start to finish in the callbacks, without a task. Upstream
+connections come from :mod:`pool.origin`, whose egress layer picks the source IP and port.
 """
 
 from __future__ import annotations
