@@ -79,6 +79,9 @@ class Stats:
         self.latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
 
+_NEVER = 0.0
+
+
 class Timer:
     """At most one pending callback: a connection waits for one thing at a time (head, body,
     response, idle), so arming replaces whatever was armed.
@@ -95,8 +98,8 @@ class Timer:
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._handle: asyncio.TimerHandle | None = None
-        self._at = 0.0  # when the pending loop timer fires
-        self._deadline = 0.0
+        self._at = _NEVER  # when the pending loop timer fires
+        self._deadline = _NEVER
         self._callback: Callable[[], None] | None = None
 
     def arm(self, seconds: float, callback: Callable[[], None]) -> None:
@@ -115,6 +118,16 @@ class Timer:
 
     def disarm(self) -> None:
         self._callback = None  # the pending loop timer, if any, fires into nothing
+
+    def stop(self) -> None:
+        """Disarm and drop the pending loop timer now: for a connection that will wait for
+        nothing for a long time (a WebSocket tunnel), where a loop timer left to run out
+        would hold memory per session for up to a minute."""
+        self._callback = None
+        self._at = self._deadline = _NEVER  # one shared float, not two per session
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
     def _fire(self) -> None:
         self._handle = None
@@ -876,7 +889,8 @@ class Exchange:
 
     def _switch(self, event: http1.ResponseHead) -> None:
         """The origin accepted the upgrade: relay its 101, then only bytes."""
-        self._disarm()
+        self._timer.stop()
+        self.client._timer.stop()
         self.status = 101
         self.response_started = True
         self.c2o = ws.FrameTracker()  # frame boundaries client -> origin
