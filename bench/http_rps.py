@@ -20,8 +20,10 @@ sysctls and ports stay untouched, and everything goes away with this process):
   ``proxy_http_version 1.1``, ``proxy_set_header Connection ""``, access log on to a file),
   when nginx is installed;
 * **b2** the same originpool with ``workers = 2`` (SO_REUSEPORT), an extra line.
+* **f** the floor: this file in ``--serve-floor`` mode, a bare llhttp relay in CPython on
+  uvloop (see ``serve_floor``), what the runtime allows before any of originpool's work.
 
-Every target runs once per round, rounds interleaved (a, b, c, b2, a, b, c, b2, ...), so a
+Every target runs once per round, rounds interleaved (a, b, c, b2, f, a, b, c, b2, f, ...), so a
 neighbour's burst lands on all of them alike; the figures are per-target medians over the
 rounds and the ratios are ratios of medians. Listening sockets of nginx and of the Python
 origin are created here and handed over (nginx's ``NGINX`` environment variable, pass_fds),
@@ -82,6 +84,7 @@ LISTEN = {
     "originpool": ("127.0.0.1", 8080),
     "originpool-2w": ("127.0.0.1", 8081),
     "nginx": ("127.0.0.1", 8082),
+    "floor": ("127.0.0.1", 8083),
 }
 ADMIN = {"originpool": 9090, "originpool-2w": 9100}  # worker i answers on port + i
 
@@ -430,6 +433,110 @@ def serve_origin(fd: int) -> int:
     return 0
 
 
+def serve_floor(fd: int) -> int:
+    """What CPython itself allows: the least an HTTP-aware proxy can do per request.
+
+    llhttp (httptools) parses each request and each response, the heads are written again
+    from the parsed fields, one kept-alive origin connection per client connection. Nothing
+    else: no checks beyond llhttp's, no routing, no pool, no header rewrite, no timers, no
+    log, no metrics. Not a proxy anyone should run; the figure tells how much of the gap to
+    nginx is the runtime (asyncio/uvloop callbacks, syscalls) and how much is originpool's own
+    per-request work.
+    """
+    import asyncio
+
+    import httptools
+
+    class Upstream(asyncio.Protocol):
+        def __init__(self, down: Downstream) -> None:
+            self.down = down
+            self.parser = httptools.HttpResponseParser(self)
+            self.lines: list[bytes] = []
+            self.body: list[bytes] = []
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.lines.append(name + b": " + value + b"\r\n")
+
+        def on_body(self, body: bytes) -> None:
+            self.body.append(body)
+
+        def on_message_complete(self) -> None:
+            if self.down.transport.is_closing():
+                return  # wrk closed its connection at the end of a run
+            status = b"HTTP/1.1 %d OK\r\n" % self.parser.get_status_code()
+            self.down.transport.write(status + b"".join(self.lines) + b"\r\n" + b"".join(self.body))
+            self.lines, self.body = [], []
+
+    class Downstream(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+            self.parser = httptools.HttpRequestParser(self)
+            self.up: Upstream | None = None
+            self.waiting: list[bytes] = []
+            self.url = b""
+            self.lines: list[bytes] = []
+            asyncio.get_running_loop().create_task(self.connect())
+
+        async def connect(self) -> None:
+            loop = asyncio.get_running_loop()
+            _, self.up = await loop.create_connection(lambda: Upstream(self), *ORIGIN)
+            for head in self.waiting:
+                self.up.transport.write(head)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.up is not None:
+                self.up.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_url(self, url: bytes) -> None:
+            self.url += url
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.lines.append(name + b": " + value + b"\r\n")
+
+        def on_message_complete(self) -> None:
+            head = self.parser.get_method() + b" " + self.url + b" HTTP/1.1\r\n"
+            head += b"".join(self.lines) + b"\r\n"
+            self.url, self.lines = b"", []
+            if self.up is None:
+                self.waiting.append(head)
+            else:
+                self.up.transport.write(head)
+
+    async def main() -> None:
+        sock = socket.socket(fileno=fd)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Downstream, sock=sock, backlog=4096)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        server.close()
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+        return 0
+    uvloop.run(main())
+    return 0
+
+
+def start_floor(children: Children) -> subprocess.Popen[bytes]:
+    with listening_socket(LISTEN["floor"]) as sock:  # the child keeps its copy
+        return children.start(
+            [sys.executable, __file__, "--serve-floor", str(sock.fileno())],
+            pass_fds=[sock.fileno()],
+        )
+
+
 # --- the benchmark ---------------------------------------------------------------------------
 
 
@@ -524,6 +631,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.no_two_workers:
             proc = start_originpool(children, tmp, "originpool-2w", 2)
             targets.append(Target("b2", "originpool, 2 workers", LISTEN["originpool-2w"], proc.pid))
+        if not args.no_floor:
+            proc = start_floor(children)
+            targets.append(
+                Target("f", "floor: bare llhttp relay (CPython)", LISTEN["floor"], proc.pid)
+            )
         for t in targets:  # warm-up: upstream keep-alive pools filled, code paths hot
             warm = run_wrk(t.address, args.warmup, args.connections, args.threads)
             if not warm.clean:
@@ -585,6 +697,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ratios["b2/a"] = round(by_key["b2"].median("rps") / a, 3)
         if "c" in by_key:
             ratios["b2/c"] = round(by_key["b2"].median("rps") / by_key["c"].median("rps"), 3)
+    if "f" in by_key:
+        ratios["b/f"] = round(b / by_key["f"].median("rps"), 3)
+        if "c" in by_key:
+            ratios["f/c"] = round(by_key["f"].median("rps") / by_key["c"].median("rps"), 3)
     summary["ratios"] = ratios
     if "b/c" in ratios:
         summary["target"] = {
@@ -632,10 +748,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-nginx", action="store_true", help="python origin, no c")
     parser.add_argument("--no-two-workers", action="store_true", help="skip b2")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    parser.add_argument("--no-floor", action="store_true", help="skip f")
     parser.add_argument("--serve-origin", type=int, metavar="FD", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-floor", type=int, metavar="FD", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_origin is not None:
         return serve_origin(args.serve_origin)
+    if args.serve_floor is not None:
+        return serve_floor(args.serve_floor)
     if shutil.which("wrk") is None:
         print(
             "wrk is not installed: apt-get install -y wrk (and nginx-light for c)", file=sys.stderr
