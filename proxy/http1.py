@@ -266,6 +266,10 @@ class ServerSide:
     def trailing_data(self) -> bytes:
         return bytes(self._h.trailing_data[0])
 
+    def release(self) -> None:
+        """The connection is done with HTTP (closed, or a tunnel now): nothing to free here;
+        the llhttp codec breaks its parser's reference cycle."""
+
 
 class ClientSide:
     """The upstream connection: requests out, responses in."""

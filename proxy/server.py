@@ -281,6 +281,7 @@ class Downstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._disarm()
+        self.http.release()
         self.proxy.clients.discard(self)
         self.proxy.stats.connections -= 1
         if self.exchange is not None:
@@ -920,6 +921,7 @@ class Exchange:
         # the HTTP parsers (two h11 connections, a few KiB) are done for this connection's
         # life: a shared spent pair keeps the types and frees the memory of every session
         self.upstream = _SPENT_CLIENT
+        self.client.http.release()
         self.client.http = _SPENT_SERVER
         self.head.headers = []
         self._task = None  # _start() finished when the request went upstream: ~0.6 KB
