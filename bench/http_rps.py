@@ -63,7 +63,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -387,6 +387,29 @@ def serve_proxy(
 # --- the fallback origin ---------------------------------------------------------------------
 
 
+def _serve_on(fd: int, protocol: Callable[[], Any]) -> int:
+    """Serve ``protocol`` on the inherited listening socket ``fd`` until SIGTERM, on uvloop
+    when installed: the loop of the children this file runs as (origin, floor)."""
+    import asyncio
+
+    async def main() -> None:
+        sock = socket.socket(fileno=fd)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(protocol, sock=sock, backlog=4096)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        server.close()
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+        return 0
+    uvloop.run(main())
+    return 0
+
+
 def serve_origin(fd: int) -> int:
     """A keep-alive origin as cheap as Python gets: one fixed response per request head.
 
@@ -415,22 +438,7 @@ def serve_origin(fd: int) -> int:
                 buf = buf[buf.rfind(b"\r\n\r\n") + 4 :]
             self.buf = buf
 
-    async def main() -> None:
-        sock = socket.socket(fileno=fd)
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(Conn, sock=sock, backlog=4096)
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        server.close()
-
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main())
-        return 0
-    uvloop.run(main())
-    return 0
+    return _serve_on(fd, Conn)
 
 
 def serve_floor(fd: int) -> int:
@@ -511,22 +519,7 @@ def serve_floor(fd: int) -> int:
             else:
                 self.up.transport.write(head)
 
-    async def main() -> None:
-        sock = socket.socket(fileno=fd)
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(Downstream, sock=sock, backlog=4096)
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        server.close()
-
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main())
-        return 0
-    uvloop.run(main())
-    return 0
+    return _serve_on(fd, Downstream)
 
 
 def start_floor(children: Children) -> subprocess.Popen[bytes]:
