@@ -97,6 +97,23 @@ STATUS_REASONS = {
 }
 
 
+def error_message(
+    status: int, detail: str, extra: Sequence[tuple[bytes, bytes]]
+) -> tuple[bytes, Headers]:
+    """Body and headers of the proxy's own error answers, whichever codec frames them: a
+    short text naming the status and why, and a close (the answer ends the connection)."""
+    text = f"{status} {STATUS_REASONS.get(status, '')}\n".encode()
+    if detail:
+        text += detail.encode("utf-8", "replace")[:512] + b"\n"
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(text)).encode()),
+        (b"connection", b"close"),
+        *extra,
+    ]
+    return text, headers
+
+
 def head_size(buf: bytes, max_line: int, max_head: int) -> int:
     """Bytes of the complete request head at the start of ``buf`` (CRLFCRLF included), or 0
     while it is incomplete; 414 or 431 as soon as a limit is passed, not when it completes."""
@@ -216,15 +233,7 @@ class ServerSide:
         self, status: int, detail: str = "", extra: Sequence[tuple[bytes, bytes]] = ()
     ) -> bytes:
         """A complete short response that also closes the connection."""
-        text = f"{status} {STATUS_REASONS.get(status, '')}\n".encode()
-        if detail:
-            text += detail.encode("utf-8", "replace")[:512] + b"\n"
-        headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(text)).encode()),
-            (b"connection", b"close"),
-            *extra,
-        ]
+        text, headers = error_message(status, detail, extra)
         if self._h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return b""  # a response already started: the caller can only close
         try:

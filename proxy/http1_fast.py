@@ -63,6 +63,7 @@ from proxy.http1 import (
     RequestHead,
     ServerSide,
     _check_raw_head,
+    error_message,
     head_size,
 )
 
@@ -495,15 +496,7 @@ class FastServerSide(FastRequestParser):
             return self._fallback.error_response(status, detail, extra)
         if self._sent_head:
             return b""  # a response already started: the caller can only close
-        text = f"{status} {STATUS_REASONS.get(status, '')}\n".encode()
-        if detail:
-            text += detail.encode("utf-8", "replace")[:512] + b"\n"
-        headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(text)).encode()),
-            (b"connection", b"close"),
-            *extra,
-        ]
+        text, headers = error_message(status, detail, extra)
         self._sent_head = self._sent_end = True
         self._close_out = True
         reason = STATUS_REASONS.get(status, "").encode()
