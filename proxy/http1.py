@@ -97,6 +97,12 @@ STATUS_REASONS = {
 }
 
 
+def comma_items(value: bytes) -> list[bytes]:
+    """h11's ``get_comma_header`` for one value: its lowercased, stripped, non-empty items
+    (Connection, Upgrade), for the llhttp codecs that must read these lists as h11 does."""
+    return [item.strip() for item in value.lower().split(b",") if item.strip()]
+
+
 def error_message(
     status: int, detail: str, extra: Sequence[tuple[bytes, bytes]]
 ) -> tuple[bytes, Headers]:

@@ -63,6 +63,7 @@ from proxy.http1 import (
     RequestHead,
     ServerSide,
     _check_raw_head,
+    comma_items,
     error_message,
     head_size,
 )
@@ -85,11 +86,6 @@ _REQUEST_LINE: Final = re.compile(
 _TARGET: Final = re.compile(rb"[\x21-\x7e]+")
 _DIGITS: Final = re.compile(rb"[0-9]+")
 _VERSIONS: Final = frozenset((b"1.0", b"1.1"))
-
-
-def _comma_items(value: bytes) -> list[bytes]:
-    """h11's ``get_comma_header`` for one value: its lowercased, non-empty items."""
-    return [item.strip().lower() for item in value.split(b",") if item.strip()]
 
 
 _NOTED: Final = frozenset(
@@ -261,7 +257,7 @@ class FastRequestParser:
             if name not in _NOTED:
                 continue
             if name == b"connection":
-                must_close = must_close or b"close" in _comma_items(value)
+                must_close = must_close or b"close" in comma_items(value)
             elif name == b"upgrade":
                 switch = switch or bool(value.strip(b", \t"))  # a non-empty list
             elif name == b"expect":

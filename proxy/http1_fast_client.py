@@ -86,6 +86,7 @@ from proxy.http1 import (
     Headers,
     ProtocolError,
     ResponseHead,
+    comma_items,
 )
 
 try:  # imported here, not by proxy.http1: the h11 path must keep working without it
@@ -129,11 +130,6 @@ class SendError(ValueError):
 
 def _fail(reason: str) -> ProtocolError:
     return ProtocolError(502, _ORIGIN + reason)
-
-
-def _comma_items(value: bytes) -> list[bytes]:
-    """h11's ``get_comma_header`` for one value: lowercased, stripped, non-empty items."""
-    return [item.strip() for item in value.lower().split(b",") if item.strip()]
 
 
 def _fields_h11(block: bytes) -> Headers:
@@ -182,7 +178,7 @@ def _framing(headers: Headers) -> tuple[int, bool, bool]:
                     raise _fail("only Transfer-Encoding: chunked is supported")
                 headers[i] = (name, b"chunked")  # h11 hands it on lowercased
             chunked = True
-        elif b"close" in value.lower() and b"close" in _comma_items(value):
+        elif b"close" in value.lower() and b"close" in comma_items(value):
             close = True
     if chunked and length >= 0:
         raise _fail("both Content-Length and Transfer-Encoding")
@@ -220,9 +216,9 @@ def _send_framing(
                 raise SendError("only Transfer-Encoding: chunked is supported")
             chunked = True
         elif low == b"connection":
-            close = close or b"close" in _comma_items(value)
+            close = close or b"close" in comma_items(value)
         elif low == b"upgrade":
-            upgrade = upgrade or bool(_comma_items(value))
+            upgrade = upgrade or bool(comma_items(value))
         out.append((name, value))
     return out, length, chunked, close, upgrade
 
