@@ -14,6 +14,7 @@ import resource
 import signal
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -21,7 +22,7 @@ import structlog
 
 from pool.origin import OriginPool
 from proxy import config as cfg
-from proxy import logs
+from proxy import logs, sdnotify
 from proxy.admin import Admin
 from proxy.routing import Route, Router
 from proxy.server import Listener, Proxy, Settings
@@ -69,9 +70,15 @@ class Worker:
     """One process's proxy: listeners, admin, signal handling."""
 
     def __init__(
-        self, config: cfg.Config, path: str | None, reuse_port: bool = False, index: int = 0
+        self,
+        config: cfg.Config,
+        path: str | None,
+        reuse_port: bool = False,
+        index: int = 0,
+        on_ready: Callable[[], object] | None = None,
     ) -> None:
         self.index = index
+        self.on_ready = on_ready  # systemd READY=1 when alone, a byte to the master otherwise
         self.config = config
         self.path = path
         self.reuse_port = reuse_port
@@ -103,10 +110,14 @@ class Worker:
             egress=[str(e) for e in self.proxy.pool.egress.egresses],
             mode=self.proxy.pool.egress.mode,
         )
+        if self.on_ready is not None:
+            self.on_ready()
 
     def request_stop(self) -> None:
         if not self.proxy.draining:
             self.proxy.draining = True  # now: a second signal must not start a second drain
+            if self.config.proxy.workers <= 1:
+                sdnotify.notify("STOPPING=1")  # alone: this process is systemd's main one
             asyncio.get_running_loop().create_task(self.drain())
 
     async def drain(self) -> None:
@@ -149,15 +160,25 @@ class Worker:
         log.info("reloaded", routes=len(new.routes), egress=[str(e) for e in new.egress.addresses])
 
 
-async def run_worker(config: cfg.Config, path: str | None, index: int = 0) -> int:
+async def run_worker(
+    config: cfg.Config,
+    path: str | None,
+    index: int = 0,
+    on_ready: Callable[[], object] | None = None,
+) -> int:
     workers = config.proxy.workers
-    worker = Worker(config, path, reuse_port=workers > 1, index=index)
+    worker = Worker(config, path, reuse_port=workers > 1, index=index, on_ready=on_ready)
     await worker.start()
     await worker.stopped.wait()
     return 0
 
 
-def _run_one(config: cfg.Config, path: str | None, index: int) -> int:
+def _run_one(
+    config: cfg.Config,
+    path: str | None,
+    index: int,
+    on_ready: Callable[[], object] | None = None,
+) -> int:
     structlog.contextvars.bind_contextvars(worker=index, pid=os.getpid())
     runner: Callable[..., int]
     try:
@@ -166,7 +187,7 @@ def _run_one(config: cfg.Config, path: str | None, index: int) -> int:
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    return runner(run_worker(config, path, index))
+    return runner(run_worker(config, path, index, on_ready))
 
 
 def raise_open_files() -> tuple[int, int]:
@@ -194,7 +215,7 @@ def serve(path: str, log_format: str | None = None) -> int:
             hint="each proxied session holds two sockets; see README on workers",
         )
     if config.proxy.workers <= 1:
-        return _run_one(config, path, 0)
+        return _run_one(config, path, 0, on_ready=lambda: sdnotify.notify("READY=1"))
     return Master(config, path).run()
 
 
@@ -205,8 +226,9 @@ class Master:
     Workers share the egress IPs without coordination: connectx leaves the port choice to
     the kernel (which refuses duplicate 4-tuples across processes) and each worker's
     free-port record learns the ports other workers hold from EADDRNOTAVAIL, so the
-    capacity to one destination stays E x R. The master only forks, forwards signals and
-    restarts a worker that died; it never opens a socket or an event loop.
+    capacity to one destination stays E x R. The master only forks, forwards signals,
+    restarts a worker that died and tells systemd when every worker is ready; it never
+    listens and runs no event loop.
     """
 
     RESTART_WINDOW = 10.0  # seconds; more than 5 deaths in it and the master gives up
@@ -217,6 +239,9 @@ class Master:
         self.children: dict[int, int] = {}  # pid -> worker index
         self.stopping = False
         self.deaths: list[float] = []
+        # each worker writes one byte here once its listeners accept; systemd hears READY=1
+        # from the master (its main process) when every first-generation worker has
+        self._ready_r, self._ready_w = os.pipe()
 
     def _spawn(self, index: int) -> None:
         pid = os.fork()
@@ -224,8 +249,12 @@ class Master:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
+            os.close(self._ready_r)
+            ready_w = self._ready_w
             try:
-                code = _run_one(self.config, self.path, index)
+                code = _run_one(
+                    self.config, self.path, index, on_ready=lambda: os.write(ready_w, b".")
+                )
             finally:
                 logs.flush()  # os._exit skips atexit: the last lines must not be lost
                 os._exit(code)
@@ -238,7 +267,20 @@ class Master:
 
     def _on_stop(self, signum: int, _frame: object) -> None:
         self.stopping = True
+        sdnotify.notify("STOPPING=1")
         self._forward(signal.SIGTERM)
+
+    def _await_ready(self, workers: int) -> None:
+        """A thread: READY=1 once ``workers`` readiness bytes came. Only os.read and a
+        sendto here, no logging: the master forks while this runs, and a child must not
+        inherit a lock this thread holds."""
+        seen = 0
+        while seen < workers:
+            chunk = os.read(self._ready_r, workers)
+            if not chunk:
+                return  # no writer left (the master keeps one: not in normal operation)
+            seen += len(chunk)
+        sdnotify.notify(f"READY=1\nSTATUS={workers} workers serving")
 
     def _on_reload(self, signum: int, _frame: object) -> None:
         try:
@@ -255,6 +297,9 @@ class Master:
         signal.signal(signal.SIGHUP, self._on_reload)
         for i in range(self.config.proxy.workers):
             self._spawn(i)
+        threading.Thread(
+            target=self._await_ready, args=(self.config.proxy.workers,), daemon=True
+        ).start()
         log.info("master_ready", workers=len(self.children))
         worst = 0
         while self.children:

@@ -45,11 +45,12 @@ class Proc:
     """The proxy process; a thread reads its JSON log lines as they come (a full pipe would
     block the proxy's event loop), and tests wait on those lines: the only synchronisation."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         self.p = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
         )
         self.lines: list[dict] = []
         self._seen = threading.Condition()
