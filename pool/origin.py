@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from pool.egress import EgressExhausted, EgressSet, Slot
+from pool.sockopt import KeepAlive, detect_dead_peer
 
 log = structlog.get_logger("originpool.origin")
 
@@ -330,8 +331,10 @@ class OriginPool:
         tls: TLSConfig | None = None,
         resolver: Resolver | None = None,
         clock: Callable[[], float] = time.monotonic,
+        keepalive: KeepAlive | None = None,
     ) -> None:
         self.egress = egress
+        self.keepalive = keepalive  # TCP keepalive on every upstream socket (None: off)
         self.limits = limits or PoolLimits()
         self.tls = tls or TLSConfig()
         self.resolver = resolver or Resolver()
@@ -574,6 +577,7 @@ class OriginPool:
         self, origin: Origin, state: _OriginState, sock: socket.socket, slot: Slot
     ) -> UpstreamConnection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        detect_dead_peer(sock, self.keepalive)
         conn = UpstreamConnection(self, origin, slot, self._clock())
         loop = asyncio.get_running_loop()
         try:

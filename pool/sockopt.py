@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from dataclasses import dataclass
 
 from pool import kernel
 
@@ -42,6 +43,33 @@ def restrict_source_ports(sock: socket.socket, low: int, high: int) -> None:
     wholly outside it; connectx checks that before relying on it.
     """
     sock.setsockopt(kernel.SOL_IP, kernel.IP_LOCAL_PORT_RANGE, kernel.pack_port_range(low, high))
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAlive:
+    """TCP keepalive timing, seconds: first probe after ``idle`` quiet seconds, then one every
+    ``interval``; ``probes`` unanswered ones and the connection is dead."""
+
+    idle: int = 60
+    interval: int = 10
+    probes: int = 6
+
+
+def detect_dead_peer(sock: socket.socket, keepalive: KeepAlive | None) -> None:
+    """``SO_KEEPALIVE`` + ``TCP_KEEPIDLE``/``TCP_KEEPINTVL``/``TCP_KEEPCNT``: a peer that
+    vanished without FIN or RST (host gone, a NAT or firewall that dropped the flow) is found
+    after ``idle + interval x probes`` seconds, and the socket fails with ETIMEDOUT.
+
+    Without it a quiet WebSocket tunnel to such a peer lives forever and keeps its source port,
+    its two file descriptors and its memory: the proxy's capacity leaks one session at a time.
+    ``None`` leaves the socket as it is (the kernel default is no keepalive).
+    """
+    if keepalive is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.probes)
 
 
 # Options a caller may have set before connectx, copied when connectx must replace the socket

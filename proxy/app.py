@@ -50,11 +50,17 @@ def build_settings(config: cfg.Config) -> Settings:
         websocket_idle_timeout=t.websocket_idle or 0.0,
         trusted_proxies=config.proxy.trusted_proxies,
         http_parser=config.proxy.http_parser,
+        tcp_keepalive=config.tcp_keepalive.to_keepalive(),
     )
 
 
 def build_pool(config: cfg.Config, worker: int = 0) -> OriginPool:
-    return OriginPool(config.to_egress_set(worker), config.to_pool_limits(), config.to_tls_config())
+    return OriginPool(
+        config.to_egress_set(worker),
+        config.to_pool_limits(),
+        config.to_tls_config(),
+        keepalive=config.tcp_keepalive.to_keepalive(),
+    )
 
 
 def _server_tls(listener: cfg.Listener) -> ssl.SSLContext | None:
@@ -153,7 +159,11 @@ class Worker:
             return
         self.proxy.router = build_router(new)
         self.proxy.settings = build_settings(new)
-        if new.egress != self.config.egress or new.pool != self.config.pool:
+        if (new.egress, new.pool, new.tcp_keepalive) != (
+            self.config.egress,
+            self.config.pool,
+            self.config.tcp_keepalive,
+        ):
             self._old_pools.append(self.proxy.pool)
             self.proxy.pool = build_pool(new, self.index)  # old ones finish on their own pool
         self.config = new

@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 from pool.egress import MODES, Egress, EgressSet, Mode
 from pool.origin import Origin, PoolLimits, TLSConfig
+from pool.sockopt import KeepAlive
 
 T = TypeVar("T")
 Address = tuple[str, int]
@@ -158,6 +159,19 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class TCPKeepAliveSettings:
+    """``[tcp_keepalive]`` on client and origin sockets: a peer gone without FIN or RST is
+    found after idle + interval x probes seconds (2 min by default); ``idle`` None is off."""
+
+    idle: int | None = 60
+    interval: int = 10
+    probes: int = 6
+
+    def to_keepalive(self) -> KeepAlive | None:
+        return None if self.idle is None else KeepAlive(self.idle, self.interval, self.probes)
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """``[limits]`` on downstream requests; ``max_body_bytes`` None means unlimited."""
 
@@ -215,6 +229,7 @@ class Config:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     upstream_tls: UpstreamTLS = field(default_factory=UpstreamTLS)
     log: LogSettings = field(default_factory=LogSettings)
+    tcp_keepalive: TCPKeepAliveSettings = field(default_factory=TCPKeepAliveSettings)
     source: str = "<string>"
 
     @property
@@ -584,6 +599,7 @@ TOP_KEYS = (
     "proxy",
     "upstream_tls",
     "log",
+    "tcp_keepalive",
 )
 LISTEN_KEYS = ("address", "tls_cert", "tls_key")
 ADMIN_KEYS = ("address",)
@@ -617,6 +633,15 @@ LIMIT_FIELDS: dict[str, tuple[Check, Any]] = {
         None,
     ),
     "max_connections": (_integer(1), 10000),
+}
+# the kernel's limits: TCP_KEEPIDLE and TCP_KEEPINTVL up to 32767 s, TCP_KEEPCNT up to 127
+KEEPALIVE_FIELDS: dict[str, tuple[Check, Any]] = {
+    "idle": (
+        _zero_is_none(_integer(0, 32767, unit="a number of seconds", zero="0 = off")),
+        60,
+    ),
+    "interval": (_integer(1, 32767, unit="a number of seconds"), 10),
+    "probes": (_integer(1, 127), 6),
 }
 LOG_FIELDS: dict[str, tuple[Check, Any]] = {
     "format": (_choice(LOG_FORMATS), "json"),
@@ -726,6 +751,7 @@ class _Reader:
         proxy = self.proxy(data)
         upstream_tls = self.upstream_tls(data)
         log = LogSettings(**self.fields(data, "log", LOG_FIELDS))
+        keepalive = TCPKeepAliveSettings(**self.fields(data, "tcp_keepalive", KEEPALIVE_FIELDS))
         if self.problems:
             return None
         return Config(
@@ -739,6 +765,7 @@ class _Reader:
             proxy=proxy,
             upstream_tls=upstream_tls,
             log=log,
+            tcp_keepalive=keepalive,
             source=self.source,
         )
 

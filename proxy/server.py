@@ -26,6 +26,7 @@ import structlog
 
 from pool.egress import EgressExhausted
 from pool.origin import Origin, OriginPool, PoolError, UpstreamConnection
+from pool.sockopt import KeepAlive, detect_dead_peer
 from proxy import headers as hdrs
 from proxy import http1, http1_fast, logs
 from proxy import websocket as ws
@@ -53,6 +54,7 @@ class Settings:
     websocket_idle_timeout: float = 0.0  # 0: off (sessions are meant to live for days)
     trusted_proxies: Sequence[hdrs.Network] = ()
     http_parser: str = "httptools"  # or "h11": the strictness bar, ~4x slower per request
+    tcp_keepalive: KeepAlive | None = None  # on client sockets; the pool sets its own
 
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -1111,6 +1113,7 @@ class Listener:
                 raise
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            detect_dead_peer(conn, self.proxy.settings.tcp_keepalive)
             task = self._loop.create_task(
                 self._loop.connect_accepted_socket(self._protocol, conn, ssl=self.ssl)
             )

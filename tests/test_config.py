@@ -240,6 +240,7 @@ def test_deploy_example_is_valid():
         "proxy",
         "upstream_tls",
         "log",
+        "tcp_keepalive",
     }
 
 
@@ -369,6 +370,10 @@ def test_toml_duplicate_table():
         ("limits.max_header_bytes", "0", "must be a number of bytes >= 1, got 0"),
         ("limits.max_request_line", "{a = 1}", "got a table"),
         ("limits.max_connections", "false", "must be an integer >= 1, got false"),
+        ("tcp_keepalive.idle", "-1", "(0 = off), got -1"),
+        ("tcp_keepalive.idle", "40000", "got 40000"),
+        ("tcp_keepalive.interval", "0", "must be a number of seconds from 1 to 32767, got 0"),
+        ("tcp_keepalive.probes", "128", "got 128"),
         ("proxy.workers", "0", "must be an integer from 1 to 1024, got 0"),
         ("proxy.workers", "100000", "must be an integer from 1 to 1024, got 100000"),
         ("proxy.trusted_proxies", '"10.0.0.0/8"', "must be an array, got '10.0.0.0/8'"),
