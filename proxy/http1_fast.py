@@ -88,6 +88,18 @@ _DIGITS: Final = re.compile(rb"[0-9]+")
 _VERSIONS: Final = frozenset((b"1.0", b"1.1"))
 
 
+# -- whole heads: the common request in one regex (see FastRequestParser.feed_whole) ---------
+_TCHAR: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]"
+# possessive quantifiers: a head that does not match fails in linear time, never backtracks
+_WHOLE_HEAD: Final = re.compile(
+    b"(" + _TCHAR + rb"++) (/[\x21-\x7e]*+) HTTP/1\.([01])\r\n"
+    rb"((?:" + _TCHAR + rb"++:[\t\x20-\x7e\x80-\xff]*+\r\n)*+)\r\n"
+)
+_WHOLE_FIELD: Final = re.compile(b"(" + _TCHAR + rb"++):[ \t]*+([\t\x20-\x7e\x80-\xff]*+)\r\n")
+# names that make a request anything but simple: a body, a switch, an interim response
+_NOT_WHOLE: Final = frozenset((b"content-length", b"transfer-encoding", b"upgrade", b"expect"))
+
+
 _NOTED: Final = frozenset(
     (b"connection", b"upgrade", b"expect", b"content-length", b"transfer-encoding")
 )
@@ -293,6 +305,62 @@ class FastRequestParser:
         else:
             self._feed_body(data)
 
+    def feed_whole(self, data: bytes) -> RequestHead | None:
+        """The common request, parsed in one step: a bodiless head that arrived whole.
+
+        The hot path's shortcut past llhttp, the event queue and the checks above, for bytes
+        that are exactly one head (nothing before or after it) whose every line matches h11's
+        grammar in its narrowest form (origin-form target, HTTP/1.0 or 1.1, no control byte
+        but HTAB, exactly one Host, none of Content-Length, Transfer-Encoding, Upgrade or
+        Expect). What it returns, and the state it leaves, are what ``feed`` then
+        ``next_event`` (head, then End) would give: ``tests/test_http1_differential.py``
+        checks that on random heads. Anything else returns None and changes nothing: the
+        general path decides, errors included, so a shortcut can never answer differently.
+        The End stays queued, for the caller's usual event loop.
+        """
+        if (
+            not self._in_head
+            or self._pending
+            or self._trailing
+            or self._eof
+            or self._error is not None
+            or self._fallback is not None
+            or len(data) > self._max_head
+        ):
+            return None
+        m = _WHOLE_HEAD.fullmatch(data)
+        if m is None:
+            return None
+        method, target, minor, block = m.groups()
+        if method == b"CONNECT" or len(method) + len(target) + 11 > self._max_line:
+            return None
+        headers: Headers = []
+        hosts = 0
+        must_close = minor != b"1"
+        for name, value in _WHOLE_FIELD.findall(block):
+            name = name.lower()
+            value = value.rstrip(b" \t")
+            if name in _NOT_WHOLE:
+                return None
+            if name == b"host":
+                hosts += 1
+            elif name == b"connection":
+                must_close = must_close or b"close" in comma_items(value)
+            headers.append((name, value))
+        if hosts != 1:
+            return None
+        version = b"1.1" if minor == b"1" else b"1.0"
+        self._in_head = self._idle = False
+        self._complete = True
+        self._must_close = must_close
+        self._switch = False
+        self._events.append(End([]))
+        self._whole(method, version)
+        return RequestHead(method, target, headers, version, False, False)
+
+    def _whole(self, method: bytes, version: bytes) -> None:
+        """What a subclass records of a head (see FastServerSide)."""
+
     def _flush_pending(self) -> None:
         """Same buffering and limits as ``ServerSide._flush_pending``; llhttp gets whole heads."""
         buf = self._pending.lstrip(b"\r\n") if self._idle else self._pending
@@ -443,6 +511,10 @@ class FastServerSide(FastRequestParser):
         self._method = head.method
         self._version = head.http_version
         return head
+
+    def _whole(self, method: bytes, version: bytes) -> None:
+        self._method = method
+        self._version = version
 
     # -- output ----------------------------------------------------------------------------------
 

@@ -115,6 +115,11 @@ _DIGITS: Final = re.compile(rb"[0-9]{1,20}")
 _BAD_EOL: Final = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")  # bare LF, or CR before a byte but LF
 _SYNTH: Final = b"HTTP/1.1 200 \r\n"  # what llhttp sees in place of the real status line
 _FRAMING: Final = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+# a whole header block in its narrowest form (see feed_whole); possessive: linear on failure
+_WHOLE_BLOCK: Final = re.compile(rb"(?:" + _TOKEN_CHARS + rb"+:[\t\x20-\x7e\x80-\xff]*+\r\n)*+\r\n")
+_WHOLE_FIELD: Final = re.compile(
+    rb"(" + _TOKEN_CHARS + rb"+):[ \t]*+([\t\x20-\x7e\x80-\xff]*+)\r\n"
+)
 _SEND_FRAMING: Final = frozenset((*_FRAMING, b"upgrade"))
 _ORIGIN: Final = "bad response from origin: "
 
@@ -375,6 +380,56 @@ class FastClientSide:
             self._events.append(Body(data))
         else:  # after the message or the switch: kept for trailing_data()
             self._buf += data
+
+    def feed_whole(self, data: bytes) -> tuple[ResponseHead, bytes] | None:
+        """The common response, parsed in one step: final, framed by Content-Length (or
+        bodiless), and exactly ``data``, nothing before or after it.
+
+        The hot path's shortcut past the event queue and llhttp's callbacks: the header block
+        must match h11's field grammar in its narrowest form, so llhttp and h11 would both
+        read it, to the same fields. Returns the head and the body, and leaves the state
+        ``feed`` then ``next_event`` (head, body, End) would leave: checked on random
+        responses in ``tests/test_http1_client_differential.py``. Anything else returns None
+        and changes nothing, so the general path decides, errors included.
+        """
+        if (
+            self._state != _HEAD
+            or self._buf
+            or self._sent != 2
+            or self._connect
+            or self._upgrade
+            or self._eof
+            or self._error is not None
+        ):
+            return None
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        m = _STATUS_LINE.match(data)
+        if m is None or not _WHOLE_BLOCK.fullmatch(data, m.end(), end + 4):
+            return None
+        version, code, reason = m.groups()
+        status = int(code)
+        if status < 200:
+            return None
+        headers = [
+            (name.lower(), value.rstrip(b" \t"))
+            for name, value in _WHOLE_FIELD.findall(data, m.end(), end + 2)
+        ]
+        try:
+            length, chunked, close = _framing(headers)
+        except ProtocolError:
+            return None
+        body_at = end + 4
+        if status == 204 or status == 304 or self._head_request:
+            if len(data) != body_at:
+                return None
+        elif chunked or length < 0 or len(data) - body_at != length:
+            return None
+        if close or version < b"1.1":
+            self._keep_alive = False
+        self._state = _DONE
+        return ResponseHead(status, reason or b"", headers, version), data[body_at:]
 
     def _length(self, data: bytes) -> None:
         """Content-Length body bytes: sliced, no parser."""

@@ -166,6 +166,7 @@ class Proxy:
         self.client_codec: Callable[[], http1.ClientSide | FastClientSide] = (
             FastClientSide if fast else http1.ClientSide
         )
+        self.whole_heads = fast
 
     def active(self, origin: Origin) -> int:
         return self._active_by_origin.get(origin, 0)
@@ -209,6 +210,7 @@ class Downstream(asyncio.Protocol):
         "scheme",
         "transport",
         "trusted_peer",
+        "whole",
         "write_paused",
     )
 
@@ -217,6 +219,7 @@ class Downstream(asyncio.Protocol):
         self.scheme = scheme
         s = proxy.settings
         self.http = proxy.server_codec(s.max_header_bytes, s.max_request_line)
+        self.whole = proxy.whole_heads  # the codec has feed_whole(): the shortcut applies
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
         self.peer = ("", 0)
@@ -255,6 +258,12 @@ class Downstream(asyncio.Protocol):
         if ex is not None and ex.tunnel:
             ex.tunnel_to_origin(data)
             return
+        if ex is None and self.whole:
+            head = self.http.feed_whole(data)  # type: ignore[union-attr]
+            if head is not None:  # the common request, whole in one read: no parser events
+                self._begin(head)
+                self.process()
+                return
         try:
             self.http.feed(data)
         except http1.ProtocolError as e:
@@ -333,11 +342,7 @@ class Downstream(asyncio.Protocol):
                     self.close()
                 return
             if isinstance(event, http1.RequestHead):
-                self._disarm()
-                ex = self.exchange = Exchange(self, event)
-                ex.start()
-                if not ex.ready and self.exchange is ex:
-                    self.pause_reading()  # connecting upstream: the parser holds the rest
+                self._begin(event)
                 continue
             if ex is None:
                 return  # body of a request already answered (error): nothing to feed
@@ -346,6 +351,13 @@ class Downstream(asyncio.Protocol):
             elif isinstance(event, http1.End):
                 self._disarm()
                 ex.request_end()
+
+    def _begin(self, head: http1.RequestHead) -> None:
+        self._disarm()
+        ex = self.exchange = Exchange(self, head)
+        ex.start()
+        if not ex.ready and self.exchange is ex:
+            self.pause_reading()  # connecting upstream: the parser holds the rest
 
     def exchange_done(self, keep_alive: bool) -> None:
         self.exchange = None
@@ -645,8 +657,31 @@ class Exchange:
         if self.tunnel:
             self._to_client(data)
             return
+        if self.client.whole:
+            got = self.upstream.feed_whole(data)  # type: ignore[union-attr]
+            if got is not None:  # the common response, whole in one read: no events
+                self._respond_whole(*got)
+                return
         self.upstream.feed(data)
         self._pump_response()
+
+    def _respond_whole(self, event: http1.ResponseHead, body: bytes) -> None:
+        """What ``_pump_response`` does with a final head, one body piece and End."""
+        self._disarm()
+        self.status = event.status
+        self.response_started = True
+        codec = self.client.http
+        try:
+            out = codec.response_head(event.status, hdrs.to_client(event.headers), event.reason)
+        except Exception as e:
+            self._upstream_failed(http1.ProtocolError(502, f"bad response head: {e}"))
+            return
+        if body:
+            self.received += len(body)
+            self.proxy.stats.bytes_out += len(body)
+            out += codec.body(body)
+        self.client.write(out + codec.end())
+        self._finish()
 
     def eof_received(self) -> None:
         if self.tunnel:

@@ -747,3 +747,80 @@ def test_valid_requests_are_written_as_h11_writes_them(steps: list[tuple[Any, ..
     slow = written(ClientSide(), steps)
     assert "refused" not in slow, (steps, slow)
     assert slow == written(FastClientSide(), steps)
+
+
+# -- the whole-response shortcut: never a different answer than the general path --------------
+
+
+def fed_once(codec: Any, ex: Exchange) -> dict[str, Any]:
+    """The request sent and ended, the response fed in one piece (no EOF), events taken."""
+    out: dict[str, Any] = {"heads": [], "body": b"", "trailers": None, "at_end": None}
+    out["stop"] = out["error"] = None
+    codec.request_head(ex.method, ex.target, ex.headers)
+    for piece in ex.body:
+        codec.body(piece)
+    codec.end()
+    try:
+        codec.feed(ex.response)
+        pump(codec, out)
+    except ProtocolError as e:
+        out["error"] = e.status
+    out["final"] = (codec.reusable, codec.request_complete, codec.trailing_data())
+    return out
+
+
+@SETTINGS
+@given(exchange() | mutated() | hostile())
+@example(_ex(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX:  a \t\r\n\r\nabc"))
+@example(_ex(b"HTTP/1.0 204 \r\nConnection: close\r\n\r\n"))
+@example(_ex(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcd"))
+@example(_ex(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nabc"))
+@example(_ex(b"HTTP/1.1 103 Early Hints\r\nContent-Length: 0\r\n\r\n"))
+def test_whole_response_shortcut_agrees(ex: Exchange) -> None:
+    """When the shortcut takes a response, the general path and h11 read the same head and
+    body from the same bytes, and the codec is left reusable (or not) the same way."""
+    whole = FastClientSide()
+    whole.request_head(ex.method, ex.target, ex.headers)
+    for piece in ex.body:
+        whole.body(piece)
+    whole.end()
+    got = whole.feed_whole(ex.response)
+    if got is None:
+        return
+    head, body = got
+    taken = {
+        "heads": [(head.status, head.reason, head.headers, head.http_version)],
+        "body": body,
+        "trailers": [],
+        "at_end": (whole.reusable, whole.request_complete, whole.trailing_data()),
+        "stop": None,
+        "error": None,
+        "final": (whole.reusable, whole.request_complete, whole.trailing_data()),
+    }
+    assert fed_once(FastClientSide(), ex) == taken, ex
+    slow = fed_once(ClientSide(), ex)
+    assert slow["heads"] == taken["heads"] and slow["body"] == body, (ex, slow, taken)
+    assert slow["final"] == taken["final"], (ex, slow, taken)
+
+
+def test_whole_response_shortcut_takes_the_common_response() -> None:
+    """It must fire on what origins send, or the test above proves nothing."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+    for response, method in ((ok, b"GET"), (ok[: ok.find(b"\r\n\r\n") + 4], b"HEAD")):
+        codec = FastClientSide()
+        codec.request_head(method, b"/", [(b"host", b"a")])
+        codec.end()
+        assert codec.feed_whole(response) is not None and codec.reusable
+    for refused in (
+        ok[:-1],  # body incomplete
+        ok + b"HTTP/1.1 200 OK\r\n",  # bytes after it
+        ok.replace(b"Content-Length: 5", b"Transfer-Encoding: chunked"),
+        b"HTTP/1.1 100 Continue\r\n\r\n" + ok,
+    ):
+        codec = FastClientSide()
+        codec.request_head(b"GET", b"/", [(b"host", b"a")])
+        codec.end()
+        assert codec.feed_whole(refused) is None, refused
+    codec = FastClientSide()
+    codec.request_head(b"POST", b"/", [(b"host", b"a"), (b"content-length", b"1")])
+    assert codec.feed_whole(ok) is None  # the request is not ended: the general path decides

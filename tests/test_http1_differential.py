@@ -338,3 +338,91 @@ def test_informational_matches_h11() -> None:
             assert isinstance(codec.next_event(), RequestHead)
             answers.append(codec.informational(status, headers))
         assert answers[0] == answers[1], answers
+
+
+# -- the whole-head shortcut: never a different answer than the general path ------------------
+
+any_target = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=12)
+any_value = st.binary(max_size=12).filter(lambda v: b"\r" not in v and b"\n" not in v)
+
+
+@st.composite
+def simple_request(draw: st.DrawFn) -> bytes:
+    """Heads near the shortcut's edge: any visible target, any value bytes, Connection lists,
+    zero or two Hosts, HTTP/1.0."""
+    method = draw(st.sampled_from(["GET", "HEAD", "DELETE", "CONNECT", "PURGE"]) | token)
+    version = draw(st.sampled_from(["1.1", "1.1", "1.0"]))
+    lines = [f"{method} /{draw(any_target)} HTTP/{version}".encode()]
+    headers = [(b"Host", draw(st.sampled_from([b"app.test", b"a.b:80", b"x y"])))]
+    headers *= draw(st.sampled_from([1, 1, 1, 0, 2]))
+    for name, value in draw(st.lists(st.tuples(token, any_value), max_size=4)):
+        headers.append((name.encode(), value))
+    if draw(st.booleans()):
+        headers.append(
+            (b"Connection", draw(st.sampled_from([b"close", b"keep-alive", b"x, Close"])))
+        )
+    order = draw(st.permutations(headers))
+    return (
+        b"\r\n".join(
+            lines + [n + b":" + draw(st.sampled_from([b"", b" ", b"\t "])) + v for n, v in order]
+        )
+        + b"\r\n\r\n"
+    )
+
+
+def whole_then_general(raw: bytes) -> None:
+    """When the shortcut takes ``raw``, h11 and the general path take it with the same fields,
+    and the codec is left in the same state: same End, same response bytes and keep-alive
+    verdict, same handling of the next request."""
+    whole = FastServerSide()
+    head = whole.feed_whole(raw)
+    if head is None:
+        return
+    fields = (head.method, head.target, head.http_version, head.headers, False, False)
+    slow = run(ServerSide(), [raw])
+    assert slow[0] != "error" and slow[0]["head"] == fields, (raw, slow, fields)
+    general = FastServerSide()
+    general.feed(raw)
+    assert general.next_event() == head
+    for codec in (whole, general):
+        assert codec.next_event() == End([])
+        assert codec.next_event() is NEED_DATA
+    outputs = []
+    for codec in (whole, general):
+        out = codec.response_head(200, [(b"content-length", b"3")]) + codec.body(b"abc")
+        out += codec.end()
+        outputs.append((out, codec.keep_alive))
+        if codec.keep_alive:
+            codec.start_next()
+            codec.feed(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+            outputs.append(codec.next_event())
+    assert outputs[: len(outputs) // 2] == outputs[len(outputs) // 2 :], (raw, outputs)
+
+
+@SETTINGS
+@given(st.one_of(simple_request(), valid_request(), mutated_request(), hostile_head))
+@example(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+@example(b"GET /a#b HTTP/1.1\r\nHost: a\r\nX: \x80\t y \t\r\n\r\n")
+def test_whole_head_shortcut_agrees(raw: bytes) -> None:
+    whole_then_general(raw)
+
+
+def test_whole_head_shortcut_takes_the_common_request() -> None:
+    """The shortcut must actually fire on what clients send, or the test above proves nothing."""
+    raw = (
+        b"GET /api/items?page=2 HTTP/1.1\r\nHost: app.example\r\nUser-Agent: curl/8.5\r\n"
+        b"Accept: */*\r\nConnection: keep-alive\r\n\r\n"
+    )
+    head = FastServerSide().feed_whole(raw)
+    assert head is not None and head.target == b"/api/items?page=2"
+    for refused in (
+        raw.replace(b"\r\n\r\n", b"\r\nContent-Length: 0\r\n\r\n"),  # a body (even empty)
+        raw + b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",  # pipelined: the general path holds it
+        raw[:-2],  # incomplete
+        raw.replace(b"Host: app.example\r\n", b""),  # no Host: the general path answers 400
+        raw.replace(b"GET", b"CONNECT"),
+    ):
+        assert FastServerSide().feed_whole(refused) is None, refused
+    parser = FastServerSide()
+    parser.feed(b"GET / HTTP/1.1\r\n")
+    assert parser.feed_whole(b"Host: a\r\n\r\n") is None  # part of a head already held
