@@ -222,7 +222,8 @@ class FastRequestParser:
         self._new_parser()
 
     def _new_parser(self) -> None:
-        self._p = httptools.HttpRequestParser(self)
+        # made on first use (_parse): requests that take feed_whole() never need one
+        self._p: httptools.HttpRequestParser | None = None
         self._url = b""
         self._headers: Headers = []
         self._in_trailers = False
@@ -252,14 +253,16 @@ class FastRequestParser:
 
     def _request_head(self) -> RequestHead:
         """h11's rules llhttp does not apply (see the module docstring), then the event."""
-        version = self._p.get_http_version().encode()
+        p = self._p
+        assert p is not None  # a callback: _parse() is running it
+        version = p.get_http_version().encode()
         headers = self._headers
         chunked, length = _check_head(self._url, version, headers, values_checked=True)
         if chunked:
             self._chunked = _Chunked(self._max_head)
         elif length > 0:
             self._body_left = length
-        method = self._p.get_method()
+        method = p.get_method()
         # one pass for h11's connection rules and ServerSide's flags (verbatim, so the proxy
         # core sees the same RequestHead from either parser)
         must_close = version != b"1.1"
@@ -408,8 +411,11 @@ class FastRequestParser:
 
     def _parse(self, data: bytes) -> None:
         """Run llhttp; its errors (and ours from the callbacks) surface in ``next_event``."""
+        p = self._p
+        if p is None:
+            p = self._p = httptools.HttpRequestParser(self)
         try:
-            self._p.feed_data(data)
+            p.feed_data(data)
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
             self._error = cause if isinstance(cause, ProtocolError) else ProtocolError(400, str(e))

@@ -66,9 +66,27 @@ class Route:
         self._current[chosen] = 0
 
 
+# Host header -> normalised host: clients send the same few values again and again, and this
+# runs once per request. Bounded in entries and key length (a DNS name is at most 253 bytes).
+_HOSTS: dict[bytes, str] = {}
+_HOSTS_MAX = 4096
+
+
 def normalise_host(value: bytes | str) -> str:
     """Lowercase, without port or trailing dot: what route hosts are compared against."""
-    host = value.decode("latin-1") if isinstance(value, bytes) else value
+    if isinstance(value, bytes):
+        host = _HOSTS.get(value)
+        if host is None:
+            host = _normalise(value.decode("latin-1"))
+            if len(value) <= 262:
+                if len(_HOSTS) >= _HOSTS_MAX:
+                    _HOSTS.clear()
+                _HOSTS[value] = host
+        return host
+    return _normalise(value)
+
+
+def _normalise(host: str) -> str:
     host = host.strip().lower()
     if host.startswith("["):
         end = host.find("]")

@@ -593,7 +593,8 @@ class Exchange:
     def _attach(self, conn: UpstreamConnection, resend: bool = False) -> None:
         self.conn = conn
         self.reused = conn.requests > 0
-        self.proxy._active_by_origin[conn.origin] = self.proxy.active(conn.origin) + 1
+        active = self.proxy._active_by_origin
+        active[conn.origin] = active.get(conn.origin, 0) + 1
         conn.attach(self)
         if self.client.write_paused:
             # the client's buffer filled during an earlier exchange and has not drained: its
@@ -840,8 +841,9 @@ class Exchange:
         conn, self.conn = self.conn, None
         if conn is None:
             return
-        self.proxy._active_by_origin[conn.origin] = self.proxy.active(conn.origin) - 1
-        self.egress_ip = conn.local[0]
+        active = self.proxy._active_by_origin
+        active[conn.origin] = active.get(conn.origin, 0) - 1
+        self.egress_ip = conn.egress_ip
         conn.pool.release(conn, reusable and conn.alive)  # its own pool, even after a reload
 
     def client_gone(self) -> None:

@@ -22,11 +22,12 @@ def is_upgrade(headers: list[tuple[bytes, bytes]], method: bytes) -> bool:
     """A WebSocket opening handshake (RFC 6455 section 4.1): GET, Upgrade, Connection."""
     if method != b"GET":
         return False
-    upgrade = any(n == b"upgrade" and b"websocket" in v.lower() for n, v in headers)
-    connection = any(
-        n == b"connection" and b"upgrade" in [t.strip() for t in v.lower().split(b",")]
-        for n, v in headers
-    )
+    upgrade = connection = False
+    for n, v in headers:  # one pass: this runs for every GET
+        if n == b"upgrade":
+            upgrade = upgrade or b"websocket" in v.lower()
+        elif n == b"connection":
+            connection = connection or b"upgrade" in [t.strip() for t in v.lower().split(b",")]
     return upgrade and connection
 
 
