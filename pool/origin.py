@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from pool import turnwrite
 from pool.egress import EgressExhausted, EgressSet, Slot
 from pool.sockopt import KeepAlive, detect_dead_peer
 
@@ -195,6 +196,7 @@ class UpstreamConnection(asyncio.Protocol):
         "created",
         "fd",
         "handler",
+        "held",
         "idle_since",
         "leased",
         "origin",
@@ -216,6 +218,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.handler: UpstreamHandler | None = None
         self.idle_since = now
         self.fd = -1
+        self.held = b""  # see pool.turnwrite
 
     # -- asyncio.Protocol: forwarded to the handler, or fatal while idle -------------------
 
@@ -260,11 +263,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
-        self.transport.write(data)
+        turnwrite.write(self, data)
+
+    def write_eof(self) -> None:
+        if self.transport is not None and self.transport.can_write_eof():
+            turnwrite.flush(self)
+            self.transport.write_eof()
 
     def close(self) -> None:
         self.alive = False
         if self.transport is not None:
+            turnwrite.flush(self)
             self.transport.close()
         else:
             self.slot.release()

@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import structlog
 
+from pool import turnwrite
 from pool.egress import EgressExhausted
 from pool.origin import Origin, OriginPool, PoolError, UpstreamConnection
 from pool.sockopt import KeepAlive, detect_dead_peer
@@ -202,6 +203,7 @@ class Downstream(asyncio.Protocol):
         "closed",
         "ex_timer",
         "exchange",
+        "held",
         "http",
         "lingering",
         "peer",
@@ -230,6 +232,7 @@ class Downstream(asyncio.Protocol):
         self.ex_timer = Timer()  # the current exchange's: one pending loop timer per connection
         self._got_bytes = False
         self.lingering = False
+        self.held = b""  # see pool.turnwrite
         self.client_ip = b""
         self.trusted_peer = False
 
@@ -378,7 +381,7 @@ class Downstream(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
+            turnwrite.write(self, data)
 
     def fail(self, status: int, reason: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         """Answer with an error (if no response started) and close cleanly.
@@ -399,6 +402,7 @@ class Downstream(asyncio.Protocol):
             self.close()
             return
         self.lingering = True
+        turnwrite.flush(self)
         transport.write_eof()
         self.resume_reading()
         self._arm(LINGER, self.close)
@@ -407,6 +411,7 @@ class Downstream(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.closed = True
             self._disarm()
+            turnwrite.flush(self)
             self.transport.close()  # flushes what is buffered, then FIN
 
     def abort(self) -> None:
@@ -996,9 +1001,8 @@ class Exchange:
             self.closed_by = self.closed_by or "client"
             self._end_tunnel()
             return
-        conn = self.conn
-        if conn is not None and conn.transport is not None and conn.transport.can_write_eof():
-            conn.transport.write_eof()
+        if self.conn is not None:
+            self.conn.write_eof()
         if self.origin_eof:
             self._end_tunnel()
 
@@ -1009,6 +1013,7 @@ class Exchange:
             return
         transport = self.client.transport
         if transport is not None and not self.client.closed and transport.can_write_eof():
+            turnwrite.flush(self.client)
             transport.write_eof()
         if self.client_eof:
             self._end_tunnel()
