@@ -32,6 +32,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+from pool import turnwrite  # noqa: E402
 from pool.egress import EgressSet, Slot  # noqa: E402
 from pool.origin import Origin, OriginPool, PoolLimits, UpstreamConnection  # noqa: E402
 from proxy import logs  # noqa: E402
@@ -106,15 +107,20 @@ async def cycle(parser: str, count: int, profile: cProfile.Profile | None = None
     downstream = Transport(("127.0.0.1", 50000))
     client.connection_made(downstream)  # type: ignore[arg-type]
     # warm-up and a check that the cycle really proxies
+    loop = asyncio.get_running_loop()
     client.data_received(REQUEST)
+    turnwrite.end_of_turn(loop)  # the end of the loop turn: held writes go out
     conn.data_received(RESPONSE)
+    turnwrite.end_of_turn(loop)
     assert upstream.written and downstream.written[-1].endswith(b"hello, world\n"), downstream
     if profile is not None:
         profile.enable()
     t0 = time.perf_counter()
     for _ in range(count):
         client.data_received(REQUEST)
+        turnwrite.end_of_turn(loop)
         conn.data_received(RESPONSE)
+        turnwrite.end_of_turn(loop)
     elapsed = time.perf_counter() - t0
     if profile is not None:
         profile.disable()

@@ -39,6 +39,9 @@ _WEBSOCKET = [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
 
 
 def _tokens(value: bytes) -> set[bytes]:
+    if b"," not in value:  # the usual "keep-alive" or "close": no list to split
+        token = value.strip().lower()
+        return {token} if token else set()
     return {t.strip().lower() for t in value.split(b",") if t.strip()}
 
 

@@ -412,19 +412,25 @@ class FastClientSide:
         status = int(code)
         if status < 200:
             return None
-        headers = [
-            (name.lower(), value.rstrip(b" \t"))
-            for name, value in _WHOLE_FIELD.findall(data, m.end(), end + 2)
-        ]
-        try:
-            length, chunked, close = _framing(headers)
-        except ProtocolError:
-            return None
+        headers: Headers = []
+        length = -1
+        close = False
+        for name, value in _WHOLE_FIELD.findall(data, m.end(), end + 2):
+            name = name.lower()
+            value = value.rstrip(b" \t")
+            if name in _FRAMING:  # _framing()'s rules; what they refuse goes the general way
+                if name == b"connection":
+                    close = close or b"close" in comma_items(value)
+                elif name == b"content-length" and length < 0 and _DIGITS.fullmatch(value):
+                    length = int(value)
+                else:
+                    return None  # chunked, a second Content-Length, a bad one
+            headers.append((name, value))
         body_at = end + 4
         if status == 204 or status == 304 or self._head_request:
             if len(data) != body_at:
                 return None
-        elif chunked or length < 0 or len(data) - body_at != length:
+        elif length < 0 or len(data) - body_at != length:
             return None
         if close or version < b"1.1":
             self._keep_alive = False

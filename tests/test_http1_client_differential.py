@@ -776,6 +776,8 @@ def fed_once(codec: Any, ex: Exchange) -> dict[str, Any]:
 @example(_ex(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcd"))
 @example(_ex(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nabc"))
 @example(_ex(b"HTTP/1.1 103 Early Hints\r\nContent-Length: 0\r\n\r\n"))
+@example(_ex(b"HTTP/1.1 200 OK\r\nConnection: 5\r\n\r\nhello"))
+@example(_ex(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: a, CLOSE\r\n\r\nhi"))
 def test_whole_response_shortcut_agrees(ex: Exchange) -> None:
     """When the shortcut takes a response, the general path and h11 read the same head and
     body from the same bytes, and the codec is left reusable (or not) the same way."""
