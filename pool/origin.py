@@ -265,6 +265,9 @@ class UpstreamConnection(asyncio.Protocol):
         assert self.transport is not None
         turnwrite.write(self, data)
 
+    def write_now(self, data: bytes) -> None:
+        turnwrite.write_now(self, data)
+
     def write_eof(self) -> None:
         if self.transport is not None and self.transport.can_write_eof():
             turnwrite.flush(self)

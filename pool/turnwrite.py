@@ -57,6 +57,14 @@ def write(owner: Owner, data: bytes) -> None:
         owner.transport.write(data)
 
 
+def write_now(owner: Owner, data: bytes) -> None:
+    """Send ``data`` now, after what was held: for relayed streams (a WebSocket tunnel), whose
+    writes are paced by the peers and gain nothing from waiting, only copies."""
+    flush(owner)
+    if data and owner.transport is not None:
+        owner.transport.write(data)
+
+
 def flush(owner: Owner) -> None:
     """Send what ``owner`` holds now: before close, write_eof, or a write that must not wait."""
     data = owner.held

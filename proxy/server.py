@@ -383,6 +383,11 @@ class Downstream(asyncio.Protocol):
         if data and self.transport is not None and not self.closed:
             turnwrite.write(self, data)
 
+    def write_now(self, data: bytes) -> None:
+        """Unheld (see pool.turnwrite): the tunnel's relayed bytes."""
+        if data and self.transport is not None and not self.closed:
+            turnwrite.write_now(self, data)
+
     def fail(self, status: int, reason: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         """Answer with an error (if no response started) and close cleanly.
 
@@ -980,7 +985,7 @@ class Exchange:
             self.closed_by, self.close_code = "origin", self.o2c.close_code
         self.received += len(data)
         self.proxy.stats.bytes_out += len(data)
-        self.client.write(data)
+        self.client.write_now(data)
 
     def tunnel_to_origin(self, data: bytes) -> None:
         if self.stopping or self.conn is None:
@@ -991,7 +996,7 @@ class Exchange:
             self.closed_by, self.close_code = "client", self.c2o.close_code
         self.sent += len(data)
         self.proxy.stats.bytes_in += len(data)
-        self.conn.write(data)
+        self.conn.write_now(data)
 
     def tunnel_eof_from_client(self) -> None:
         """The client half-closed: pass the FIN on, or treat it as the client gone."""

@@ -126,3 +126,18 @@ def test_without_a_running_loop_writes_at_once() -> None:
     owner = Direct()
     turnwrite.write(owner, b"now")  # type: ignore[arg-type]
     assert owner.sent == [b"now"]
+
+
+def test_write_now_sends_after_what_was_held() -> None:
+    """The tunnel's path: no waiting, and never ahead of bytes already held (a Close frame)."""
+
+    async def main() -> None:
+        owner, peer = await pair()
+        turnwrite.write(owner, b"held;")
+        turnwrite.write_now(owner, b"now")
+        assert owner.sends == 2 and not owner.held
+        assert peer.recv(100) == b"held;now"
+        owner.transport.close()  # type: ignore[union-attr]
+        peer.close()
+
+    asyncio.run(main())
