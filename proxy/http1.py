@@ -12,6 +12,7 @@ block (431).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -95,6 +96,14 @@ STATUS_REASONS = {
     504: "Gateway Timeout",
     505: "HTTP Version Not Supported",
 }
+
+
+# h11's header line in its narrowest form (token ":" OWS, visible bytes, obs-text, SP and HTAB,
+# CRLF), for the whole-message shortcuts of both fast codecs: a block that matches is read to
+# the same fields by h11 and by llhttp. Possessive quantifiers: linear time on any input.
+WHOLE_TOKEN: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]++"
+WHOLE_LINES: Final = rb"(?:" + WHOLE_TOKEN + rb":[\t\x20-\x7e\x80-\xff]*+\r\n)*+"
+WHOLE_FIELD: Final = re.compile(b"(" + WHOLE_TOKEN + rb"):[ \t]*+([\t\x20-\x7e\x80-\xff]*+)\r\n")
 
 
 def comma_items(value: bytes) -> list[bytes]:

@@ -55,6 +55,9 @@ from proxy.http1 import (
     NEED_DATA,
     PAUSED,
     STATUS_REASONS,
+    WHOLE_FIELD,
+    WHOLE_LINES,
+    WHOLE_TOKEN,
     Body,
     End,
     Event,
@@ -89,13 +92,9 @@ _VERSIONS: Final = frozenset((b"1.0", b"1.1"))
 
 
 # -- whole heads: the common request in one regex (see FastRequestParser.feed_whole) ---------
-_TCHAR: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]"
-# possessive quantifiers: a head that does not match fails in linear time, never backtracks
 _WHOLE_HEAD: Final = re.compile(
-    b"(" + _TCHAR + rb"++) (/[\x21-\x7e]*+) HTTP/1\.([01])\r\n"
-    rb"((?:" + _TCHAR + rb"++:[\t\x20-\x7e\x80-\xff]*+\r\n)*+)\r\n"
+    b"(" + WHOLE_TOKEN + rb") (/[\x21-\x7e]*+) HTTP/1\.([01])\r\n(" + WHOLE_LINES + rb")\r\n"
 )
-_WHOLE_FIELD: Final = re.compile(b"(" + _TCHAR + rb"++):[ \t]*+([\t\x20-\x7e\x80-\xff]*+)\r\n")
 # names that make a request anything but simple: a body, a switch, an interim response
 _NOT_WHOLE: Final = frozenset((b"content-length", b"transfer-encoding", b"upgrade", b"expect"))
 
@@ -340,7 +339,7 @@ class FastRequestParser:
         headers: Headers = []
         hosts = 0
         must_close = minor != b"1"
-        for name, value in _WHOLE_FIELD.findall(block):
+        for name, value in WHOLE_FIELD.findall(block):
             name = name.lower()
             value = value.rstrip(b" \t")
             if name in _NOT_WHOLE:

@@ -79,6 +79,8 @@ from proxy.http1 import (
     NEED_DATA,
     PAUSED,
     SWITCHED,
+    WHOLE_FIELD,
+    WHOLE_LINES,
     Body,
     ClientSide,
     End,
@@ -115,11 +117,8 @@ _DIGITS: Final = re.compile(rb"[0-9]{1,20}")
 _BAD_EOL: Final = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")  # bare LF, or CR before a byte but LF
 _SYNTH: Final = b"HTTP/1.1 200 \r\n"  # what llhttp sees in place of the real status line
 _FRAMING: Final = frozenset((b"content-length", b"transfer-encoding", b"connection"))
-# a whole header block in its narrowest form (see feed_whole); possessive: linear on failure
-_WHOLE_BLOCK: Final = re.compile(rb"(?:" + _TOKEN_CHARS + rb"+:[\t\x20-\x7e\x80-\xff]*+\r\n)*+\r\n")
-_WHOLE_FIELD: Final = re.compile(
-    rb"(" + _TOKEN_CHARS + rb"+):[ \t]*+([\t\x20-\x7e\x80-\xff]*+)\r\n"
-)
+# a whole header block in its narrowest form (see feed_whole and proxy.http1.WHOLE_LINES)
+_WHOLE_BLOCK: Final = re.compile(WHOLE_LINES + rb"\r\n")
 _SEND_FRAMING: Final = frozenset((*_FRAMING, b"upgrade"))
 _ORIGIN: Final = "bad response from origin: "
 
@@ -415,7 +414,7 @@ class FastClientSide:
         headers: Headers = []
         length = -1
         close = False
-        for name, value in _WHOLE_FIELD.findall(data, m.end(), end + 2):
+        for name, value in WHOLE_FIELD.findall(data, m.end(), end + 2):
             name = name.lower()
             value = value.rstrip(b" \t")
             if name in _FRAMING:  # _framing()'s rules; what they refuse goes the general way

@@ -678,21 +678,34 @@ class Exchange:
 
     def _respond_whole(self, event: http1.ResponseHead, body: bytes) -> None:
         """What ``_pump_response`` does with a final head, one body piece and End."""
+        try:
+            out = self._final_head(event)
+        except http1.ProtocolError as e:
+            self._upstream_failed(e)
+            return
+        if body:
+            out += self._body_out(body)
+        self.client.write(out + self.client.http.end())
+        self._finish()
+
+    def _final_head(self, event: http1.ResponseHead) -> bytes:
+        """The client's head for the origin's final response; ProtocolError(502) when the
+        client codec refuses it."""
         self._disarm()
         self.status = event.status
         self.response_started = True
-        codec = self.client.http
         try:
-            out = codec.response_head(event.status, hdrs.to_client(event.headers), event.reason)
+            return self.client.http.response_head(
+                event.status, hdrs.to_client(event.headers), event.reason
+            )
         except Exception as e:
-            self._upstream_failed(http1.ProtocolError(502, f"bad response head: {e}"))
-            return
-        if body:
-            self.received += len(body)
-            self.proxy.stats.bytes_out += len(body)
-            out += codec.body(body)
-        self.client.write(out + codec.end())
-        self._finish()
+            raise http1.ProtocolError(502, f"bad response head: {e}") from e
+
+    def _body_out(self, data: bytes) -> bytes:
+        """A piece of the response body, counted and framed for the client."""
+        self.received += len(data)
+        self.proxy.stats.bytes_out += len(data)
+        return self.client.http.body(data)
 
     def eof_received(self) -> None:
         if self.tunnel:
@@ -755,23 +768,14 @@ class Exchange:
                         continue  # we sent our own 100 Continue, if it was asked for
                     out.append(self.client.http.informational(event.status, event.headers))
                     continue
-                self._disarm()
-                self.status = event.status
-                self.response_started = True
                 try:
-                    out.append(
-                        self.client.http.response_head(
-                            event.status, hdrs.to_client(event.headers), event.reason
-                        )
-                    )
-                except Exception as e:
+                    out.append(self._final_head(event))
+                except http1.ProtocolError as e:
                     flush()
-                    self._upstream_failed(http1.ProtocolError(502, f"bad response head: {e}"))
+                    self._upstream_failed(e)
                     return
             elif isinstance(event, http1.Body):
-                self.received += len(event.data)
-                self.proxy.stats.bytes_out += len(event.data)
-                out.append(self.client.http.body(event.data))
+                out.append(self._body_out(event.data))
             elif isinstance(event, http1.End):
                 out.append(self.client.http.end())
                 flush()
@@ -918,7 +922,7 @@ class Exchange:
             fields["egress"] = [ip or "default" for ip, _ in exc.attempts]
         elif conn is not None:
             dst = conn.slot.destination
-            fields["egress"] = conn.local[0]
+            fields["egress"] = conn.egress_ip
             fields["four_tuple"] = f"{conn.local[0]}:{conn.local[1]}->{dst[0]}:{dst[1]}"
         else:
             local = getattr(exc, "local_addr", None)
@@ -1031,7 +1035,7 @@ class Exchange:
         log.warning(
             "websocket_origin_failed",
             origin=str(self.origin),
-            egress=self.conn.local[0] if self.conn else None,
+            egress=self.conn.egress_ip if self.conn else None,
             reason=reason,
         )
         self._end_tunnel()
@@ -1080,7 +1084,7 @@ class Exchange:
             host=self.host,
             path=self.path,
             origin=str(self.origin) if self.origin else None,
-            egress=self.conn.local[0] if self.conn else self.egress_ip,
+            egress=self.conn.egress_ip if self.conn else self.egress_ip,
             duration_s=round(time.monotonic() - self.ws_started, 3),
             bytes_to_origin=self.sent,
             bytes_to_client=self.received,
