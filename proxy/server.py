@@ -420,8 +420,11 @@ class Downstream(asyncio.Protocol):
             self.transport.close()  # flushes what is buffered, then FIN
 
     def abort(self) -> None:
+        """Reset: a truncated response must look truncated. What was already relayed still
+        goes first (it was written before the failure), as it did when nothing was held."""
         if self.transport is not None:
             self.closed = True
+            turnwrite.flush(self)
             self.transport.abort()
 
     # -- timers ------------------------------------------------------------------------------
