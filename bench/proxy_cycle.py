@@ -13,6 +13,7 @@ on the client side); the figure for the default codec is also given as a ratio o
 
     .venv/bin/python bench/proxy_cycle.py               # 20,000 requests per codec, best of 5
     .venv/bin/python bench/proxy_cycle.py --profile     # cProfile of the default codec
+    .venv/bin/python bench/proxy_cycle.py --pieces      # timeit of the pieces no proxy drops
 """
 
 from __future__ import annotations
@@ -130,11 +131,71 @@ async def cycle(parser: str, count: int, profile: cProfile.Profile | None = None
     return elapsed / count
 
 
+def pieces(rounds: int = 5, number: int = 50000) -> list[tuple[str, float]]:
+    """µs per call of each piece a strict proxy cannot drop, on this file's request and
+    response: what the 0.5x-nginx budget has to fit (README, "HTTP parsing")."""
+    import timeit
+
+    from proxy import headers as hdrs
+    from proxy.http1_fast import FastServerSide
+    from proxy.http1_fast_client import FastClientSide
+
+    head = FastServerSide().feed_whole(REQUEST)
+    assert head is not None
+    out = hdrs.to_origin(head.headers, client_ip=b"127.0.0.1", scheme=b"http", trusted_peer=False)
+
+    def sent() -> FastClientSide:
+        codec = FastClientSide()
+        codec.request_head(head.method, head.target, out)
+        codec.end()
+        return codec
+
+    got = sent().feed_whole(RESPONSE)
+    assert got is not None
+    response, _body = got
+    back = hdrs.to_client(response.headers)
+    server = FastServerSide()
+    server.feed_whole(REQUEST)
+    fields = {"method": "GET", "host": "bench.example", "path": "/api/items?page=2"}
+    fields |= {"status": 200, "bytes": 13, "duration_ms": 0.1, "client": "127.0.0.1"}
+
+    def access() -> None:
+        logs.access(dict(fields))  # held to the end of the loop turn: written in one go
+
+    parser = FastServerSide()
+
+    def parse() -> None:  # one connection's codec, request after request, as in the proxy
+        parser.feed_whole(REQUEST)
+        parser.next_event()
+        parser.start_next()
+
+    base = min(timeit.repeat(sent, number=number, repeat=rounds))
+    timed = {
+        "request head parsed and checked": parse,
+        "header rewrite to the origin": lambda: hdrs.to_origin(
+            head.headers, client_ip=b"127.0.0.1", scheme=b"http", trusted_peer=False
+        ),
+        "request written as h11 writes it": sent,
+        "response parsed and checked": lambda: sent().feed_whole(RESPONSE),
+        "header rewrite to the client": lambda: hdrs.to_client(response.headers),
+        "response framing": lambda: server.response_head(200, back, b"OK"),
+        "access line (rendered and written)": access,
+    }
+    result = []
+    for name, fn in timed.items():
+        seconds = min(timeit.repeat(fn, number=number, repeat=rounds)) / number
+        if name == "response parsed and checked":
+            seconds -= base / number  # the request it answers is the piece above
+        result.append((name, seconds * 1e6))
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--pieces", action="store_true")
     args = parser.parse_args()
     devnull = os.open(os.devnull, os.O_WRONLY)
     saved = os.dup(1)
@@ -147,6 +208,17 @@ def main() -> int:
     except ImportError:
         loop = asyncio.new_event_loop()
     try:
+        if args.pieces:
+
+            async def in_loop() -> list[tuple[str, float]]:
+                return pieces()  # inside the loop: access lines wait for the turn's end
+
+            timed = loop.run_until_complete(in_loop())
+            os.dup2(saved, 1)
+            for name, micros in timed:
+                print(f"{name:38s} {micros:6.2f} µs")
+            print(f"{'together':38s} {sum(m for _, m in timed):6.2f} µs")
+            return 0
         if args.profile:
             prof = cProfile.Profile()
             loop.run_until_complete(cycle("httptools", args.count, prof))
