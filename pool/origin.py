@@ -269,9 +269,7 @@ class UpstreamConnection(asyncio.Protocol):
         turnwrite.write_now(self, data)
 
     def write_eof(self) -> None:
-        if self.transport is not None and self.transport.can_write_eof():
-            turnwrite.flush(self)
-            self.transport.write_eof()
+        turnwrite.write_eof(self)
 
     def close(self) -> None:
         self.alive = False

@@ -6,8 +6,9 @@ perf measured ~22% of a worker's CPU in ``sock_def_readable`` under wrk. Sent ba
 the end of the turn, the writes of many requests wake each peer once: the first wakes it,
 the rest find it running. Netty's FlushConsolidationHandler does this for the same reason.
 
-Owners (one per socket) keep their pending bytes in ``held`` and must call :func:`flush` before
-anything that ends or half-closes the transport, so bytes never overtake a FIN.
+Owners (one per socket) keep their pending bytes in ``held``, half-close with
+:func:`write_eof` and call :func:`flush` before anything else that ends the transport, so
+bytes never overtake a FIN.
 """
 
 from __future__ import annotations
@@ -63,6 +64,16 @@ def write_now(owner: Owner, data: bytes) -> None:
     flush(owner)
     if data and owner.transport is not None:
         owner.transport.write(data)
+
+
+def write_eof(owner: Owner) -> bool:
+    """Half-close after what is held; False when the transport cannot (TLS) or is gone."""
+    transport = owner.transport
+    if transport is None or not transport.can_write_eof():
+        return False
+    flush(owner)
+    transport.write_eof()
+    return True
 
 
 def flush(owner: Owner) -> None:

@@ -402,13 +402,10 @@ class Downstream(asyncio.Protocol):
         log.info(
             "client_error", status=status, reason=reason, client=f"{self.peer[0]}:{self.peer[1]}"
         )
-        transport = self.transport
-        if transport is None or not transport.can_write_eof():
+        if not turnwrite.write_eof(self):
             self.close()
             return
         self.lingering = True
-        turnwrite.flush(self)
-        transport.write_eof()
         self.resume_reading()
         self._arm(LINGER, self.close)
 
@@ -1023,10 +1020,8 @@ class Exchange:
         if not self.o2c.closed and not self.stopping:
             self._origin_failed("origin closed without a Close frame")
             return
-        transport = self.client.transport
-        if transport is not None and not self.client.closed and transport.can_write_eof():
-            turnwrite.flush(self.client)
-            transport.write_eof()
+        if not self.client.closed:
+            turnwrite.write_eof(self.client)
         if self.client_eof:
             self._end_tunnel()
 

@@ -67,7 +67,7 @@ def test_bytes_never_overtake_close_or_bulk() -> None:
         turnwrite.write(owner, big)  # bulk: the held bytes go first, then this, at once
         assert owner.sends == 2 and not owner.held
         turnwrite.write(owner, b";tail")
-        turnwrite.flush(owner)  # what close() does first
+        assert turnwrite.write_eof(owner)  # the held tail goes before the FIN
         owner.transport.close()  # type: ignore[union-attr]
         await asyncio.sleep(0)
         data = await asyncio.to_thread(read_until_eof, peer)
