@@ -71,7 +71,9 @@ def test_ready_when_every_worker_accepts_and_stopping_at_sigterm(
         assert all(accepts(9090 + i) for i in range(workers))
         os.kill(proc.p.pid, signal.SIGTERM)
         assert sock.recv(4096) == b"STOPPING=1"  # the only other message: no second READY
-        assert proc.stop() == 0
+        # the SIGTERM above is the only one: a second (Proc.stop) could land after the proxy
+        # dropped its handlers on the way out and end it with -15
+        assert proc.p.wait(timeout=20) == 0
     finally:
         if proc.p.poll() is None:
             proc.stop()
