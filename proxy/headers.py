@@ -4,6 +4,12 @@ RFC 9110 section 7.6.1: Connection, the headers it names, and the classic hop-by
 describe one connection and must not be forwarded. X-Forwarded-For from a client is kept
 only when that client is a trusted proxy; otherwise anyone could forge their address.
 
+The origin's Host is always the name the request was routed by (:mod:`proxy.target`), never
+the client's header as such: for an absolute-form target the received Host is replaced
+(RFC 9112 §3.2.2), and X-Forwarded-Host names the same host unless a trusted proxy in front
+already told us the original one. X-Request-ID is the exchange's id (see
+:func:`proxy.target`'s caller): a client's own is kept only from a trusted proxy.
+
 Both rewrites run once per proxied request, so each is one pass over the headers with one
 set lookup per header; whether the peer is trusted is decided once per connection
 (:func:`is_trusted`), not per request.
@@ -33,7 +39,7 @@ HOP_BY_HOP = frozenset(
 VIA = b"1.1 originpool"
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 # every name either rewrite looks at; any other header is copied with one set lookup
-_REQUEST_SPECIAL = HOP_BY_HOP | _FORWARDED | {b"expect", b"host", b"via"}
+_REQUEST_SPECIAL = HOP_BY_HOP | _FORWARDED | {b"expect", b"host", b"via", b"x-request-id"}
 _RESPONSE_SPECIAL = HOP_BY_HOP | {b"via"}
 _WEBSOCKET = [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
 
@@ -59,24 +65,24 @@ def to_origin(
     client_ip: bytes,
     scheme: bytes,
     trusted_peer: bool,
+    host: bytes,
+    request_id: bytes,
     websocket: bool = False,
 ) -> Headers:
     """The request headers as the origin should see them.
 
-    ``trusted_peer``: the client is a trusted proxy, so its X-Forwarded-* are extended
-    rather than replaced.
+    ``host``: the authority the request was routed by, sent as Host whatever the client's
+    Host said. ``trusted_peer``: the client is a trusted proxy, so its X-Forwarded-* are
+    extended rather than replaced.
     """
     out: Headers = []
     listed: set[bytes] = set()
     forwarded_for: list[bytes] = []
-    proto = fwd_host = host = b""
+    proto = fwd_host = b""
     via: list[bytes] = []
     for item in headers:
         name = item[0]
         if name not in _REQUEST_SPECIAL:
-            out.append(item)
-        elif name == b"host":
-            host = host or item[1]
             out.append(item)
         elif name == b"via":
             via.append(item[1])
@@ -91,6 +97,7 @@ def to_origin(
         # the rest (hop-by-hop, Expect: the proxy answers 100-continue itself) is dropped
     if listed:
         out = [item for item in out if item[0] not in listed]
+    out.insert(0, (b"host", host))  # after the Connection filter: "Connection: host" drops none
     if not trusted_peer:
         forwarded_for, proto, fwd_host = [], b"", b""
     forwarded_for.append(client_ip)
@@ -99,6 +106,7 @@ def to_origin(
     out.append((b"x-forwarded-host", fwd_host or host))
     via.append(VIA)
     out.append((b"via", b", ".join(via)))
+    out.append((b"x-request-id", request_id))
     if websocket:
         out += _WEBSOCKET
     return out

@@ -1,5 +1,11 @@
-"""Which origin serves a request: host (exact, then the longest ``*.suffix``), then the
-longest path prefix, then the route's balancing among its origins.
+"""Which origin serves a request: host (exact, then the longest ``*.suffix``, then the
+catch-all ``*``), then the longest path prefix, then the route's balancing among its origins.
+
+The host compared is :attr:`proxy.target.Target.host`, the one name the request is also
+forwarded with. ``*`` is nginx's ``default_server`` and HAProxy's ``default_backend``: it
+takes any Host no other route takes, so fronting one origin needs no list of every spelling
+of its name. An exact name wins over a suffix, a suffix over ``*``, whatever their order in
+the config; within a host, the longest path prefix wins.
 
 Pure logic, no I/O: the server asks ``match`` once per request and ``pick`` once per
 attempt, excluding origins that already failed this request.
@@ -17,7 +23,7 @@ BALANCES = ("round_robin", "least_conn")
 
 @dataclass(eq=False)
 class Route:
-    host: str  # lowercase; exact, or "*.suffix"
+    host: str  # lowercase; exact, "*.suffix", or "*" (the catch-all)
     path_prefix: str
     origins: Sequence[tuple[Origin, int]]  # (origin, weight)
     balance: str = "round_robin"
@@ -66,48 +72,21 @@ class Route:
         self._current[chosen] = 0
 
 
-# Host header -> normalised host: clients send the same few values again and again, and this
-# runs once per request. Bounded in entries and key length (a DNS name is at most 253 bytes).
-_HOSTS: dict[bytes, str] = {}
-_HOSTS_MAX = 4096
-
-
-def normalise_host(value: bytes | str) -> str:
-    """Lowercase, without port or trailing dot: what route hosts are compared against."""
-    if isinstance(value, bytes):
-        host = _HOSTS.get(value)
-        if host is None:
-            host = _normalise(value.decode("latin-1"))
-            if len(value) <= 262:
-                if len(_HOSTS) >= _HOSTS_MAX:
-                    _HOSTS.clear()
-                _HOSTS[value] = host
-        return host
-    return _normalise(value)
-
-
-def _normalise(host: str) -> str:
-    host = host.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end > 0 else host
-    if host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    return host.rstrip(".")
-
-
 class Router:
     def __init__(self, routes: Iterable[Route]) -> None:
         self.routes = list(routes)
         self._exact: dict[str, list[Route]] = {}
         self._wild: list[tuple[str, list[Route]]] = []
+        self._any: list[Route] = []
         wild: dict[str, list[Route]] = {}
         for r in self.routes:
-            if r.host.startswith("*."):
+            if r.host == "*":
+                self._any.append(r)
+            elif r.host.startswith("*."):
                 wild.setdefault(r.host[1:], []).append(r)  # ".example"
             else:
                 self._exact.setdefault(r.host, []).append(r)
-        for group in (*self._exact.values(), *wild.values()):
+        for group in (*self._exact.values(), *wild.values(), self._any):
             group.sort(key=lambda r: len(r.path_prefix), reverse=True)
         self._wild = sorted(wild.items(), key=lambda kv: len(kv[0]), reverse=True)
 
@@ -120,4 +99,7 @@ class Router:
                 for route in group:
                     if path.startswith(route.path_prefix):
                         return route
+        for route in self._any:
+            if path.startswith(route.path_prefix):
+                return route
         return None

@@ -29,10 +29,11 @@ from pool.egress import EgressExhausted
 from pool.origin import Origin, OriginPool, PoolError, UpstreamConnection
 from pool.sockopt import KeepAlive, detect_dead_peer
 from proxy import headers as hdrs
-from proxy import http1, http1_fast, logs
+from proxy import http1, http1_fast, logs, request_id
 from proxy import websocket as ws
 from proxy.http1_fast_client import FastClientSide
-from proxy.routing import Route, Router, normalise_host
+from proxy.routing import Route, Router
+from proxy.target import resolve
 
 log = structlog.get_logger("originpool.proxy")
 
@@ -183,6 +184,14 @@ def classify(exc: BaseException) -> int:
     if isinstance(exc, TimeoutError) or getattr(exc, "errno", None) == errno.ETIMEDOUT:
         return 504
     return 502
+
+
+# what a client is told of an upstream failure: no errno, no address (see Exchange._fail_upstream)
+_UPSTREAM_REASONS = {
+    502: "the origin could not be reached or sent an invalid response",
+    503: "no capacity to reach the origin right now; retry shortly",
+    504: "the origin did not answer in time",
+}
 
 
 def _errno_name(exc: BaseException) -> str:
@@ -389,25 +398,51 @@ class Downstream(asyncio.Protocol):
             turnwrite.write_now(self, data)
 
     def fail(self, status: int, reason: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
-        """Answer with an error (if no response started) and close cleanly.
+        """The client broke HTTP: answer with an error and close cleanly. An exchange in
+        flight (its body was malformed) ends with that answer, so its access line records
+        the status the client got, and its origin connection is dropped."""
+        ex = self.exchange
+        if ex is not None and not ex.finished:
+            ex.respond_error(status, reason, extra)
+            return
+        self.answer_error(status, reason, extra, request_id.new())
 
-        Cleanly means a lingering close, as nginx does: closing a socket with unread input
-        sends RST, which can destroy the error response before the client reads it (a 413
-        while the client is still uploading). So: send, half-close, discard what still
-        arrives, close at the client's EOF or after LINGER seconds.
+    def answer_error(
+        self, status: int, reason: str, extra: Sequence[tuple[bytes, bytes]], rid: bytes
+    ) -> int:
+        """Send an error answer (if no response started) and close cleanly; returns the body
+        bytes sent, for the access line.
+
+        ``reason`` is for the client: it names what was wrong with the request, never the
+        proxy's internals (an upstream failure's detail goes to the log line carrying the
+        same request id). Cleanly means a lingering close, as nginx does: closing a socket
+        with unread input sends RST, which can destroy the error response before the client
+        reads it (a 413 while the client is still uploading). So: send, half-close, discard
+        what still arrives, close at the client's EOF or after LINGER seconds.
         """
         if self.closed or self.lingering:
-            return
-        self.write(self.http.error_response(status, reason, extra))
-        log.info(
-            "client_error", status=status, reason=reason, client=f"{self.peer[0]}:{self.peer[1]}"
+            return 0
+        response = self.http.error_response(
+            status,
+            f"{reason}\nrequest id: {rid.decode('ascii')}",
+            [*extra, (b"x-request-id", rid)],
         )
+        self.write(response)
+        if status < 500:  # the proxy's own failures are logged as upstream_error
+            log.info(
+                "client_error",
+                status=status,
+                reason=reason,
+                client=f"{self.peer[0]}:{self.peer[1]}",
+                request_id=rid.decode("ascii"),
+            )
         if not turnwrite.write_eof(self):
             self.close()
-            return
-        self.lingering = True
-        self.resume_reading()
-        self._arm(LINGER, self.close)
+        else:
+            self.lingering = True
+            self.resume_reading()
+            self._arm(LINGER, self.close)
+        return len(response) - response.find(b"\r\n\r\n") - 4 if response else 0
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
@@ -457,6 +492,7 @@ class Exchange:
         "_retried",
         "_task",
         "_timer",
+        "authority",
         "c2o",
         "client",
         "client_eof",
@@ -477,6 +513,7 @@ class Exchange:
         "ready",
         "received",
         "request_done",
+        "request_id",
         "response_started",
         "reused",
         "route",
@@ -509,14 +546,21 @@ class Exchange:
         self.response_started = False
         self.reused = False
         self._retried = False
-        self.egress_ip: str | None = None
+        self.egress_ip: str | list[str] | None = None
         self._timer = client.ex_timer
         self._task: asyncio.Task[None] | None = None
         self.websocket = ws.is_upgrade(head.headers, head.method)
         self.tunnel = False  # the tunnel's own state is set in _switch(), read only after it
-        host_header = next((v for n, v in head.headers if n == b"host"), b"")
-        self.host = normalise_host(host_header)
+        self.host = ""  # the routing name and the authority forwarded: set by _route()
+        self.authority = b""
         self.path = head.target.decode("latin-1")
+        rid = b""
+        if client.trusted_peer:  # anyone else's X-Request-ID could forge a trail in the logs
+            for name, value in head.headers:
+                if name == b"x-request-id":
+                    rid = request_id.accept(value)
+                    break
+        self.request_id = rid or request_id.new()
 
     # -- start: route, connect ---------------------------------------------------------------
 
@@ -536,23 +580,24 @@ class Exchange:
         self._task = asyncio.get_running_loop().create_task(self._connect(origin))
 
     def _route(self) -> Route | None:
-        """The route for this request, or None once an error answer has been sent."""
-        target = self.path
-        if target.startswith(("http://", "https://")):
-            from urllib.parse import urlsplit
+        """The route for this request, or None once an error answer has been sent.
 
-            parts = urlsplit(target)
-            self.host = normalise_host(parts.netloc)  # absolute-form: the target's authority
-            self.path = parts.path or "/"
-            if parts.query:
-                self.path += "?" + parts.query
-        elif target == "*" or not target.startswith("/"):
-            self.respond_error(400, "request target must be origin-form or absolute-form")
+        One name for everything (:mod:`proxy.target`): the route is matched by the same
+        host the origin receives as Host and X-Forwarded-Host.
+        """
+        head = self.head
+        try:
+            target = resolve(head.target, head.headers, head.http_version)
+        except http1.ProtocolError as e:
+            self.respond_error(e.status, e.reason)
             return None
+        self.host = target.host
+        self.authority = target.authority
+        self.path = target.path.decode("latin-1")
         route = self.proxy.router.match(self.host, self.path)
         if route is None:
             # not an open proxy: no upstream contact for hosts we do not serve
-            self.respond_error(421, f"no route for host {self.host!r}")
+            self.respond_error(421, "no route for this host")
             return None
         self.route = route
         limit = self.proxy.settings.max_body_bytes
@@ -575,12 +620,13 @@ class Exchange:
                 conn = await (pool.lease(origin) if self.websocket else pool.acquire(origin))
             except (OSError, ssl.SSLError) as e:
                 last = e
+                self.origin = origin  # the access line names the origin the log line names
                 self._log_upstream_error(origin, e, None)
                 if isinstance(e, PoolError):
                     break  # the origin's own limit: another origin would overload too
                 origin = route.pick(tried, self.proxy.active)
                 continue
-            if self.client.closed:
+            if self.client.closed or self.finished:
                 conn.pool.release(conn, reusable=True)
                 return
             self.origin = origin
@@ -589,9 +635,7 @@ class Exchange:
                 self.client.resume_reading()
                 self.client.process()
             return
-        status = classify(last) if last else 502
-        extra = [(b"retry-after", b"1")] if status == 503 else []
-        self.respond_error(status, f"upstream unavailable: {last}", extra)
+        self._fail_upstream(classify(last) if last else 502)
 
     def _declared_length(self) -> int:
         for n, v in self.head.headers:
@@ -616,6 +660,9 @@ class Exchange:
             client_ip=self.client.client_ip,
             scheme=self.client.scheme,
             trusted_peer=self.client.trusted_peer,
+            # HTTP/1.0 without Host (the catch-all route only): the origin's own name
+            host=self.authority or str(conn.origin).split("://", 1)[1].encode(),
+            request_id=self.request_id,
             websocket=self.websocket,
         )
         if head.has_body and not any(n == b"content-length" for n, _ in head.headers):
@@ -624,7 +671,8 @@ class Exchange:
         try:
             conn.write(self.upstream.request_head(head.method, target, headers))
         except Exception as e:  # h11 refusing what the downstream parser accepted
-            self.respond_error(400, f"cannot forward request: {e}")
+            log.info("request_not_forwarded", error=str(e), request_id=self.request_id.decode())
+            self.respond_error(400, "the request cannot be forwarded")
             return
         if resend:
             conn.write(self.upstream.end())  # bodiless: the whole request again
@@ -813,8 +861,7 @@ class Exchange:
             self._record(self.status or 502)
             self.client.exchange_done(False)
             return
-        status = exc.status if isinstance(exc, http1.ProtocolError) else classify(exc)
-        self.respond_error(status, str(exc))
+        self._fail_upstream(exc.status if isinstance(exc, http1.ProtocolError) else classify(exc))
 
     def _may_retry(self, exc: BaseException) -> bool:
         return (
@@ -833,11 +880,9 @@ class Exchange:
             conn = await self.proxy.pool.acquire(self.origin)
         except (OSError, ssl.SSLError) as e:
             self._log_upstream_error(self.origin, e, None)
-            status = classify(e)
-            extra = [(b"retry-after", b"1")] if status == 503 else []
-            self.respond_error(status, f"upstream unavailable: {e}", extra)
+            self._fail_upstream(classify(e))
             return
-        if self.client.closed:
+        if self.client.closed or self.finished:
             conn.pool.release(conn, reusable=True)
             return
         self._attach(conn, resend=True)
@@ -880,14 +925,29 @@ class Exchange:
     def respond_error(
         self, status: int, reason: str, extra: Sequence[tuple[bytes, bytes]] = ()
     ) -> None:
+        """End the exchange with the proxy's own answer; the access line records what the
+        client got: this status and body, or, when a response had already started, that
+        response's status (the client sees it cut short)."""
         if self.finished:
             return
         self.finished = True
-        self.status = status
+        task = self._task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()  # still connecting: the origin must not get this request
+        if not self.response_started:
+            self.status = status
         self._release(False)
-        self._record(status)
         self.client.exchange = None
-        self.client.fail(status, reason, extra)
+        sent = self.client.answer_error(status, reason, extra, self.request_id)
+        if not self.response_started:
+            self.received = sent
+        self._record(self.status)
+
+    def _fail_upstream(self, status: int) -> None:
+        """The client's answer to an upstream failure: the status, a generic reason and the
+        request id; the detail (errno, addresses) is in the upstream_error line only."""
+        extra = [(b"retry-after", b"1")] if status == 503 else []
+        self.respond_error(status, _UPSTREAM_REASONS.get(status, "upstream failure"), extra)
 
     def _record(self, status: int) -> None:
         seconds = time.monotonic() - self.started
@@ -905,6 +965,7 @@ class Exchange:
                 "origin": str(self.origin) if self.origin else None,
                 "egress": self.egress_ip,
                 "client": self.client.peer[0],
+                "request_id": self.request_id.decode("ascii"),
             }
         )
 
@@ -912,6 +973,7 @@ class Exchange:
         self, origin: Origin | None, exc: BaseException, conn: UpstreamConnection | None
     ) -> None:
         fields: dict[str, Any] = {
+            "request_id": self.request_id.decode("ascii"),
             "route": self.route.name if self.route else None,
             "origin": str(origin) if origin else None,
             "errno": _errno_name(exc),
@@ -931,6 +993,8 @@ class Exchange:
                 fields["egress"] = str(local[0])
             if remote is not None:
                 fields["destination"] = f"{remote[0]}:{remote[1]}"
+        if "egress" in fields:
+            self.egress_ip = fields["egress"]  # the access line names the same egress
         log.warning("upstream_error", **fields)
 
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
