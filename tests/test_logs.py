@@ -8,9 +8,23 @@ import json
 import os
 import select
 
+import pytest
 import structlog
 
 from proxy import logs
+
+
+@pytest.fixture(autouse=True)
+def _no_lasting_configuration(monkeypatch):
+    """logs.configure() is process-wide: loggers it caches, and the access lines' direct
+    path, would bypass structlog.testing.capture_logs in every test that runs after these."""
+    real = structlog.configure
+    monkeypatch.setattr(
+        structlog, "configure", lambda **kw: real(**{**kw, "cache_logger_on_first_use": False})
+    )
+    yield
+    structlog.reset_defaults()
+    logs._access_json = False
 
 
 def read_all(fd: int) -> bytes:
