@@ -2,6 +2,13 @@
 
 Separate from the data path on purpose: probes and scrapes keep answering while the proxy is
 saturated, and nothing here can be reached from the public listener.
+
+``/ports`` shows the proxy's own pairs -- its live egress set towards every address of the
+origins its live routes name, idle pairs included -- because an operator asking this
+endpoint wants the proxy's headroom, not the namespace's other traffic. ``/ports?all=1`` is
+the namespace-wide census (the only view before issue 12). Either way the counts are the
+namespace's sockets from those addresses, so every worker answers the same for the whole
+proxy. See :mod:`pool.census` for the JSON keys.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from urllib.parse import parse_qs
 
 import structlog
 
@@ -74,10 +82,28 @@ def render_metrics(proxy: Proxy) -> str:
     return text + "\n".join(lines) + "\n"
 
 
-def ports_json() -> str:
+_YES, _NO = ("1", "true", "yes", ""), ("0", "false", "no")
+Handler = Callable[[dict[str, list[str]]], tuple[int, str, str]]
+
+
+def ports_json(proxy: Proxy, everything: bool = False) -> str:
+    """The census of the proxy's pairs, from the worker's *current* egress set and routes
+    (SIGHUP may have changed both), or of the whole namespace with ``everything``."""
     from pool import census
 
-    return json.dumps(census.to_json(census.take_census()))
+    scope = None
+    if not everything:
+        origins = (origin for route in proxy.router.routes for origin, _weight in route.origins)
+        egress = proxy.pool.egress
+        scope = census.proxy_scope(egress.egresses, origins, egress.mode)
+    return json.dumps(census.to_json(*census.survey(scope), scope=scope))
+
+
+def _ports(proxy: Proxy, query: dict[str, list[str]]) -> tuple[int, str, str]:
+    value = query.get("all", ["0"])[-1].lower()
+    if value not in _YES + _NO:
+        return (400, "text/plain", f"all must be 1 or 0, not {value!r}\n")
+    return (200, "application/json", ports_json(proxy, everything=value in _YES))
 
 
 class Admin:
@@ -85,13 +111,18 @@ class Admin:
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
-        self.routes: dict[str, Callable[[], tuple[int, str, str]]] = {
-            "/healthz": lambda: (200, "text/plain", "ok\n"),
-            "/readyz": self._ready,
-            "/metrics": lambda: (200, "text/plain; version=0.0.4", render_metrics(self.proxy)),
-            "/ports": lambda: (200, "application/json", ports_json()),
+        self.routes: dict[str, Handler] = {
+            "/healthz": lambda _q: (200, "text/plain", "ok\n"),
+            "/readyz": lambda _q: self._ready(),
+            "/metrics": lambda _q: (
+                200,
+                "text/plain; version=0.0.4",
+                render_metrics(self.proxy),
+            ),
+            "/ports": lambda q: _ports(self.proxy, q),
         }
-        # a census of 10,000 sockets takes ~60 ms: off the loop that relays traffic
+        # a census of 10,000 sockets takes ~60 ms, and origin names resolve with blocking
+        # getaddrinfo: off the loop that relays traffic
         self.threaded = {"/ports"}
         self.server: asyncio.base_events.Server | None = None
 
@@ -120,16 +151,17 @@ class Admin:
                         return
                     continue
                 if isinstance(event, http1.RequestHead):
-                    path = event.target.decode("latin-1").split("?", 1)[0]
+                    path, _, raw_query = event.target.decode("latin-1").partition("?")
+                    query = parse_qs(raw_query, keep_blank_values=True)
                     handler = self.routes.get(path)
                     if handler is None:
                         status, ctype, body = 404, "text/plain", "not found\n"
                     else:
                         try:
                             if path in self.threaded:
-                                status, ctype, body = await asyncio.to_thread(handler)
+                                status, ctype, body = await asyncio.to_thread(handler, query)
                             else:
-                                status, ctype, body = handler()
+                                status, ctype, body = handler(query)
                         except Exception as e:  # an admin page must not kill the listener
                             log.exception("admin_error", path=path)
                             status, ctype, body = 500, "text/plain", f"{e}\n"

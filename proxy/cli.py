@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pool import __version__
+
+if TYPE_CHECKING:
+    from proxy.config import Config
+
+# where deploy/ (systemd unit, Dockerfile, Kubernetes) puts the config; `ports` reads it
+DEFAULT_CONFIG = "/etc/originpool/originpool.toml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_run_demo)
     ports = sub.add_parser(
         "ports",
-        help="census of this namespace's outgoing sockets per (source IP, destination): "
-        "how full each pair's port range is (no root needed)",
+        help="how full each (egress IP, origin) pair of the proxy's is, from its config; "
+        "--all for every (source IP, destination) pair in this namespace (no root needed)",
+    )
+    which = ports.add_mutually_exclusive_group()
+    which.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the proxy's TOML config, whose egress IPs and origins make the pairs shown "
+        f"(default {DEFAULT_CONFIG}, where the deploy files put it)",
+    )
+    which.add_argument(
+        "--all",
+        action="store_true",
+        help="every outgoing pair in this namespace, not only the proxy's (no config read)",
     )
     ports.add_argument("--json", action="store_true", help="machine-readable output")
     ports.add_argument("--proto", choices=("tcp", "udp", "all"), default="all")
@@ -64,9 +84,71 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_ports(args: argparse.Namespace) -> int:
-    from pool.census import run
+    """The proxy's own pairs unless ``--all``: a namespace-wide census shows curl's and every
+    client's connections too, and an operator asking "how much room has the proxy left"
+    must not read those as the proxy's.
 
-    return run(as_json=args.json, proto=args.proto, min_util=args.min_util)
+    A config given with ``--config``, or present at the default path, must load (exit 2
+    with its problems otherwise: a broken config at the proxy's path is news). With neither,
+    there is no proxy here to show: the namespace-wide census, headed as such, as before
+    issue 12 (scripts such as ``deploy/egress-ips.sh check`` run before any config exists).
+    """
+    from pool import census
+
+    scope, note = None, None
+    if args.all:
+        pass
+    elif args.config is None and not Path(DEFAULT_CONFIG).exists():
+        note = (
+            f"no proxy config at {DEFAULT_CONFIG} (--config FILE for the proxy's pairs): "
+            "every pair in this namespace"
+        )
+    else:  # --all needs none of the proxy's dependencies: a bare python runs it
+        from proxy.config import ConfigError
+
+        path = args.config or DEFAULT_CONFIG
+        try:
+            config = _config_for_ports(path)
+        except ConfigError as e:
+            for problem in e.problems:
+                print(problem, file=sys.stderr)
+            print(
+                "originpool ports: the proxy's pairs come from its config: fix it, "
+                "or pass --all for every pair in this namespace",
+                file=sys.stderr,
+            )
+            return 2
+        scope = census.proxy_scope(config.egress.addresses, config.origins, config.egress.mode)
+    return census.run(
+        as_json=args.json, proto=args.proto, min_util=args.min_util, scope=scope, note=note
+    )
+
+
+_FILE_KEYS = {"listen": ("tls_cert", "tls_key"), "upstream_tls": ("ca_file",)}
+
+
+def _config_for_ports(path: str) -> Config:
+    """The config, checked as ``check-config`` checks it except for the certificate and key
+    files: ``ports`` needs only the egress IPs and origins, and the operator running it
+    (``ports`` needs no root) may rightly be unable to read the proxy's private key."""
+    import tomllib
+
+    from proxy.config import ConfigError, from_dict
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.loads(f.read().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError([f"{path}: not a valid TOML file: {e}"]) from None
+    for section, keys in _FILE_KEYS.items():
+        tables = data.get(section)
+        for table in tables if isinstance(tables, list) else [tables]:
+            if isinstance(table, dict):
+                for key in keys:
+                    table.pop(key, None)
+    return from_dict(data, path, base_dir=Path(path).resolve().parent)
 
 
 def _run_check_config(args: argparse.Namespace) -> int:

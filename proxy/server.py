@@ -34,6 +34,7 @@ from proxy import websocket as ws
 from proxy.http1_fast_client import FastClientSide
 from proxy.routing import Route, Router
 from proxy.target import resolve
+from proxy.tunnel import Tunnel
 
 log = structlog.get_logger("originpool.proxy")
 
@@ -158,7 +159,7 @@ class Proxy:
         self.clients: set[Downstream] = set()
         self.listeners: list[Listener] = []
         self.all_closed = asyncio.Event()  # set when draining and the last client is gone
-        self.sessions: set[Exchange] = set()  # WebSocket tunnels, for Close 1001 on shutdown
+        self.sessions: set[Tunnel] = set()  # WebSocket tunnels, for Close 1001 on shutdown
         self._active_by_origin: dict[Origin, int] = {}
         fast = settings.http_parser == "httptools" and http1_fast.httptools is not None
         # which HTTP/1.1 codec runs where: README "HTTP parsing"
@@ -232,7 +233,7 @@ class Downstream(asyncio.Protocol):
         self.http = proxy.server_codec(s.max_header_bytes, s.max_request_line)
         self.whole = proxy.whole_heads  # the codec has feed_whole(): the shortcut applies
         self.transport: asyncio.Transport | None = None
-        self.exchange: Exchange | None = None
+        self.exchange: Exchange | Tunnel | None = None  # a Tunnel after a 101
         self.peer = ("", 0)
         self.closed = False
         self.reading_paused = False
@@ -402,7 +403,7 @@ class Downstream(asyncio.Protocol):
         flight (its body was malformed) ends with that answer, so its access line records
         the status the client got, and its origin connection is dropped."""
         ex = self.exchange
-        if ex is not None and not ex.finished:
+        if isinstance(ex, Exchange) and not ex.finished:
             ex.respond_error(status, reason, extra)
             return
         self.answer_error(status, reason, extra, request_id.new())
@@ -480,12 +481,14 @@ class Downstream(asyncio.Protocol):
         if self.reading_paused:
             self.arm_body_timer()  # the stall is ours (origin back-pressure), not the client's
             return
-        if self.exchange is not None:
+        if isinstance(self.exchange, Exchange):
             self.exchange.abort_request(408, "request body stalled")
 
 
 class Exchange:
     """One request and its response; the upstream handler of the pooled connection."""
+
+    tunnel = False  # Downstream's exchange slot holds a Tunnel after a 101
 
     # slots: thousands of these live at once (two sockets' worth of state per session)
     __slots__ = (
@@ -493,21 +496,14 @@ class Exchange:
         "_task",
         "_timer",
         "authority",
-        "c2o",
         "client",
-        "client_eof",
-        "close_code",
-        "closed_by",
         "conn",
         "egress_ip",
         "finished",
         "head",
         "host",
         "in_body",
-        "last_activity",
-        "o2c",
         "origin",
-        "origin_eof",
         "path",
         "proxy",
         "ready",
@@ -520,11 +516,8 @@ class Exchange:
         "sent",
         "started",
         "status",
-        "stopping",
-        "tunnel",
         "upstream",
         "websocket",
-        "ws_started",
     )
 
     def __init__(self, client: Downstream, head: http1.RequestHead) -> None:
@@ -550,7 +543,6 @@ class Exchange:
         self._timer = client.ex_timer
         self._task: asyncio.Task[None] | None = None
         self.websocket = ws.is_upgrade(head.headers, head.method)
-        self.tunnel = False  # the tunnel's own state is set in _switch(), read only after it
         self.host = ""  # the routing name and the authority forwarded: set by _route()
         self.authority = b""
         self.path = head.target.decode("latin-1")
@@ -713,9 +705,6 @@ class Exchange:
     # -- upstream handler: origin -> client --------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.tunnel:
-            self._to_client(data)
-            return
         if self.client.whole:
             got = self.upstream.feed_whole(data)  # type: ignore[union-attr]
             if got is not None:  # the common response, whole in one read: no events
@@ -756,20 +745,11 @@ class Exchange:
         return self.client.http.body(data)
 
     def eof_received(self) -> None:
-        if self.tunnel:
-            self._origin_eof()
-            return
         self.upstream.feed(b"")
         self._pump_response()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.finished:
-            return
-        if self.tunnel:
-            if self.o2c.closed or self.stopping:
-                self._end_tunnel()  # after its Close frame: the normal end
-            else:
-                self._origin_failed(f"origin connection lost: {exc}" if exc else "origin closed")
             return
         reason = f"origin closed the connection: {exc}" if exc else "origin closed the connection"
         self._upstream_failed(ConnectionResetError(errno.ECONNRESET, reason))
@@ -908,13 +888,6 @@ class Exchange:
     def client_gone(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
-        if self.tunnel:
-            if not self.finished:
-                if not self.c2o.closed and not self.stopping:
-                    self._tell_origin(ws.GOING_AWAY, "client went away")
-                    self.closed_by = self.closed_by or "client"
-                self._end_tunnel()
-            return
         if not self.finished:
             self.finished = True
             self._release(False)
@@ -1003,162 +976,33 @@ class Exchange:
     def _disarm(self) -> None:
         self._timer.disarm()
 
-    # -- WebSocket tunnel: bytes both ways after the origin's 101 ----------------------------
+    # -- WebSocket: the origin's 101 hands both connections to a Tunnel -----------------------
 
     def _switch(self, event: http1.ResponseHead) -> None:
-        """The origin accepted the upgrade: relay its 101, then only bytes."""
-        self._timer.stop()
+        """The origin accepted the upgrade: relay its 101, then hand over to a
+        :class:`proxy.tunnel.Tunnel`, which keeps only what relaying needs."""
+        self._timer.stop()  # the tunnel arms its own idle timer, if any
         self.client._timer.stop()
         self.status = 101
         self.response_started = True
-        self.c2o = ws.FrameTracker()  # frame boundaries client -> origin
-        self.o2c = ws.FrameTracker()
-        self.client_eof = False
-        self.origin_eof = False
-        self.closed_by: str | None = None
-        self.close_code: int | None = None
-        self.stopping = False
-        self.tunnel = True
-        head = self.client.http.informational(101, hdrs.to_client(event.headers, websocket=True))
-        self.client.write(head)
-        self.ws_started = time.monotonic()
-        self.proxy.stats.ws_active += 1
-        self.proxy.stats.ws_total += 1
-        self.proxy.sessions.add(self)
+        self.finished = True
+        self.client.write(
+            self.client.http.informational(101, hdrs.to_client(event.headers, websocket=True))
+        )
         self._record(101)
-        self.last_activity = self.ws_started
-        if self.proxy.settings.websocket_idle_timeout > 0:
-            self._arm(self.proxy.settings.websocket_idle_timeout, self._idle_check)
-        early = self.upstream.trailing_data()  # frames that came with the 101
-        if early:
-            self._to_client(early)
-        early = self.client.http.trailing_data()  # frames the client sent before the 101
-        if early:
-            self.tunnel_to_origin(early)
-        # the HTTP parsers (two h11 connections, a few KiB) are done for this connection's
-        # life: a shared spent pair keeps the types and frees the memory of every session
-        self.upstream = _SPENT_CLIENT
+        conn, self.conn = self.conn, None
+        assert conn is not None and self.origin is not None
+        from_origin = self.upstream.trailing_data()  # frames that came with the 101
+        from_client = self.client.http.trailing_data()  # frames sent before the 101
+        # the HTTP codecs are done for this connection's life: a shared spent one keeps the
+        # type and frees the memory of every session
         self.client.http.release()
         self.client.http = _SPENT_SERVER
-        self.head.headers = []
-        self._task = None  # _start() finished when the request went upstream: ~0.6 KB
-        self.client.resume_reading()
-
-    def _to_client(self, data: bytes) -> None:
-        if self.stopping:
-            return
-        self.last_activity = time.monotonic()
-        self.o2c.feed(data)
-        if self.o2c.closed and self.closed_by is None:
-            self.closed_by, self.close_code = "origin", self.o2c.close_code
-        self.received += len(data)
-        self.proxy.stats.bytes_out += len(data)
-        self.client.write_now(data)
-
-    def tunnel_to_origin(self, data: bytes) -> None:
-        if self.stopping or self.conn is None:
-            return
-        self.last_activity = time.monotonic()
-        self.c2o.feed(data)
-        if self.c2o.closed and self.closed_by is None:
-            self.closed_by, self.close_code = "client", self.c2o.close_code
-        self.sent += len(data)
-        self.proxy.stats.bytes_in += len(data)
-        self.conn.write_now(data)
-
-    def tunnel_eof_from_client(self) -> None:
-        """The client half-closed: pass the FIN on, or treat it as the client gone."""
-        self.client_eof = True
-        if not self.c2o.closed and not self.stopping:
-            self._tell_origin(ws.GOING_AWAY, "client went away")
-            self.closed_by = self.closed_by or "client"
-            self._end_tunnel()
-            return
-        if self.conn is not None:
-            self.conn.write_eof()
-        if self.origin_eof:
-            self._end_tunnel()
-
-    def _origin_eof(self) -> None:
-        self.origin_eof = True
-        if not self.o2c.closed and not self.stopping:
-            self._origin_failed("origin closed without a Close frame")
-            return
-        if not self.client.closed:
-            turnwrite.write_eof(self.client)
-        if self.client_eof:
-            self._end_tunnel()
-
-    def _origin_failed(self, reason: str) -> None:
-        """The client must learn it from a Close 1011, not from a bare TCP close."""
-        if self.o2c.at_boundary and not self.client.closed:
-            self.client.write(ws.close_frame(ws.INTERNAL_ERROR, "origin failed", to_origin=False))
-        self.closed_by, self.close_code = "origin", int(ws.INTERNAL_ERROR)
-        log.warning(
-            "websocket_origin_failed",
-            origin=str(self.origin),
-            egress=self.conn.egress_ip if self.conn else None,
-            reason=reason,
-        )
-        self._end_tunnel()
-
-    def _tell_origin(self, code: int, reason: str) -> None:
-        conn = self.conn
-        if conn is not None and conn.alive and self.c2o.at_boundary:
-            conn.write(ws.close_frame(code, reason, to_origin=True))
-            self.close_code = self.close_code or int(code)
-
-    def _idle_check(self) -> None:
-        """One timer per idle period, not one reset per chunk: cheap for busy sessions."""
-        if self.finished:
-            return
-        limit = self.proxy.settings.websocket_idle_timeout
-        quiet = time.monotonic() - self.last_activity
-        if quiet < limit:
-            self._arm(limit - quiet, self._idle_check)
-            return
-        if self.o2c.at_boundary and not self.client.closed:
-            self.client.write(ws.close_frame(ws.GOING_AWAY, "idle timeout", to_origin=False))
-        self._tell_origin(ws.GOING_AWAY, "idle timeout")
-        self.closed_by, self.close_code = "proxy", int(ws.GOING_AWAY)
-        self._end_tunnel()
-
-    def shutdown(self) -> None:
-        """Proxy shutdown: Close 1001 to both sides, then stop relaying; the drain closes."""
-        if self.finished or self.stopping:
-            return
-        if self.o2c.at_boundary and not self.client.closed:
-            self.client.write(ws.close_frame(ws.GOING_AWAY, "proxy shutting down", to_origin=False))
-        self._tell_origin(ws.GOING_AWAY, "proxy shutting down")
-        self.stopping = True
-        self.closed_by = self.closed_by or "proxy"
-        self.close_code = self.close_code or int(ws.GOING_AWAY)
-
-    def _end_tunnel(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self._disarm()
-        self.proxy.stats.ws_active -= 1
-        self.proxy.sessions.discard(self)
-        log.info(
-            "websocket_session",
-            host=self.host,
-            path=self.path,
-            origin=str(self.origin) if self.origin else None,
-            egress=self.conn.egress_ip if self.conn else self.egress_ip,
-            duration_s=round(time.monotonic() - self.ws_started, 3),
-            bytes_to_origin=self.sent,
-            bytes_to_client=self.received,
-            closed_by=self.closed_by or "unknown",
-            close_code=self.close_code,
-        )
-        self._release(False)  # a lease: closing it flushes, then FIN
-        self.client.close()
+        tunnel = Tunnel(self.client, conn, self.origin, (self.host, self.path, self.request_id))
+        tunnel.start(from_origin, from_client)
 
 
-_SPENT_CLIENT = http1.ClientSide()  # never used: stands in for parsers a tunnel dropped
-_SPENT_SERVER = http1.ServerSide()
+_SPENT_SERVER = http1.ServerSide()  # never used: stands in for the parser a tunnel dropped
 
 
 class Listener:

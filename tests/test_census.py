@@ -124,7 +124,7 @@ def test_json_keeps_the_contract_keys():
         "hot": False,
     }
     assert (second["dst"], second["time_wait"]) == ("127.0.2.1:7000", 1)
-    assert census.to_json([]) == {"pairs": []}
+    assert census.to_json([]) == {"view": "all", "pairs": []}
 
 
 def test_table_marks_hot_pairs_and_says_what_the_capacity_is():
@@ -132,7 +132,8 @@ def test_table_marks_hot_pairs_and_says_what_the_capacity_is():
     socks = [sk(TCP, ESTAB, "127.0.1.1", 40000 + i, "127.0.2.1", 80) for i in range(8)]
     socks.append(sk(TCP, ESTAB, "fd00::1", 40000, "fd00::2", 443))
     text = census.render(census.tally(socks, sysctls), sysctls)
-    lines = text.splitlines()
+    heading, *lines = text.splitlines()
+    assert heading == census.ALL_HEADING
     assert lines[0] == (
         "port range 40000-40009: 10 ports, 1 reserved -> capacity 9 per (source IP, destination)"
     )
@@ -161,13 +162,14 @@ def test_every_client_socket_is_counted_once_and_pairs_come_fullest_first(conns)
     assert len({(p.proto, p.src, p.dst) for p in pairs}) == len(pairs)
 
 
-def test_cli_ports_runs_without_a_namespace(capsys):
+def test_cli_ports_all_runs_without_a_namespace(capsys):
     """Whatever this host holds, the command answers in the contract's shape and exits 0."""
-    assert cli.main(["ports", "--json", "--proto", "tcp"]) == 0
+    assert cli.main(["ports", "--all", "--json", "--proto", "tcp"]) == 0
     doc = json.loads(capsys.readouterr().out)
+    assert doc["view"] == "all"
     assert all(set(p) >= PAIR_KEYS and p["proto"] == "tcp" for p in doc["pairs"])
     assert "udp_ports_in_use" not in doc
-    assert cli.main(["ports", "--min-util", "2"]) == 0
+    assert cli.main(["ports", "--all", "--min-util", "2"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "no outgoing connections"
 
 
@@ -326,7 +328,7 @@ def test_census_matches_ss_in_process_and_through_the_cli(ns, listeners, held):
         check=True,
     ).stdout.strip()
     assert child_ns == f"net:[{os.stat(f'/run/netns/{ns.name}').st_ino}]"
-    doc = cli_json()
+    doc = cli_json("--all")
     assert pairs_of(doc) == seen
     assert doc["range"] == {"low": RANGE[0], "high": RANGE[1], "reserved": 0, "capacity": R}
     client_ports = {
@@ -360,13 +362,14 @@ def test_a_pair_past_80_percent_is_flagged_and_listed_first(ns, listeners, held)
 
     out = io.StringIO()
     assert census.run(out=out) == 0
-    rows = out.getvalue().splitlines()
+    heading, *rows = out.getvalue().splitlines()
+    assert heading == census.ALL_HEADING
     assert rows[0].endswith(f"8 reserved -> capacity {capacity} per (source IP, destination)")
     assert rows[3].split()[:4] == ["!", "tcp", "127.0.1.3", "127.0.2.2:9000"]
     assert not rows[4].startswith("!")
-    hot_only = cli_json("--min-util", "0.8")
+    hot_only = cli_json("--all", "--min-util", "0.8")
     assert [(p["src"], p["hot"]) for p in hot_only["pairs"]] == [("127.0.1.3", True)]
-    assert cli_json("--proto", "udp")["pairs"] == []
+    assert cli_json("--all", "--proto", "udp")["pairs"] == []
 
 
 def _unprivileged_python() -> list[str] | None:
@@ -391,6 +394,6 @@ def test_needs_no_root_in_its_own_namespace(ns, listeners, held):
         [*cmd, "-c", "import os; print(os.getuid())"], capture_output=True, text=True, env=env
     )
     assert proc.stdout.strip() == "65534"
-    assert pairs_of(cli_json(env=env, python=cmd)) == {
+    assert pairs_of(cli_json("--all", env=env, python=cmd)) == {
         ("tcp", "127.0.1.1", "127.0.2.1:9000"): (3, 0, 0)
     }

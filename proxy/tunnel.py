@@ -1,0 +1,257 @@
+"""A WebSocket session after the origin's 101: bytes both ways, Close frames where needed.
+
+Its own small object, not the HTTP exchange that set it up: an idle session may live for
+days, and what it pins is what the proxy pays per session (the issue's budget is 6 KB, two
+sockets included). So the request head, the HTTP codecs, the routing and retry state all go
+when the exchange hands over; the tunnel keeps the two connections, two frame trackers and
+the few fields its end-of-session log line reports.
+
+It is the upstream connection's handler (``UpstreamConnection.attach``) and sits in the
+client connection's ``exchange`` slot with ``tunnel = True``, so the client side routes
+bytes, EOF, loss and back-pressure to it without a second slot per connection.
+
+What it knows of WebSocket is :mod:`proxy.websocket`'s: frame boundaries only, so that it
+knows whether a Close went through and where it may inject its own: Close 1011 to the client
+when the origin fails, 1001 to the origin when the client vanishes, 1001 both ways on
+shutdown or after the optional idle timeout.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+
+from pool import turnwrite
+from pool.origin import Origin, UpstreamConnection
+from proxy import websocket as ws
+
+if TYPE_CHECKING:
+    from proxy.server import Downstream
+
+log = structlog.get_logger("originpool.proxy")
+
+
+class Tunnel:
+    """One relayed WebSocket session; see the module docstring."""
+
+    tunnel = True  # for Downstream, which holds an Exchange or a Tunnel in one slot
+    ready = True
+
+    __slots__ = (
+        "c2o",
+        "client",
+        "client_eof",
+        "close_code",
+        "closed_by",
+        "conn",
+        "finished",
+        "head",
+        "last_activity",
+        "o2c",
+        "origin",
+        "origin_eof",
+        "received",
+        "sent",
+        "started",
+        "stopping",
+    )
+
+    def __init__(
+        self,
+        client: Downstream,
+        conn: UpstreamConnection,
+        origin: Origin,
+        head: tuple[str, str, bytes],
+    ) -> None:
+        self.client = client
+        self.conn: UpstreamConnection | None = conn
+        self.origin = origin
+        self.head = head  # (host, path, request id): what the session's log line names
+        self.c2o = ws.FrameTracker()  # frame boundaries client -> origin
+        self.o2c = ws.FrameTracker()
+        self.client_eof = False
+        self.origin_eof = False
+        self.closed_by: str | None = None
+        self.close_code: int | None = None
+        self.stopping = False
+        self.finished = False
+        self.sent = 0
+        self.received = 0
+        self.started = self.last_activity = time.monotonic()
+
+    def start(self, from_origin: bytes, from_client: bytes) -> None:
+        """Take over both connections; relay what arrived with the 101 (or before it)."""
+        proxy = self.client.proxy
+        proxy.stats.ws_active += 1
+        proxy.stats.ws_total += 1
+        proxy.sessions.add(self)
+        assert self.conn is not None
+        self.conn.attach(self)
+        self.client.exchange = self
+        idle = proxy.settings.websocket_idle_timeout
+        if idle > 0:
+            self.client.ex_timer.arm(idle, self._idle_check)
+        if from_origin:
+            self.data_received(from_origin)
+        if from_client:
+            self.tunnel_to_origin(from_client)
+        self.client.resume_reading()
+
+    # -- origin -> client (the upstream connection's handler) -------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.stopping:
+            return
+        self.last_activity = time.monotonic()
+        self.o2c.feed(data)
+        if self.o2c.closed and self.closed_by is None:
+            self.closed_by, self.close_code = "origin", self.o2c.close_code
+        self.received += len(data)
+        self.client.proxy.stats.bytes_out += len(data)
+        self.client.write_now(data)
+
+    def eof_received(self) -> None:
+        self.origin_eof = True
+        if not self.o2c.closed and not self.stopping:
+            self._origin_failed("origin closed without a Close frame")
+            return
+        if not self.client.closed:
+            turnwrite.write_eof(self.client)
+        if self.client_eof:
+            self._end()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.finished:
+            return
+        if self.o2c.closed or self.stopping:
+            self._end()  # after its Close frame: the normal end
+        else:
+            self._origin_failed(f"origin connection lost: {exc}" if exc else "origin closed")
+
+    def pause_writing(self) -> None:
+        self.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.client.resume_reading()
+
+    # -- client -> origin (called by Downstream) --------------------------------------------
+
+    def tunnel_to_origin(self, data: bytes) -> None:
+        if self.stopping or self.conn is None:
+            return
+        self.last_activity = time.monotonic()
+        self.c2o.feed(data)
+        if self.c2o.closed and self.closed_by is None:
+            self.closed_by, self.close_code = "client", self.c2o.close_code
+        self.sent += len(data)
+        self.client.proxy.stats.bytes_in += len(data)
+        self.conn.write_now(data)
+
+    def tunnel_eof_from_client(self) -> None:
+        """The client half-closed: pass the FIN on, or treat it as the client gone."""
+        self.client_eof = True
+        if not self.c2o.closed and not self.stopping:
+            self._tell_origin(ws.GOING_AWAY, "client went away")
+            self.closed_by = self.closed_by or "client"
+            self._end()
+            return
+        if self.conn is not None:
+            self.conn.write_eof()
+        if self.origin_eof:
+            self._end()
+
+    def client_gone(self) -> None:
+        if self.finished:
+            return
+        if not self.c2o.closed and not self.stopping:
+            self._tell_origin(ws.GOING_AWAY, "client went away")
+            self.closed_by = self.closed_by or "client"
+        self._end()
+
+    def pause_origin(self) -> None:
+        if self.conn is not None and self.conn.transport is not None:
+            self.conn.transport.pause_reading()
+
+    def resume_origin(self) -> None:
+        if self.conn is not None and self.conn.transport is not None and self.conn.alive:
+            self.conn.transport.resume_reading()
+
+    # -- endings -----------------------------------------------------------------------------
+
+    def _origin_failed(self, reason: str) -> None:
+        """The client must learn it from a Close 1011, not from a bare TCP close."""
+        if self.o2c.at_boundary and not self.client.closed:
+            self.client.write(ws.close_frame(ws.INTERNAL_ERROR, "origin failed", to_origin=False))
+        self.closed_by, self.close_code = "origin", int(ws.INTERNAL_ERROR)
+        log.warning(
+            "websocket_origin_failed",
+            origin=str(self.origin),
+            egress=self.conn.egress_ip if self.conn else None,
+            reason=reason,
+            request_id=self.head[2].decode("ascii"),
+        )
+        self._end()
+
+    def _tell_origin(self, code: int, reason: str) -> None:
+        conn = self.conn
+        if conn is not None and conn.alive and self.c2o.at_boundary:
+            conn.write(ws.close_frame(code, reason, to_origin=True))
+            self.close_code = self.close_code or int(code)
+
+    def _idle_check(self) -> None:
+        """One timer per idle period, not one reset per chunk: cheap for busy sessions."""
+        if self.finished:
+            return
+        limit = self.client.proxy.settings.websocket_idle_timeout
+        quiet = time.monotonic() - self.last_activity
+        if quiet < limit:
+            self.client.ex_timer.arm(limit - quiet, self._idle_check)
+            return
+        if self.o2c.at_boundary and not self.client.closed:
+            self.client.write(ws.close_frame(ws.GOING_AWAY, "idle timeout", to_origin=False))
+        self._tell_origin(ws.GOING_AWAY, "idle timeout")
+        self.closed_by, self.close_code = "proxy", int(ws.GOING_AWAY)
+        self._end()
+
+    def shutdown(self) -> None:
+        """Proxy shutdown: Close 1001 to both sides, then stop relaying; the drain closes."""
+        if self.finished or self.stopping:
+            return
+        if self.o2c.at_boundary and not self.client.closed:
+            self.client.write(ws.close_frame(ws.GOING_AWAY, "proxy shutting down", to_origin=False))
+        self._tell_origin(ws.GOING_AWAY, "proxy shutting down")
+        self.stopping = True
+        self.closed_by = self.closed_by or "proxy"
+        self.close_code = self.close_code or int(ws.GOING_AWAY)
+
+    def _end(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        client = self.client
+        client.ex_timer.stop()
+        proxy = client.proxy
+        proxy.stats.ws_active -= 1
+        proxy.sessions.discard(self)
+        conn, self.conn = self.conn, None
+        host, path, rid = self.head
+        log.info(
+            "websocket_session",
+            host=host,
+            path=path,
+            origin=str(self.origin),
+            egress=conn.egress_ip if conn else None,
+            duration_s=round(time.monotonic() - self.started, 3),
+            bytes_to_origin=self.sent,
+            bytes_to_client=self.received,
+            closed_by=self.closed_by or "unknown",
+            close_code=self.close_code,
+            request_id=rid.decode("ascii"),
+        )
+        if conn is not None:
+            active = proxy._active_by_origin
+            active[conn.origin] = active.get(conn.origin, 0) - 1
+            conn.pool.release(conn, False)  # a lease: closing it flushes, then FIN
+        client.close()
