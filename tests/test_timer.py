@@ -1,11 +1,11 @@
-"""proxy.server.Timer: lazy re-arming must still fire exactly once, at the last deadline set,
+"""proxy.timer.Timer: lazy re-arming must still fire exactly once, at the last deadline set,
 and never after a disarm; stop() must drop the loop timer itself."""
 
 from __future__ import annotations
 
 import asyncio
 
-from proxy.server import Timer
+from proxy.timer import Timer
 
 
 async def test_rearm_later_fires_once_at_the_new_deadline() -> None:

@@ -1,0 +1,578 @@
+"""One HTTP request and its response, from the route to the last byte: connect (or reuse an
+idle pooled connection), forward the head and body, relay the response, retry what may be
+retried, and answer the proxy's own errors. A WebSocket upgrade ends here with the 101: the
+session goes on as a :class:`proxy.tunnel.Tunnel`.
+
+The exchange is the upstream connection's handler while it runs, and the client connection's
+(:class:`proxy.server.Downstream`) current exchange; one at a time per client connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from pool.egress import EgressExhausted
+from pool.origin import Origin, PoolError, UpstreamConnection
+from proxy import headers as hdrs
+from proxy import http1, logs, request_id
+from proxy import websocket as ws
+from proxy.routing import Route
+from proxy.target import resolve
+from proxy.tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from proxy.server import Downstream
+
+log = structlog.get_logger("originpool.proxy")
+
+
+def classify(exc: BaseException) -> int:
+    """The status a client gets for an upstream failure before any response byte."""
+    if isinstance(exc, EgressExhausted | PoolError):
+        return 503  # no capacity: ports exhausted or the origin's connection limit
+    if isinstance(exc, TimeoutError) or getattr(exc, "errno", None) == errno.ETIMEDOUT:
+        return 504
+    return 502
+
+
+# what a client is told of an upstream failure: no errno, no address (see Exchange._fail_upstream)
+_UPSTREAM_REASONS = {
+    502: "the origin could not be reached or sent an invalid response",
+    503: "no capacity to reach the origin right now; retry shortly",
+    504: "the origin did not answer in time",
+}
+
+
+def errno_name(exc: BaseException) -> str:
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int):
+        return errno.errorcode.get(code, str(code))
+    return type(exc).__name__
+
+
+class Exchange:
+    """One request and its response; the upstream handler of the pooled connection."""
+
+    tunnel = False  # Downstream's exchange slot holds a Tunnel after a 101
+
+    # slots: thousands of these live at once (two sockets' worth of state per session)
+    __slots__ = (
+        "_retried",
+        "_task",
+        "_timer",
+        "authority",
+        "client",
+        "conn",
+        "egress_ip",
+        "finished",
+        "head",
+        "host",
+        "in_body",
+        "origin",
+        "path",
+        "proxy",
+        "ready",
+        "received",
+        "request_done",
+        "request_id",
+        "response_started",
+        "reused",
+        "route",
+        "sent",
+        "started",
+        "status",
+        "upstream",
+        "websocket",
+    )
+
+    def __init__(self, client: Downstream, head: http1.RequestHead) -> None:
+        self.client = client
+        self.proxy = client.proxy
+        self.head = head
+        self.started = time.monotonic()
+        self.route: Route | None = None
+        self.origin: Origin | None = None
+        self.conn: UpstreamConnection | None = None
+        self.upstream = self.proxy.client_codec()
+        self.ready = False  # the origin connection is attached: body may flow
+        self.in_body = False
+        self.status = 0
+        self.sent = 0
+        self.received = 0
+        self.finished = False
+        self.request_done = False
+        self.response_started = False
+        self.reused = False
+        self._retried = False
+        self.egress_ip: str | list[str] | None = None
+        self._timer = client.ex_timer
+        self._task: asyncio.Task[None] | None = None
+        self.websocket = ws.is_upgrade(head.headers, head.method)
+        self.host = ""  # the routing name and the authority forwarded: set by _route()
+        self.authority = b""
+        self.path = head.target.decode("latin-1")
+        rid = b""
+        if client.trusted_peer:  # anyone else's X-Request-ID could forge a trail in the logs
+            for name, value in head.headers:
+                if name == b"x-request-id":
+                    rid = request_id.accept(value)
+                    break
+        self.request_id = rid or request_id.new()
+
+    # -- start: route, connect ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Route, then attach an idle pooled connection at once when there is one (the hot
+        path: no task, no loop turn); otherwise connect in a task."""
+        route = self._route()
+        if route is None:
+            return
+        origin = route.pick((), self.proxy.active)
+        if origin is not None and not self.websocket:
+            conn = self.proxy.pool.acquire_idle(origin)
+            if conn is not None:
+                self.origin = origin
+                self._attach(conn)
+                return
+        self._task = asyncio.get_running_loop().create_task(self._connect(origin))
+
+    def _route(self) -> Route | None:
+        """The route for this request, or None once an error answer has been sent.
+
+        One name for everything (:mod:`proxy.target`): the route is matched by the same
+        host the origin receives as Host and X-Forwarded-Host.
+        """
+        head = self.head
+        try:
+            target = resolve(head.target, head.headers, head.http_version)
+        except http1.ProtocolError as e:
+            self.respond_error(e.status, e.reason)
+            return None
+        self.host = target.host
+        self.authority = target.authority
+        self.path = target.path.decode("latin-1")
+        route = self.proxy.router.match(self.host, self.path)
+        if route is None:
+            # not an open proxy: no upstream contact for hosts we do not serve
+            self.respond_error(421, "no route for this host")
+            return None
+        self.route = route
+        limit = self.proxy.settings.max_body_bytes
+        if limit and self._declared_length() > limit:
+            self.respond_error(413, f"request body larger than {limit} bytes")
+            return None
+        return route
+
+    async def _connect(self, origin: Origin | None) -> None:
+        """Connect (or wait for the pool), retrying on the route's other origins."""
+        route = self.route
+        assert route is not None
+        tried: list[Origin] = []
+        last: BaseException | None = None
+        while origin is not None:
+            tried.append(origin)
+            pool = self.proxy.pool
+            try:
+                # a WebSocket gets a lease: never back to the idle set, counted apart
+                conn = await (pool.lease(origin) if self.websocket else pool.acquire(origin))
+            except (OSError, ssl.SSLError) as e:
+                last = e
+                self.origin = origin  # the access line names the origin the log line names
+                self._log_upstream_error(origin, e, None)
+                if isinstance(e, PoolError):
+                    break  # the origin's own limit: another origin would overload too
+                origin = route.pick(tried, self.proxy.active)
+                continue
+            if self.client.closed or self.finished:
+                conn.pool.release(conn, reusable=True)
+                return
+            self.origin = origin
+            self._attach(conn)
+            if self.ready:
+                self.client.resume_reading()
+                self.client.process()
+            return
+        self._fail_upstream(classify(last) if last else 502)
+
+    def _declared_length(self) -> int:
+        for n, v in self.head.headers:
+            if n == b"content-length":
+                with contextlib.suppress(ValueError):
+                    return int(v)
+        return 0
+
+    def _attach(self, conn: UpstreamConnection, resend: bool = False) -> None:
+        self.conn = conn
+        self.reused = conn.requests > 0
+        active = self.proxy._active_by_origin
+        active[conn.origin] = active.get(conn.origin, 0) + 1
+        conn.attach(self)
+        if self.client.write_paused:
+            # the client's buffer filled during an earlier exchange and has not drained: its
+            # pause_writing() will not come again, so this origin must start paused
+            self.pause_origin()
+        head = self.head
+        headers = hdrs.to_origin(
+            head.headers,
+            client_ip=self.client.client_ip,
+            scheme=self.client.scheme,
+            trusted_peer=self.client.trusted_peer,
+            # HTTP/1.0 without Host (the catch-all route only): the origin's own name
+            host=self.authority or str(conn.origin).split("://", 1)[1].encode(),
+            request_id=self.request_id,
+            websocket=self.websocket,
+        )
+        if head.has_body and not any(n == b"content-length" for n, _ in head.headers):
+            headers.append((b"transfer-encoding", b"chunked"))  # re-framed for this hop
+        target = self.path.encode("latin-1")
+        try:
+            conn.write(self.upstream.request_head(head.method, target, headers))
+        except Exception as e:  # h11 refusing what the downstream parser accepted
+            log.info("request_not_forwarded", error=str(e), request_id=self.request_id.decode())
+            self.respond_error(400, "the request cannot be forwarded")
+            return
+        if resend:
+            conn.write(self.upstream.end())  # bodiless: the whole request again
+            self.ready = True
+            self._arm(self.proxy.settings.upstream_response_timeout, self._response_timeout)
+            return
+        if head.expect_continue:
+            self.client.write(self.client.http.informational(100))
+        self.ready = True
+        self.in_body = head.has_body
+        if self.in_body:
+            self.client.arm_body_timer()
+
+    # -- request body: client -> origin ------------------------------------------------------
+
+    def request_body(self, data: bytes) -> None:
+        self.sent += len(data)
+        limit = self.proxy.settings.max_body_bytes
+        if limit and self.sent > limit:
+            self.abort_request(413, f"request body larger than {limit} bytes")
+            return
+        if self.conn is not None and self.conn.alive:
+            self.conn.write(self.upstream.body(data))
+            self.proxy.stats.bytes_in += len(data)
+
+    def request_end(self) -> None:
+        self.in_body = False
+        self.request_done = True
+        if self.conn is not None and self.conn.alive:
+            self.conn.write(self.upstream.end())
+            self._arm(self.proxy.settings.upstream_response_timeout, self._response_timeout)
+
+    def abort_request(self, status: int, reason: str) -> None:
+        if self.conn is not None:
+            self._release(False)
+        self.respond_error(status, reason)
+
+    # -- upstream handler: origin -> client --------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.client.whole:
+            got = self.upstream.feed_whole(data)  # type: ignore[union-attr]
+            if got is not None:  # the common response, whole in one read: no events
+                self._respond_whole(*got)
+                return
+        self.upstream.feed(data)
+        self._pump_response()
+
+    def _respond_whole(self, event: http1.ResponseHead, body: bytes) -> None:
+        """What ``_pump_response`` does with a final head, one body piece and End."""
+        try:
+            out = self._final_head(event)
+        except http1.ProtocolError as e:
+            self._upstream_failed(e)
+            return
+        if body:
+            out += self._body_out(body)
+        self.client.write(out + self.client.http.end())
+        self._finish()
+
+    def _final_head(self, event: http1.ResponseHead) -> bytes:
+        """The client's head for the origin's final response; ProtocolError(502) when the
+        client codec refuses it."""
+        self._disarm()
+        self.status = event.status
+        self.response_started = True
+        try:
+            return self.client.http.response_head(
+                event.status, hdrs.to_client(event.headers), event.reason
+            )
+        except Exception as e:
+            raise http1.ProtocolError(502, f"bad response head: {e}") from e
+
+    def _body_out(self, data: bytes) -> bytes:
+        """A piece of the response body, counted and framed for the client."""
+        self.received += len(data)
+        self.proxy.stats.bytes_out += len(data)
+        return self.client.http.body(data)
+
+    def eof_received(self) -> None:
+        self.upstream.feed(b"")
+        self._pump_response()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.finished:
+            return
+        reason = f"origin closed the connection: {exc}" if exc else "origin closed the connection"
+        self._upstream_failed(ConnectionResetError(errno.ECONNRESET, reason))
+
+    def pause_writing(self) -> None:
+        self.client.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.client.resume_reading()
+
+    def pause_origin(self) -> None:
+        if self.conn is not None and self.conn.transport is not None:
+            self.conn.transport.pause_reading()
+
+    def resume_origin(self) -> None:
+        if self.conn is not None and self.conn.transport is not None and self.conn.alive:
+            self.conn.transport.resume_reading()
+
+    def _pump_response(self) -> None:
+        out: list[bytes] = []  # one write per pump: head and body of a small response together
+
+        def flush() -> None:
+            if out:
+                self.client.write(b"".join(out))
+                out.clear()
+
+        while not self.finished:
+            try:
+                event = self.upstream.next_event()
+            except http1.ProtocolError as e:
+                flush()
+                self._upstream_failed(e)
+                return
+            if event is http1.NEED_DATA:
+                flush()
+                return
+            if isinstance(event, http1.ResponseHead):
+                if event.informational:
+                    if event.status == 101 and self.websocket:
+                        flush()
+                        self._switch(event)
+                        return
+                    if event.status == 100:
+                        continue  # we sent our own 100 Continue, if it was asked for
+                    out.append(self.client.http.informational(event.status, event.headers))
+                    continue
+                try:
+                    out.append(self._final_head(event))
+                except http1.ProtocolError as e:
+                    flush()
+                    self._upstream_failed(e)
+                    return
+            elif isinstance(event, http1.Body):
+                out.append(self._body_out(event.data))
+            elif isinstance(event, http1.End):
+                out.append(self.client.http.end())
+                flush()
+                self._finish()
+                return
+            elif event is http1.CLOSED:
+                flush()
+                self._upstream_failed(ConnectionResetError(errno.ECONNRESET, "origin closed"))
+                return
+            else:
+                flush()
+                return  # PAUSED / SWITCHED: handled by the WebSocket path
+        flush()
+
+    def _response_timeout(self) -> None:
+        self._upstream_failed(TimeoutError(errno.ETIMEDOUT, "origin sent no response head in time"))
+
+    def _upstream_failed(self, exc: BaseException) -> None:
+        if self.finished:
+            return
+        if self._may_retry(exc):
+            # a kept-alive connection the origin closed as we reused it: nothing was
+            # processed, and a bodiless request can go again on a fresh connection
+            self._retried = True
+            self._release(False)
+            self.upstream = self.proxy.client_codec()
+            self.ready = False
+            self._task = asyncio.get_running_loop().create_task(self._retry())
+            return
+        self._log_upstream_error(self.origin, exc, self.conn)
+        self._release(False)
+        if self.response_started:
+            self.finished = True
+            self.client.abort()  # a truncated body must look truncated, not complete
+            self._record(self.status or 502)
+            self.client.exchange_done(False)
+            return
+        self._fail_upstream(exc.status if isinstance(exc, http1.ProtocolError) else classify(exc))
+
+    def _may_retry(self, exc: BaseException) -> bool:
+        return (
+            self.reused
+            and not self._retried
+            and not self.response_started
+            and not self.head.has_body
+            and self.request_done
+            and self.received == 0
+            and isinstance(exc, ConnectionError)
+        )
+
+    async def _retry(self) -> None:
+        assert self.origin is not None
+        try:
+            conn = await self.proxy.pool.acquire(self.origin)
+        except (OSError, ssl.SSLError) as e:
+            self._log_upstream_error(self.origin, e, None)
+            self._fail_upstream(classify(e))
+            return
+        if self.client.closed or self.finished:
+            conn.pool.release(conn, reusable=True)
+            return
+        self._attach(conn, resend=True)
+
+    def _finish(self) -> None:
+        self._disarm()
+        self.finished = True
+        reusable = self.upstream.reusable
+        self._release(reusable)
+        self._record(self.status)
+        self.client.exchange_done(self.client.http.keep_alive)
+
+    def _release(self, reusable: bool) -> None:
+        self._disarm()
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        active = self.proxy._active_by_origin
+        active[conn.origin] = active.get(conn.origin, 0) - 1
+        self.egress_ip = conn.egress_ip
+        conn.pool.release(conn, reusable and conn.alive)  # its own pool, even after a reload
+
+    def client_gone(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if not self.finished:
+            self.finished = True
+            self._release(False)
+            self._record(499)
+
+    # -- endings -----------------------------------------------------------------------------
+
+    def respond_error(
+        self, status: int, reason: str, extra: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """End the exchange with the proxy's own answer; the access line records what the
+        client got: this status and body, or, when a response had already started, that
+        response's status (the client sees it cut short)."""
+        if self.finished:
+            return
+        self.finished = True
+        task = self._task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()  # still connecting: the origin must not get this request
+        if not self.response_started:
+            self.status = status
+        self._release(False)
+        self.client.exchange = None
+        sent = self.client.answer_error(status, reason, extra, self.request_id)
+        if not self.response_started:
+            self.received = sent
+        self._record(self.status)
+
+    def _fail_upstream(self, status: int) -> None:
+        """The client's answer to an upstream failure: the status, a generic reason and the
+        request id; the detail (errno, addresses) is in the upstream_error line only."""
+        extra = [(b"retry-after", b"1")] if status == 503 else []
+        self.respond_error(status, _UPSTREAM_REASONS.get(status, "upstream failure"), extra)
+
+    def _record(self, status: int) -> None:
+        seconds = time.monotonic() - self.started
+        route = self.route.name if self.route else "-"
+        self.proxy.stats.observe(route, status, seconds)
+        logs.access(
+            {
+                "method": self.head.method.decode("latin-1"),
+                "host": self.host,
+                "path": self.path,
+                "status": status,
+                "bytes": self.received,
+                "bytes_in": self.sent,
+                "duration_ms": round(seconds * 1000, 3),
+                "origin": str(self.origin) if self.origin else None,
+                "egress": self.egress_ip,
+                "client": self.client.peer[0],
+                "request_id": self.request_id.decode("ascii"),
+            }
+        )
+
+    def _log_upstream_error(
+        self, origin: Origin | None, exc: BaseException, conn: UpstreamConnection | None
+    ) -> None:
+        fields: dict[str, Any] = {
+            "request_id": self.request_id.decode("ascii"),
+            "route": self.route.name if self.route else None,
+            "origin": str(origin) if origin else None,
+            "errno": errno_name(exc),
+            "error": str(exc),
+        }
+        if isinstance(exc, EgressExhausted):
+            fields["destination"] = f"{exc.destination[0]}:{exc.destination[1]}"
+            fields["egress"] = [ip or "default" for ip, _ in exc.attempts]
+        elif conn is not None:
+            dst = conn.slot.destination
+            fields["egress"] = conn.egress_ip
+            fields["four_tuple"] = f"{conn.local[0]}:{conn.local[1]}->{dst[0]}:{dst[1]}"
+        else:
+            local = getattr(exc, "local_addr", None)
+            remote = getattr(exc, "remote_addr", None)
+            if local is not None:
+                fields["egress"] = str(local[0])
+            if remote is not None:
+                fields["destination"] = f"{remote[0]}:{remote[1]}"
+        if "egress" in fields:
+            self.egress_ip = fields["egress"]  # the access line names the same egress
+        log.warning("upstream_error", **fields)
+
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        self._timer.arm(seconds, callback)
+
+    def _disarm(self) -> None:
+        self._timer.disarm()
+
+    # -- WebSocket: the origin's 101 hands both connections to a Tunnel -----------------------
+
+    def _switch(self, event: http1.ResponseHead) -> None:
+        """The origin accepted the upgrade: relay its 101, then hand over to a
+        :class:`proxy.tunnel.Tunnel`, which keeps only what relaying needs."""
+        self._timer.stop()  # the tunnel arms its own idle timer, if any
+        self.client._timer.stop()
+        self.status = 101
+        self.response_started = True
+        self.finished = True
+        self.client.write(
+            self.client.http.informational(101, hdrs.to_client(event.headers, websocket=True))
+        )
+        self._record(101)
+        conn, self.conn = self.conn, None
+        assert conn is not None and self.origin is not None
+        from_origin = self.upstream.trailing_data()  # frames that came with the 101
+        from_client = self.client.http.trailing_data()  # frames sent before the 101
+        # the HTTP codecs are done for this connection's life: a shared spent one keeps the
+        # type and frees the memory of every session
+        self.client.http.release()
+        self.client.http = _SPENT_SERVER
+        tunnel = Tunnel(self.client, conn, self.origin, (self.host, self.path, self.request_id))
+        tunnel.start(from_origin, from_client)
+
+
+_SPENT_SERVER = http1.ServerSide()  # never used: stands in for the parser a tunnel dropped

@@ -1,0 +1,110 @@
+"""The listening sockets: accept, hand each connection to a client protocol, and stop
+accepting at ``max_connections`` without closing the socket."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import ssl
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from pool.sockopt import detect_dead_peer
+from proxy.exchange import errno_name
+
+if TYPE_CHECKING:
+    from proxy.server import Downstream, Proxy
+
+log = structlog.get_logger("originpool.proxy")
+
+
+class Listener:
+    """A listening socket with its own accept loop, so accepting can pause at the limit.
+
+    asyncio's Server cannot stop accepting without closing the socket; with our own reader
+    on the listening fd, reaching ``max_connections`` just removes the reader (new clients
+    wait in the kernel's backlog) and the first close adds it back.
+    """
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        address: tuple[str, int],
+        ssl_context: ssl.SSLContext | None = None,
+        reuse_port: bool = False,
+        backlog: int = 4096,
+    ) -> None:
+        self.proxy = proxy
+        self.ssl = ssl_context
+        self.scheme = b"https" if ssl_context is not None else b"http"
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.sock.bind(address)
+        self.sock.listen(backlog)
+        self.sock.setblocking(False)
+        self.address = self.sock.getsockname()
+        self._accepting = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._resume()
+
+    def _resume(self) -> None:
+        if not self._accepting and self._loop is not None and self.sock.fileno() >= 0:
+            self._loop.add_reader(self.sock.fileno(), self._accept_ready)
+            self._accepting = True
+
+    def _pause(self) -> None:
+        if self._accepting and self._loop is not None:
+            self._loop.remove_reader(self.sock.fileno())
+            self._accepting = False
+
+    def _accept_ready(self) -> None:
+        assert self._loop is not None
+        for _ in range(64):
+            if len(self.proxy.clients) + len(self._tasks) >= self.proxy.settings.max_connections:
+                self._pause()
+                return
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    log.error("accept_failed", errno=errno_name(e), error=str(e))
+                    self._pause()
+                    self._loop.call_later(0.1, self._resume)
+                    return
+                raise
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            detect_dead_peer(conn, self.proxy.settings.tcp_keepalive)
+            task = self._loop.create_task(
+                self._loop.connect_accepted_socket(self._protocol, conn, ssl=self.ssl)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._accepted)
+
+    def _protocol(self) -> Downstream:
+        return self.proxy.protocol(self.scheme)
+
+    def _accepted(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("accept_handshake_failed", error=str(task.exception()))
+
+    def connection_closed(self) -> None:
+        room = len(self.proxy.clients) < self.proxy.settings.max_connections
+        if room and not self._accepting and not self.proxy.draining:
+            self._resume()
+
+    def close(self) -> None:
+        self._pause()
+        self.sock.close()
