@@ -473,21 +473,22 @@ class Exchange:
     ) -> None:
         """End the exchange with the proxy's own answer; the access line records what the
         client got: this status and body, or, when a response had already started, that
-        response's status (the client sees it cut short)."""
+        response's status, cut short by a reset (a truncated body must look truncated)."""
         if self.finished:
             return
         self.finished = True
         task = self._task
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()  # still connecting: the origin must not get this request
-        if not self.response_started:
-            self.status = status
         self._release(False)
         self.client.exchange = None
-        sent = self.client.answer_error(status, reason, extra, self.request_id)
-        if not self.response_started:
-            self.received = sent
-        self._record(self.status)
+        if self.response_started:
+            self.client.abort()
+            self._record(self.status)
+            return
+        self.status = status
+        self.received = self.client.answer_error(status, reason, extra, self.request_id)
+        self._record(status)
 
     def _fail_upstream(self, status: int) -> None:
         """The client's answer to an upstream failure: the status, a generic reason and the
