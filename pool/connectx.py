@@ -35,12 +35,13 @@ import itertools
 import os
 import random
 import socket
+import struct
 import threading
 from collections.abc import Generator, Iterable, Iterator
 from functools import lru_cache
 from typing import Any
 
-from pool import kernel, route, sockdiag, sockopt
+from pool import kernel, netlink, route, sockdiag, sockopt
 from pool.netlink import NETLINK_SOCK_DIAG, open_socket
 
 Address = tuple[Any, ...]
@@ -315,6 +316,69 @@ def is_wildcard(family: int, ip: str) -> bool:
     if not ip:
         return True
     return not any(socket.inet_pton(family, ip))
+
+
+def is_local_address(ip: str) -> bool:
+    """Whether this network namespace would let a socket use ``ip`` as its source.
+
+    Asked the way the pool itself uses the address: ``bind((ip, 0))`` on a throwaway TCP
+    socket with ``IP_BIND_ADDRESS_NO_PORT`` and without ``IP_FREEBIND``. The kernel answers
+    EADDRNOTAVAIL exactly when the address is not local here, with the same rules connectx
+    will meet (an address on an interface, anything under a local route such as 127.0.0.0/8
+    on ``lo`` or an AnyIP ``ip route add local``), which a list of interface addresses
+    (RTM_GETADDR) would get wrong both ways. NO_PORT makes the probe allocate no port, so a
+    full port range cannot answer EADDRINUSE and be misread. An IPv6 address still in
+    duplicate address detection answers "not local", as it is not usable yet either.
+
+    One case the bind cannot tell: with ``ip_nonlocal_bind = 1`` in this namespace every bind
+    succeeds. Then the routing table decides (``ip route get IP`` is of type ``local``),
+    which is the kernel's own test for a local source when it routes the SYN.
+    """
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    if _nonlocal_bind(family):
+        return _routed_as_local(family, ip)
+    probe = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sockopt.share_source_port_across_destinations(probe)
+        probe.bind((ip, 0))
+    except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL:
+            return False
+        raise
+    finally:
+        probe.close()
+    return True
+
+
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, proto, scope, type
+_RTN_LOCAL = 2
+
+
+def _routed_as_local(family: int, ip: str) -> bool:
+    """``ip route get IP`` says ``local``: packets to it stay on this host."""
+    addr = socket.inet_pton(family, ip)
+    payload = _RTMSG.pack(family, len(addr) * 8, 0, 0, 0, 0, 0, 0, 0)
+    payload += netlink.attribute(route.RTA_DST, addr)
+    with netlink.open_socket(netlink.NETLINK_ROUTE) as sock:
+        try:
+            answers = list(
+                netlink.request(sock, route.RTM_GETROUTE, netlink.NLM_F_REQUEST, payload)
+            )
+        except OSError:
+            return False  # no route at all: certainly not local
+    return any(
+        mtype == route.RTM_NEWROUTE and _RTMSG.unpack_from(body)[7] == _RTN_LOCAL
+        for mtype, body in answers
+    )
+
+
+def _nonlocal_bind(family: int) -> bool:
+    name = "ipv6/ip_nonlocal_bind" if family == socket.AF_INET6 else "ipv4/ip_nonlocal_bind"
+    try:
+        with open(f"/proc/sys/net/{name}") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return False
 
 
 def effective_window(low: int, high: int) -> PortRange | None:

@@ -11,9 +11,18 @@ destination ``(ip, port)`` it:
   ``IP_LOCAL_PORT_RANGE`` window, so connect() stays flat up to 99% utilisation. The
   free-port record exists only for busy pairs;
 * fails over within the same call when a pair is full or an IP has vanished from the host,
-  and raises :class:`EgressExhausted` naming every egress tried only when all are full;
-* marks an IP that the host no longer has (bind: EADDRNOTAVAIL) down with backoff and tries
-  it again later, so re-adding it brings it back without a restart.
+  and raises :class:`EgressExhausted` naming every egress tried only when none had room, or
+  :class:`EgressUnavailable` when the only reason was that the IPs are not on this host;
+* marks an IP that the host no longer has down with backoff and tries it again later, so
+  re-adding it brings it back without a restart.
+
+"Not on this host" and "no port left" share an errno (EADDRNOTAVAIL) and must never be
+confused: an operator told "add egress IPs" when one was deleted goes the wrong way. The
+kernel separates them by stage (measured in a namespace, tests/test_egress_presence.py):
+with ``IP_BIND_ADDRESS_NO_PORT`` a non-local source fails ``bind()``, exhaustion fails
+``connect()``; an IP deleted between the two fails ``connect()`` with ENETUNREACH. So a
+bind-stage EADDRNOTAVAIL means "not on this host", and a connect-stage failure is checked
+against :func:`~pool.connectx.is_local_address` before it is called exhaustion.
 
 Counts are reserved before the connect and released in ``finally`` paths and by
 :meth:`Slot.release` (idempotent, also run if the socket is garbage collected), so errors,
@@ -37,7 +46,13 @@ from typing import Literal
 import structlog
 
 from pool import kernel
-from pool.connectx import Address, connectx_async, effective_window, format_address
+from pool.connectx import (
+    Address,
+    connectx_async,
+    effective_window,
+    format_address,
+    is_local_address,
+)
 
 log = structlog.get_logger("originpool.egress")
 
@@ -47,6 +62,14 @@ Destination = tuple[str, int]
 
 # errnos that mean "this (egress, destination) pair has no port left": try the next egress.
 _FULL = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EAGAIN})
+# connect-stage errnos a source address that left the host can cause (ENETUNREACH: deleted
+# between bind and connect): a presence check decides whether the IP or the pair is at fault
+_MAYBE_GONE = frozenset({errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.EINVAL})
+
+# why a connect moved on to the next egress IP: the label of the failover counter
+NOT_ON_HOST = "not_on_host"
+NO_PORT = "no_port"
+NOT_ON_HOST_TEXT = "egress IP not on this host"
 
 # A recorded port the kernel refuses is held by someone the record does not know (another
 # process sharing the IP, or our own actively closed connection in TIME_WAIT/FIN_WAIT2): park
@@ -121,28 +144,58 @@ def _parse_window(text: str, spec: str) -> tuple[int, int]:
 
 
 class EgressExhausted(OSError):
-    """Every egress IP is full (or down) for this destination.
+    """No egress IP could take a connection to this destination: every one is full or gone.
 
     An ``OSError`` with the kernel's errno (EADDRNOTAVAIL, or EADDRINUSE for bind-before-
     connect), so code that handles the kernel's refusal handles this too; ``attempts`` lists
-    each egress tried with its errno, and the message gives the kernel's words.
+    each egress tried with its errno, ``not_on_host`` the IPs found missing from the host
+    (in this call, or still marked down and so skipped), and the message gives the kernel's
+    words with each IP's reason.
     """
 
-    def __init__(self, destination: Destination, attempts: Sequence[tuple[str, int]]) -> None:
-        tried = ", ".join(
-            f"{ip or 'default'}: {errno.errorcode.get(code, code)} ({os.strerror(code)})"
+    def __init__(
+        self,
+        destination: Destination,
+        attempts: Sequence[tuple[str, int]],
+        not_on_host: Sequence[str] = (),
+    ) -> None:
+        gone = list(dict.fromkeys(not_on_host))
+        tried = [
+            f"{ip or 'default'}: {errno.errorcode.get(code, code)} "
+            f"({NOT_ON_HOST_TEXT if ip in gone else os.strerror(code)})"
             for ip, code in attempts
-        )
+        ]
+        tried_ips = {ip for ip, _code in attempts}
+        tried += [f"{ip}: down ({NOT_ON_HOST_TEXT})" for ip in gone if ip not in tried_ips]
         codes = {code for _ip, code in attempts}
         # the kernel's own errno when every egress agrees (EADDRINUSE in bind mode)
         code = codes.pop() if len(codes) == 1 else errno.EADDRNOTAVAIL
         super().__init__(
             code,
-            f"{os.strerror(code)}: no source port left for {format_address(destination)} on "
-            f"any egress IP (tried {tried or 'none: all down'})",
+            f"{os.strerror(code)}: {self._summary(destination)} (tried "
+            f"{', '.join(tried) or 'none: no egress IP of this family'})",
         )
         self.destination = destination
         self.attempts = list(attempts)
+        self.not_on_host = gone
+
+    @staticmethod
+    def _summary(destination: Destination) -> str:
+        return f"no source port left for {format_address(destination)} on any egress IP"
+
+
+class EgressUnavailable(EgressExhausted):
+    """Every egress IP that could reach the destination is missing from this host.
+
+    Not exhaustion, and said so: the message reads "egress IP not on this host". A subclass
+    of :class:`EgressExhausted` because the proxy's answer is the same (503 with Retry-After:
+    no source address could be used) and callers that already catch the parent, to try the
+    origin's next address or to pick the status, stay right.
+    """
+
+    @staticmethod
+    def _summary(destination: Destination) -> str:
+        return f"{NOT_ON_HOST_TEXT}: no egress IP left to reach {format_address(destination)}"
 
 
 class FreePorts:
@@ -272,7 +325,9 @@ class EgressMetrics:
 
     attempts: Counter[str] = field(default_factory=Counter)  # by egress
     failures: Counter[tuple[str, str]] = field(default_factory=Counter)  # (egress, errno)
-    exhausted: int = 0
+    failover: Counter[tuple[str, str]] = field(default_factory=Counter)  # (egress, reason)
+    exhausted: int = 0  # refused: no port left on the egress IPs that are on the host
+    unavailable: int = 0  # refused: every usable egress IP is gone from the host
 
 
 class EgressSet:
@@ -381,10 +436,13 @@ class EgressSet:
     ) -> tuple[socket.socket, Slot]:
         """A connected non-blocking socket to ``destination`` and the slot that counts it.
 
-        Raises :class:`EgressExhausted` when no egress has a port left, or the connect's own
-        error (refused, timed out, unreachable) naming both addresses.
+        Raises :class:`EgressExhausted` when no egress could take it (its subclass
+        :class:`EgressUnavailable` when the only reason is that the IPs are not on this
+        host), or the connect's own error (refused, timed out, unreachable) naming both
+        addresses.
         """
         attempts: list[tuple[str, int]] = []
+        gone: list[str] = []
         for egress in self._candidates(destination):
             self.metrics.attempts[str(egress)] += 1
             try:
@@ -392,22 +450,64 @@ class EgressSet:
             except OSError as e:
                 code = e.errno or errno.ETIMEDOUT
                 self.metrics.failures[(str(egress), errno.errorcode.get(code, str(code)))] += 1
-                if getattr(e, "stage", None) == "bind" and code == errno.EADDRNOTAVAIL:
-                    self._mark_down(egress, e)
-                elif code not in _FULL:
+                if self._not_on_host(egress, e, code):
+                    self.metrics.failover[(str(egress), NOT_ON_HOST)] += 1
+                    self._mark_down(egress, destination, code)
+                    gone.append(egress.ip)
+                elif code in _FULL:
+                    self.metrics.failover[(str(egress), NO_PORT)] += 1
+                else:
                     raise
                 attempts.append((egress.ip, code))
+        raise self._refused(destination, attempts, gone)
+
+    def _not_on_host(self, egress: Egress, error: OSError, code: int) -> bool:
+        """The failure is the egress IP's absence, not the pair's ports (see the module doc)."""
+        if not egress.ip:
+            return False  # the kernel's default source is whatever the host has
+        stage = getattr(error, "stage", None)
+        if stage == "bind":
+            return code == errno.EADDRNOTAVAIL  # EADDRINUSE at bind: a full range (bind mode)
+        if code not in _MAYBE_GONE:
+            return False
+        try:
+            return not is_local_address(egress.ip)
+        except OSError:
+            return False  # cannot tell: keep the kernel's word
+
+    def _refused(
+        self, destination: Destination, attempts: list[tuple[str, int]], gone: list[str]
+    ) -> EgressExhausted:
+        """The error for a connect no egress IP could take, counted and logged once."""
+        family = socket.AF_INET6 if ":" in destination[0] else socket.AF_INET
+        skipped = [e.ip for e in self.egresses if e.family in (None, family) and self.is_down(e)]
+        gone = list(dict.fromkeys([*gone, *skipped]))
+        tried = [
+            {"egress": ip or "default", "errno": errno.errorcode.get(c, c), "error": _why(c)}
+            for ip, c in attempts
+        ]
+        for row in tried:
+            if row["egress"] in gone:
+                row["error"] = NOT_ON_HOST_TEXT
+        if gone and all(ip in gone for ip, _c in attempts):
+            self.metrics.unavailable += 1
+            log.warning(
+                "egress_unavailable",
+                destination=format_address(destination),
+                egress=gone,
+                errno="EADDRNOTAVAIL",
+                reason=NOT_ON_HOST_TEXT,
+                attempts=tried,
+            )
+            return EgressUnavailable(destination, attempts, gone)
         self.metrics.exhausted += 1
-        exc = EgressExhausted(destination, attempts)
         log.warning(
             "egress_exhausted",
             destination=format_address(destination),
-            attempts=[
-                {"egress": ip or "default", "errno": errno.errorcode.get(c, c), "error": _why(c)}
-                for ip, c in attempts
-            ],
+            attempts=tried,
+            not_on_host=gone,
         )
-        raise exc
+        return EgressExhausted(destination, attempts, gone)
 
     async def _connect_via(
         self, egress: Egress, destination: Destination, timeout: float | None
@@ -439,7 +539,8 @@ class EgressSet:
             pair.in_slice += 1
         if pair.free is not None:
             pair.free.discard(port)
-        self._down.pop(egress, None)
+        if self._down.pop(egress, None) is not None:
+            log.info("egress_up", egress=str(egress), destination=format_address(destination))
         claim.port, claim.in_own = port, port in own
         return sock, Slot(egress, destination, local, claim.release, sock)
 
@@ -496,7 +597,13 @@ class EgressSet:
                             await self._legacy_connect(sock, egress, destination)
                     except OSError as e:
                         sock.close()
-                        if port is not None and e.errno == errno.EADDRNOTAVAIL:
+                        if (
+                            port is not None
+                            and e.errno == errno.EADDRNOTAVAIL
+                            and getattr(e, "stage", None) == "connect"
+                        ):
+                            # a refused recorded port; at bind the IP itself is gone: not
+                            # the port's fault, and parking it would hide it for a minute
                             pair.parked.append((self._clock() + _PARK_SECONDS, port))
                             misses += 1
                             continue
@@ -532,11 +639,20 @@ class EgressSet:
                 code, f"{_why(code)} (connect {egress.ip or '*'} -> {format_address(destination)})"
             ) from None
 
-    def _mark_down(self, egress: Egress, error: OSError) -> None:
+    def _mark_down(self, egress: Egress, destination: Destination, code: int) -> None:
+        """Skip ``egress`` until its backoff is over; the first connect after it is the probe
+        (a bind: microseconds), so a re-added IP is back within ``backoff[1]`` seconds."""
         _until, current = self._down.get(egress, (0.0, self._backoff[0] / 2))
         delay = min(current * 2, self._backoff[1])
         self._down[egress] = (self._clock() + delay, delay)
-        log.warning("egress_down", egress=str(egress), retry_in_s=delay, error=str(error))
+        log.warning(
+            "egress_down",
+            egress=str(egress),
+            destination=format_address(destination),
+            errno=errno.errorcode.get(code, str(code)),
+            reason=NOT_ON_HOST_TEXT,
+            retry_in_s=delay,
+        )
 
     def _forget_if_idle(self, key: tuple[Egress, Destination], pair: _Pair) -> None:
         if pair.live == 0 and self._pairs.get(key) is pair:
@@ -568,6 +684,7 @@ __all__ = [
     "Egress",
     "EgressExhausted",
     "EgressSet",
+    "EgressUnavailable",
     "FreePorts",
     "Mode",
     "PairUsage",

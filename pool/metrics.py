@@ -27,6 +27,14 @@ HELP = {
     "originpool_connect_attempts_total": "Upstream connects tried, by egress IP.",
     "originpool_connect_failures_total": "Upstream connects failed, by egress IP and errno.",
     "originpool_egress_exhausted_total": "Connects refused because every egress IP was full.",
+    "originpool_egress_unavailable_total": (
+        "Connects refused because no usable egress IP is on this host (not exhaustion)."
+    ),
+    "originpool_egress_failover_total": (
+        "Connects that moved on from an egress IP, by egress IP and reason: not_on_host (the "
+        "IP is not assigned in this namespace) or no_port (its ports to that destination "
+        "are all held)."
+    ),
     "originpool_egress_live_connections": "Upstream connections held, by egress IP.",
     "originpool_egress_down": "1 while an egress IP is marked down (not on the host).",
     "originpool_pair_utilisation_max": "Fullest (egress IP, destination) pair, 0..1.",
@@ -47,6 +55,10 @@ def collect(egress: EgressSet, pool: OriginPool | None = None) -> list[Sample]:
         labels = (("egress", ip), ("errno", code))
         out.append(Sample("originpool_connect_failures_total", labels, n, True))
     out.append(Sample("originpool_egress_exhausted_total", (), m.exhausted, True))
+    out.append(Sample("originpool_egress_unavailable_total", (), m.unavailable, True))
+    for (ip, reason), n in sorted(m.failover.items()):
+        labels = (("egress", ip), ("reason", reason))
+        out.append(Sample("originpool_egress_failover_total", labels, n, True))
     for ip, n in sorted(egress.live_by_egress().items()):
         out.append(Sample("originpool_egress_live_connections", (("egress", ip),), n))
     for e in egress.egresses:
