@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -37,13 +38,60 @@ def build_router(config: cfg.Config) -> Router:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class FileBudget:
+    """How many downstream connections one worker's open-file limit can carry.
+
+    A proxied session holds two sockets (client and origin) and a worker needs a few more
+    files of its own (listeners, admin, the event loop, log files, netlink): ``RESERVE``.
+    ``RLIMIT_NOFILE`` is per process, so each worker has the whole budget. A connection
+    limit the budget cannot carry fails late and confusingly (EMFILE on accept or on an
+    upstream connect under load), so the default ("auto") is derived from the limit the
+    process really got, and an explicit limit above it is warned about at start with the
+    arithmetic, so the fix is obvious.
+    """
+
+    nofile: int
+    SOCKETS_PER_SESSION = 2
+    RESERVE = 64
+
+    @classmethod
+    def of_this_process(cls) -> FileBudget:
+        return cls(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+    @property
+    def max_connections(self) -> int:
+        """The most connections the limit carries: what ``max_connections = "auto"`` means."""
+        return max(1, (self.nofile - self.RESERVE) // self.SOCKETS_PER_SESSION)
+
+    def files_for(self, max_connections: int) -> int:
+        return max_connections * self.SOCKETS_PER_SESSION + self.RESERVE
+
+    def shortfall(self, max_connections: int) -> str | None:
+        """None if ``max_connections`` fits, else the one-line arithmetic and the fix."""
+        need = self.files_for(max_connections)
+        if need <= self.nofile:
+            return None
+        return (
+            f"max_connections {max_connections:,} x {self.SOCKETS_PER_SESSION} sockets + "
+            f"{self.RESERVE} reserve = {need:,} > RLIMIT_NOFILE {self.nofile:,} per worker: "
+            f'lower [limits] max_connections to {self.max_connections:,} (or to "auto") '
+            "or raise LimitNOFILE"
+        )
+
+
+def max_connections(config: cfg.Config) -> int:
+    """The configured limit, or for "auto" what this process's file limit carries."""
+    return config.limits.max_connections or FileBudget.of_this_process().max_connections
+
+
 def build_settings(config: cfg.Config) -> Settings:
     lim, t = config.limits, config.timeouts
     return Settings(
         max_header_bytes=lim.max_header_bytes,
         max_request_line=lim.max_request_line,
         max_body_bytes=lim.max_body_bytes or 0,
-        max_connections=lim.max_connections,
+        max_connections=max_connections(config),
         header_timeout=t.header,
         body_idle_timeout=t.body_idle,
         upstream_response_timeout=t.upstream_response,
@@ -153,10 +201,12 @@ class Worker:
         if self.path is None:
             return
         try:
-            new = cfg.load(self.path)
+            new, warnings = cfg.load_on_host(self.path)
         except cfg.ConfigError as e:
             log.error("reload_rejected", problems=e.problems)
             return
+        for warning in warnings:
+            log.warning("config_warning", problem=warning)
         self.proxy.router = build_router(new)
         self.proxy.settings = build_settings(new)
         if (new.egress, new.pool, new.tcp_keepalive) != (
@@ -209,21 +259,27 @@ def raise_open_files() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+def startup_warnings(config: cfg.Config, nofile: int) -> list[tuple[str, dict[str, object]]]:
+    """(event, fields) of each start-up warning that depends on what this process got."""
+    wanted = config.limits.max_connections
+    why = FileBudget(nofile).shortfall(wanted) if wanted is not None else None
+    if why is None:
+        return []  # "auto" fits by construction
+    return [("open_file_limit_low", {"nofile": nofile, "max_connections": wanted, "why": why})]
+
+
 def serve(path: str, log_format: str | None = None) -> int:
     try:
-        config = cfg.load(path)
+        config, warnings = cfg.load_on_host(path)
     except cfg.ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
     logs.configure(log_format or config.log.format, config.log.level)
+    for warning in warnings:
+        log.warning("config_warning", problem=warning)
     soft, _hard = raise_open_files()
-    if soft < 2 * config.limits.max_connections + 64:
-        log.warning(
-            "open_file_limit_low",
-            nofile=soft,
-            max_connections=config.limits.max_connections,
-            hint="each proxied session holds two sockets; see README on workers",
-        )
+    for event, fields in startup_warnings(config, soft):
+        log.warning(event, **fields)
     if config.proxy.workers <= 1:
         return _run_one(config, path, 0, on_ready=lambda: sdnotify.notify("READY=1"))
     return Master(config, path).run()
@@ -294,7 +350,8 @@ class Master:
 
     def _on_reload(self, signum: int, _frame: object) -> None:
         try:
-            self.config = cfg.load(self.path)  # workers forked later get the new one too
+            # workers forked later get the new one too
+            self.config, _warnings = cfg.load_on_host(self.path)
         except cfg.ConfigError as e:
             log.error("reload_rejected", problems=e.problems)
             return

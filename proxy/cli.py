@@ -152,14 +152,16 @@ def _config_for_ports(path: str) -> Config:
 
 
 def _run_check_config(args: argparse.Namespace) -> int:
-    from proxy.config import ConfigError, load
+    from proxy.config import ConfigError, load_on_host
 
     try:
-        config = load(args.file)
+        config, warnings = load_on_host(args.file)
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return 2
+    for warning in warnings:
+        print(warning, file=sys.stderr)
     print(f"{args.file}: ok ({config.summary()})")
     return 0
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from pool.connectx import is_local_address
 from pool.egress import MODES, Egress, EgressSet, Mode
 from pool.origin import Origin, PoolLimits, TLSConfig
 from pool.sockopt import KeepAlive
@@ -94,10 +95,15 @@ class Listener:
 
 @dataclass(frozen=True, slots=True)
 class EgressConfig:
-    """Source addresses for upstream connections; empty means the kernel's default source."""
+    """Source addresses for upstream connections; empty means the kernel's default source.
+
+    ``allow_unassigned``: an address this host does not have at start is a warning, not an
+    error, for IPs that are added after the proxy starts (the pool keeps it down until then).
+    """
 
     mode: Mode = "connectx"
     addresses: tuple[Egress, ...] = ()
+    allow_unassigned: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +116,8 @@ class RouteOrigin:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Requests whose Host is ``host`` (or under ``*.suffix``) and path starts with the prefix.
+    """Requests whose Host is ``host`` (or under ``*.suffix``, or any for ``*``) and whose
+    path starts with the prefix.
 
     ``host`` is lower-case without a trailing dot, because Host headers are matched
     case-insensitively and ``example.`` names the same host as ``example``.
@@ -123,10 +130,13 @@ class Route:
 
     @property
     def wildcard(self) -> bool:
-        return self.host.startswith("*.")
+        return self.host.startswith("*")
 
     def matches_host(self, host: str) -> bool:
-        """``*.example`` matches ``a.example`` and ``a.b.example``, not ``example`` itself."""
+        """``*.example`` matches ``a.example`` and ``a.b.example``, not ``example`` itself;
+        ``*`` matches every host (the catch-all, tried after exact and suffix routes)."""
+        if self.host == "*":
+            return True
         host = host.lower().rstrip(".")
         if self.wildcard:
             return host.endswith(self.host[1:])
@@ -178,7 +188,9 @@ class Limits:
     max_header_bytes: int = 16384  # 431
     max_request_line: int = 8192  # 414
     max_body_bytes: int | None = None  # 413
-    max_connections: int = 10000  # downstream connections, all listeners
+    # downstream connections per worker, all listeners; None ("auto"): as many as the
+    # worker's RLIMIT_NOFILE allows at two sockets each (proxy.app.FileBudget)
+    max_connections: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +309,17 @@ def load(path: str | os.PathLike[str]) -> Config:
     return parse(text, source, base_dir=Path(path).resolve().parent)
 
 
+def load_on_host(path: str | os.PathLike[str]) -> tuple[Config, tuple[str, ...]]:
+    """:func:`load`, then what this host says about it (:class:`EgressPresence`): what
+    ``check-config`` and ``serve`` use. Returns the config and its warnings; raises
+    :class:`ConfigError` with the host's errors when there are any."""
+    config = load(path)
+    report = EgressPresence().check(config)
+    if report.errors:
+        raise ConfigError(report.errors)
+    return config, report.warnings
+
+
 def parse(
     text: str, source: str = "<string>", *, base_dir: str | os.PathLike[str] | None = None
 ) -> Config:
@@ -304,7 +327,7 @@ def parse(
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError([f"{source}: {_syntax_problem(str(e))}"]) from None
+        raise ConfigError([f"{source}: {_syntax_problem(str(e), text)}"]) from None
     return from_dict(data, source, base_dir=base_dir)
 
 
@@ -327,14 +350,156 @@ _AT = re.compile(
 )
 
 
-def _syntax_problem(message: str) -> str:
-    """tomllib's "Invalid value (at line 3, column 9)" as "line 3, column 9: invalid TOML: ..."."""
+def _syntax_problem(message: str, text: str = "") -> str:
+    """tomllib's "Invalid value (at line 3, column 9)" as "line 3, column 9: invalid TOML: ...".
+
+    Two mistakes get tomllib's words replaced, because they name no key and no fix: a
+    table declared both as ``[x]`` and ``[[x]]`` ("Cannot overwrite a value" or "Cannot
+    declare ('x',) twice", depending on the order) and a ``[x]`` table written twice.
+    """
     m = _AT.match(message)
     if m is None:
         return f"invalid TOML: {message}"
     if m["line"] is None:
         return f"end of document: invalid TOML: {m['msg']}"
+    explained = _TableHeaders(text).explain(int(m["line"]))
+    if explained is not None:
+        return explained
     return f"line {m['line']}, column {m['col']}: invalid TOML: {m['msg']}"
+
+
+_HEADER = re.compile(r"\s*(?P<open>\[\[?)\s*(?P<key>[^\[\]#]+?)\s*(?P<close>\]\]?)\s*(?:#.*)?")
+_QUOTED_PART = re.compile(r'"([A-Za-z0-9_-]+)"|\'([A-Za-z0-9_-]+)\'')
+# the form each top-level array of tables must take, in the words of the fix
+_ARRAY_FIX = {"listen": "every listener", "routes": "every route"}
+
+
+class _TableHeaders:
+    """The table headers of a TOML text, to name the key behind a header tomllib refused.
+
+    Only consulted after tomllib failed, and only for the lines before the failing one, so
+    a header-like line inside a multi-line string can at worst give a less exact message.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.headers: list[tuple[int, str, bool]] = []  # (line, key, is array of tables)
+        self.keys: list[tuple[int, str]] = []  # (line, full key path) of "key = value" lines
+        table = ""
+        for number, line in enumerate(text.splitlines(), 1):
+            m = _HEADER.fullmatch(line)
+            if m is not None and len(m["open"]) == len(m["close"]):
+                table = _dotted(m["key"])
+                array = len(m["open"]) == 2
+                self.headers.append((number, table, array))
+                if array:  # keys below it belong to its newest element, as in problems
+                    table += f"[{sum(1 for _n, k, a in self.headers if k == table and a) - 1}]"
+                continue
+            k = _KEY_LINE.match(line)
+            if k is not None:
+                self.keys.append(
+                    (number, _key(table, _dotted(k["key"])) if table else _dotted(k["key"]))
+                )
+
+    def explain(self, line: int) -> str | None:
+        here = next(((k, arr) for n, k, arr in self.headers if n == line), None)
+        if here is None:
+            return self._key_twice(line)
+        key, array = here
+        earlier = [(n, arr) for n, k, arr in self.headers if n < line and k == key]
+        if not earlier:
+            return None
+        if any(arr != array for _n, arr in earlier):
+            table_line = next(n for n, arr in [*earlier, (line, array)] if not arr)
+            array_line = next(n for n, arr in [*earlier, (line, array)] if arr)
+            if key in _ARRAY_FIX:
+                fix = f"use [[{key}]] for {_ARRAY_FIX[key]}"
+            else:
+                fix = f"[{key}] is a single table: write [{key}] once"
+            return (
+                f"{key}: mixes a [{key}] table (line {table_line}) and [[{key}]] "
+                f"array-of-tables (line {array_line}); {fix}"
+            )
+        if not array:
+            return (
+                f"{key}: [{key}] appears twice (lines {earlier[0][0]} and {line}); "
+                f"put all its keys under one [{key}]"
+            )
+        return None
+
+    def _key_twice(self, line: int) -> str | None:
+        here = next((k for n, k in self.keys if n == line), None)
+        first = next((n for n, k in self.keys if k == here and n < line), None)
+        if here is None or first is None:
+            return None
+        return f"{here}: set twice (lines {first} and {line}); keep one"
+
+
+_KEY_LINE = re.compile(r"\s*(?P<key>[A-Za-z0-9_-]+(?:\s*\.\s*[A-Za-z0-9_-]+)*)\s*=")
+
+
+def _dotted(key: str) -> str:
+    """A TOML key as one dotted path: spaces around dots and quotes of bare-able parts go."""
+    return ".".join(
+        _QUOTED_PART.sub(lambda q: q[1] or q[2], part.strip()) for part in key.split(".")
+    )
+
+
+# -- what this host says about a valid config -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HostReport:
+    """Problems a config has on this host only: errors stop ``serve``, warnings are told."""
+
+    errors: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+class EgressPresence:
+    """Egress IPs the host does not have, found before the first connect needs them.
+
+    Apart from :func:`parse` on purpose: parsing says whether a config is right anywhere,
+    this says whether it fits the namespace it runs in, so a config rendered or reviewed on
+    another machine (deploy/kubernetes renders on the node, ``originpool ports`` reads the
+    config to label pairs) is not refused for IPs that only the target host has.
+
+    An unassigned IP is an error by default: a typo in an address would otherwise only show
+    as a smaller capacity than planned. ``[egress] allow_unassigned = true`` turns it into a
+    warning for IPs that arrive after the proxy (a failover address, a cloud secondary IP
+    attached later): the pool keeps them down and takes them up once they are there.
+    Presence is asked with :func:`~pool.connectx.is_local_address` (why a bind: see there).
+    """
+
+    def __init__(self, is_local: Callable[[str], bool] = is_local_address) -> None:
+        self._is_local = is_local
+
+    def check(self, config: Config) -> HostReport:
+        egress = config.egress
+        if egress.mode == "plain":
+            return HostReport()  # the addresses are not used at all
+        errors: list[str] = []
+        warnings: list[str] = []
+        for i, address in enumerate(egress.addresses):
+            try:
+                present = self._is_local(address.ip)
+                reason = f"{address.ip} is not assigned to any interface in this namespace"
+            except OSError as e:
+                present = False
+                reason = f"{address.ip} cannot be used here: {e.strerror or e}"
+            if present:
+                continue
+            where = f"{config.source}: egress.addresses[{i}]"
+            if egress.allow_unassigned:
+                warnings.append(
+                    f"{where}: warning: {reason}; allow_unassigned = true: the pool keeps it "
+                    "down and uses it once it is added"
+                )
+            else:
+                errors.append(
+                    f"{where}: {reason} (add it, see deploy/egress-ips.md; or set [egress] "
+                    "allow_unassigned = true if it is added after the proxy starts)"
+                )
+        return HostReport(tuple(errors), tuple(warnings))
 
 
 # -- value checks: each returns the parsed value or raises _Invalid(reason) -----------------
@@ -403,6 +568,21 @@ def _integer(
         return value
 
     return check
+
+
+def _auto(check: Callable[[Any], int]) -> Callable[[Any], int | None]:
+    """``"auto"`` (None: derived at start from what the process gets) or what ``check`` takes."""
+
+    def wrapped(value: Any) -> int | None:
+        if value == "auto":
+            return None
+        try:
+            return check(value)
+        except _Invalid as e:
+            reason = e.reason.replace(", got", " or 'auto', got", 1)
+            raise _Invalid(reason) from None
+
+    return wrapped
 
 
 def _zero_is_none(check: Callable[[Any], int]) -> Callable[[Any], int | None]:
@@ -513,13 +693,25 @@ def _check_hostname(name: str) -> str:
 
 
 def _route_host(value: Any) -> str:
-    text = _string(value, "a host name like 'app.example' or '*.example'")
+    """An exact name, ``*.suffix``, or ``*`` alone: the catch-all for every other host.
+
+    The catch-all is opt-in by that one spelling: without it an unknown Host gets 421, so the
+    proxy is never an open relay by accident. ``*`` anywhere else is refused.
+    """
+    text = _string(value, "a host name like 'app.example', '*.example' or '*'")
     if not text:
-        raise _Invalid("must not be empty: an exact host like 'app.example' or '*.example'")
+        raise _Invalid(
+            "must not be empty: an exact host like 'app.example', '*.example', or '*' for any"
+        )
+    if text == "*":
+        return text
     wildcard = text.startswith("*.")
     name = text[2:] if wildcard else text
     if "*" in name:
-        raise _Invalid(f"{text!r}: '*' is only allowed as '*.' at the start, as in '*.example'")
+        raise _Invalid(
+            f"{text!r}: '*' is only allowed alone (every host) or as '*.' at the start, "
+            "as in '*.example'"
+        )
     if ":" in name or "/" in name:
         raise _Invalid(
             f"{text!r}: just the host name, no port, scheme or path (routes match the Host "
@@ -603,7 +795,7 @@ TOP_KEYS = (
 )
 LISTEN_KEYS = ("address", "tls_cert", "tls_key")
 ADMIN_KEYS = ("address",)
-EGRESS_KEYS = ("mode", "addresses")
+EGRESS_KEYS = ("mode", "addresses", "allow_unassigned")
 ROUTE_KEYS = ("host", "path_prefix", "origins", "balance")
 ORIGIN_KEYS = ("url", "weight")
 
@@ -632,7 +824,7 @@ LIMIT_FIELDS: dict[str, tuple[Check, Any]] = {
         _zero_is_none(_integer(0, unit="a number of bytes", zero="0 = unlimited")),
         None,
     ),
-    "max_connections": (_integer(1), 10000),
+    "max_connections": (_auto(_integer(1)), None),
 }
 # the kernel's limits: TCP_KEEPIDLE and TCP_KEEPINTVL up to 32767 s, TCP_KEEPCNT up to 127
 KEEPALIVE_FIELDS: dict[str, tuple[Check, Any]] = {
@@ -874,9 +1066,10 @@ class _Reader:
                 continue
             seen[ip] = i
             parsed.append(egress)
+        allow = self.field(table, "egress", "allow_unassigned", _boolean, False)
         # 'plain' ignores the addresses and 'bind' the windows: accepted on purpose, so a
         # side-by-side run (the testbed) changes the mode line and nothing else
-        return EgressConfig(mode, tuple(parsed))
+        return EgressConfig(mode, tuple(parsed), allow)
 
     def routes(self, data: Mapping[str, Any], egress: EgressConfig) -> list[Route]:
         value = data.get("routes")
@@ -900,7 +1093,7 @@ class _Reader:
             if table is None:
                 continue
             if "host" not in table:
-                self.problem(_key(path, "host"), "required: 'app.example' or '*.example'")
+                self.problem(_key(path, "host"), "required: 'app.example', '*.example' or '*'")
             host = self.field(table, path, "host", _route_host, None)
             prefix = self.field(table, path, "path_prefix", _path_prefix, "/")
             balance = self.field(table, path, "balance", _choice(BALANCES), "round_robin")

@@ -19,7 +19,15 @@ from hypothesis import strategies as st
 
 from pool.egress import Egress
 from pool.origin import Origin, PoolLimits, TLSConfig
-from proxy.config import Config, ConfigError, from_dict, load, parse
+from proxy.config import (
+    Config,
+    ConfigError,
+    EgressPresence,
+    HostReport,
+    from_dict,
+    load,
+    parse,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "originpool.toml"
@@ -109,7 +117,8 @@ def test_defaults():
     assert t.websocket_idle is None
     lim = config.limits
     assert (lim.max_header_bytes, lim.max_request_line) == (16384, 8192)
-    assert lim.max_body_bytes is None and lim.max_connections == 10000
+    assert lim.max_body_bytes is None
+    assert lim.max_connections is None  # "auto": what the worker's RLIMIT_NOFILE carries
     assert config.proxy.workers == 1
     assert config.proxy.trusted_proxies == (
         ipaddress.ip_network("127.0.0.1/32"),
@@ -344,7 +353,66 @@ def test_toml_syntax_error_is_one_problem_with_line_and_column():
 
 def test_toml_duplicate_table():
     problem = only("[pool]\nmax_idle = 1\n[pool]\nmax_idle = 2\n")
-    assert problem.startswith("t.toml: line 3, column ") and "invalid TOML" in problem
+    assert problem == (
+        "t.toml: pool: [pool] appears twice (lines 1 and 3); put all its keys under one [pool]"
+    )
+
+
+LISTEN_REST = MINIMAL.split("\n", 3)[3]  # MINIMAL without its [listen] table
+
+
+@pytest.mark.parametrize(
+    ("text", "lines"),
+    [
+        (
+            '[listen]\naddress = "127.0.0.1:8080"\n[[listen]]\naddress = "127.0.0.1:8081"\n',
+            (1, 3),
+        ),
+        (
+            '[[listen]]\naddress = "127.0.0.1:8080"\n[listen]\naddress = "127.0.0.1:8081"\n',
+            (3, 1),
+        ),
+        ('[ listen ] # one\naddress = "127.0.0.1:8080"\n[[ "listen" ]]\n', (1, 3)),
+    ],
+)
+def test_mixed_listen_table_and_array_is_named_with_the_fix(text, lines):
+    """tomllib says "Cannot overwrite a value" or "Cannot declare ('listen',) twice",
+    depending on the order: neither names the key or the fix."""
+    problem = only(text + LISTEN_REST)
+    assert problem == (
+        f"t.toml: listen: mixes a [listen] table (line {lines[0]}) and [[listen]] "
+        f"array-of-tables (line {lines[1]}); use [[listen]] for every listener"
+    )
+
+
+def test_other_toml_errors_name_file_line_and_reason():
+    text = MINIMAL + "[[routes]]\nhost = 'b.example'\n[routes]\n"
+    assert only(text).startswith("t.toml: routes: mixes a [routes] table (line 9) and")
+    assert only(text).endswith("; use [[routes]] for every route")
+    assert only(MINIMAL + "[pool]\nmax_idle = 1\n[[pool]]\n") == (
+        "t.toml: pool: mixes a [pool] table (line 7) and [[pool]] array-of-tables (line 9); "
+        "[pool] is a single table: write [pool] once"
+    )
+    assert only(MINIMAL + "[pool]\nmax_idle = 1\nmax_idle = 2\n") == (
+        "t.toml: pool.max_idle: set twice (lines 8 and 9); keep one"
+    )
+    second = MINIMAL.replace("[[routes]]\n", "[[routes]]\nhost = 'b.example'\n", 1)
+    assert only(second) == "t.toml: routes[0].host: set twice (lines 5 and 6); keep one"
+    # anything else keeps tomllib's reason, with the line and column
+    assert (
+        only("[listen]\naddress = \n") == "t.toml: line 2, column 11: invalid TOML: Invalid value"
+    )
+
+
+def test_cli_names_a_mixed_listen_with_the_file(tmp_path):
+    path = tmp_path / "mixed.toml"
+    path.write_text('[listen]\naddress = "127.0.0.1:8080"\n[[listen]]\n' + LISTEN_REST)
+    proc = run_cli("check-config", str(path))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        f"{path}: listen: mixes a [listen] table (line 1) and [[listen]] array-of-tables "
+        "(line 3); use [[listen]] for every listener\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -369,7 +437,9 @@ def test_toml_duplicate_table():
         ("timeouts.connect", "1979-05-27", "got a date/time (1979-05-27)"),
         ("limits.max_header_bytes", "0", "must be a number of bytes >= 1, got 0"),
         ("limits.max_request_line", "{a = 1}", "got a table"),
-        ("limits.max_connections", "false", "must be an integer >= 1, got false"),
+        ("limits.max_connections", "false", "must be an integer >= 1 or 'auto', got false"),
+        ("limits.max_connections", '"atuo"', "must be an integer >= 1 or 'auto', got 'atuo'"),
+        ("egress.allow_unassigned", '"yes"', "must be true or false, got 'yes'"),
         ("tcp_keepalive.idle", "-1", "(0 = off), got -1"),
         ("tcp_keepalive.idle", "40000", "got 40000"),
         ("tcp_keepalive.interval", "0", "must be a number of seconds from 1 to 32767, got 0"),
@@ -456,8 +526,12 @@ origins = ["http://127.0.2.1"]
         ("-app.example", "not starting or ending with '-'"),
         ("app.example:8080", "no port"),
         ("http://app.example", "no port, scheme or path"),
-        ("a.*.example", "'*' is only allowed as '*.' at the start"),
-        ("*", "'*' is only allowed"),
+        ("a.*.example", "'*' is only allowed alone (every host) or as '*.' at the start"),
+        ("**", "'*' is only allowed"),
+        ("*example", "'*' is only allowed"),
+        ("*.*.example", "'*' is only allowed"),
+        ("* ", "'*' is only allowed"),
+        ("*:80", "'*' is only allowed"),
         ("*.", "nothing after '*.'"),
         ("app!.example", "label 'app!'"),
         ("a" * 64 + ".example", "1-63"),
@@ -467,6 +541,17 @@ def test_bad_route_hosts(host, reason):
     text = MINIMAL.replace('"app.example"', repr(host))
     problem = only(text)
     assert problem.startswith("t.toml: routes[0].host: ") and reason in problem, problem
+
+
+def test_catch_all_route_host_is_accepted():
+    text = MINIMAL + '[[routes]]\nhost = "*"\norigins = ["http://127.0.2.9:9000"]\n'
+    exact, catch_all = parse(text).routes
+    assert catch_all.host == "*" and catch_all.wildcard
+    assert catch_all.matches_host("anything.example") and catch_all.matches_host("Other.")
+    assert exact.matches_host("app.example") and not exact.matches_host("other.example")
+    # one catch-all per path prefix, as for any host
+    twice = text + '[[routes]]\nhost = "*"\norigins = ["http://127.0.2.8:9000"]\n'
+    assert only(twice).startswith("t.toml: routes[2]: same host and path_prefix as routes[1]")
 
 
 def test_route_host_is_normalised():
@@ -648,6 +733,55 @@ def test_tls_problems(tls_files):
     found = problems(MINIMAL + '[upstream_tls]\nca_file = "garbage.pem"\n', base_dir=tls_files)
     assert len(found) == 1
     assert found[0].startswith("t.toml: upstream_tls.ca_file: cannot load as a PEM CA bundle")
+
+
+# -- what this host has: EgressPresence with a stand-in for the kernel's answer ----------------
+# (the kernel's own answer, in namespaces: tests/test_egress_presence.py)
+
+THREE = MINIMAL + '[egress]\naddresses = ["127.0.1.1", "127.0.1.2:40000-40099", "10.99.99.99"]\n'
+
+
+def presence(text: str, absent: set[str]) -> HostReport:
+    return EgressPresence(lambda ip: ip not in absent).check(parse(text, "t.toml"))
+
+
+def test_unassigned_egress_ip_is_an_error_naming_its_key():
+    report = presence(THREE, {"10.99.99.99", "127.0.1.2"})
+    assert report.warnings == ()
+    assert [p.split(" (add it")[0] for p in report.errors] == [
+        "t.toml: egress.addresses[1]: 127.0.1.2 is not assigned to any interface in this namespace",
+        "t.toml: egress.addresses[2]: 10.99.99.99 is not assigned to any interface in this "
+        "namespace",
+    ]
+    assert "allow_unassigned = true" in report.errors[0]
+    assert presence(THREE, set()) == HostReport()
+
+
+def test_allow_unassigned_turns_it_into_a_warning():
+    text = THREE.replace("[egress]\n", "[egress]\nallow_unassigned = true\n")
+    assert parse(text).egress.allow_unassigned and not parse(THREE).egress.allow_unassigned
+    report = presence(text, {"10.99.99.99"})
+    assert report.errors == ()
+    assert report.warnings == (
+        "t.toml: egress.addresses[2]: warning: 10.99.99.99 is not assigned to any interface "
+        "in this namespace; allow_unassigned = true: the pool keeps it down and uses it once "
+        "it is added",
+    )
+
+
+def test_presence_is_not_asked_in_plain_mode_and_errors_are_problems():
+    plain = THREE.replace("[egress]\n", '[egress]\nmode = "plain"\n')
+    assert presence(plain, {"10.99.99.99"}) == HostReport()
+
+    def broken(ip: str) -> bool:
+        raise OSError(97, "Address family not supported by protocol")
+
+    v6 = MINIMAL.replace("127.0.2.1", "[fd00::9]") + '[egress]\naddresses = ["fd00::1"]'
+    report = EgressPresence(broken).check(parse(v6))
+    assert report.errors[0].startswith(
+        "<string>: egress.addresses[0]: fd00::1 cannot be used here: Address family not "
+        "supported by protocol"
+    )
 
 
 # -- load and the CLI ------------------------------------------------------------------------
