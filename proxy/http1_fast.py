@@ -51,6 +51,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from proxy.http1 import (
+    CHUNK_SIZE,
     CLOSED,
     NEED_DATA,
     PAUSED,
@@ -69,6 +70,7 @@ from proxy.http1 import (
     comma_items,
     error_message,
     head_size,
+    skip_empty_lines,
 )
 
 try:  # imported here, not by proxy.http1: the h11 path must keep working without it
@@ -88,6 +90,7 @@ _REQUEST_LINE: Final = re.compile(
 )
 _TARGET: Final = re.compile(rb"[\x21-\x7e]+")
 _DIGITS: Final = re.compile(rb"[0-9]+")
+_CHUNK_SIZE: Final = re.compile(CHUNK_SIZE)
 _VERSIONS: Final = frozenset((b"1.0", b"1.1"))
 
 
@@ -149,6 +152,9 @@ class _Chunked:
 
     llhttp validates the framing; this only counts it. Lines end at LF: if the client used a
     bare LF where CRLF belongs, llhttp raises on the same bytes, so the cut point is moot.
+    Chunk sizes are read as llhttp reads them (any leading zeros, at most 2**64 - 1: see
+    ``proxy.http1.CHUNK_SIZE``); the one rule added is the limit on a chunk size line, which
+    llhttp lacks (it takes a million leading zeros), the same limit ``ServerSide`` applies.
     """
 
     __slots__ = ("_line", "_max_line", "_remaining", "_state")
@@ -181,7 +187,8 @@ class _Chunked:
             nl = data.find(b"\n", pos)
             if nl < 0:
                 self._line += data[pos:]
-                if len(self._line) > self._max_line:
+                # a size line with its LF would pass the limit (proxy.http1 check_chunk_line_prefix)
+                if len(self._line) >= self._max_line + (self._state == 3):
                     raise ProtocolError(400, "chunk header or trailer line too long")
                 return n
             line = self._line + data[pos:nl]
@@ -191,10 +198,12 @@ class _Chunked:
                 if line in (b"", b"\r"):
                     return pos  # the empty line after the trailers ends the message
                 continue
-            size = line.split(b";", 1)[0].strip(b" \t\r")
-            if not size or len(size) > 20 or not all(c in b"0123456789abcdefABCDEF" for c in size):
-                return pos  # malformed: llhttp raises on these bytes
-            self._remaining = int(size, 16)
+            if len(line) >= self._max_line:
+                raise ProtocolError(400, f"chunk header line longer than {self._max_line} bytes")
+            m = _CHUNK_SIZE.fullmatch(line.split(b";", 1)[0].strip(b" \t\r"))
+            if m is None:
+                return pos  # malformed or past 2**64: llhttp raises on these bytes
+            self._remaining = int(m[1] or b"0", 16)
             self._state = 1 if self._remaining else 3
         return n
 
@@ -365,11 +374,11 @@ class FastRequestParser:
 
     def _flush_pending(self) -> None:
         """Same buffering and limits as ``ServerSide._flush_pending``; llhttp gets whole heads."""
-        buf = self._pending.lstrip(b"\r\n") if self._idle else self._pending
+        buf = skip_empty_lines(self._pending) if self._idle else self._pending
         size = head_size(buf, self._max_line, self._max_head)
         if not size:
             self._pending = buf
-            if buf:
+            if buf and buf != b"\r":  # a CR alone may still be half of an empty line
                 self._idle = False
             return
         end = size - 4
@@ -479,6 +488,21 @@ class FastRequestParser:
         if self._fallback is not None:
             return self._fallback.trailing_data()
         return self._trailing
+
+    def check_buffered(self) -> None:
+        """``ServerSide.check_buffered``: the ProtocolError the current request's events would
+        end in, given the bytes and EOF received so far, raised now; no event is taken.
+
+        llhttp has already run over every body byte received (``feed`` parses as bytes
+        arrive and queues the events), so its verdict is known: an error waiting behind
+        queued events, or EOF in the middle of the body. Nothing is parsed here.
+        """
+        if self._fallback is not None:
+            self._fallback.check_buffered()
+        elif self._error is not None:
+            raise self._error
+        elif self._eof and not (self._in_head or self._complete):
+            raise ProtocolError(400, "peer closed in the middle of the request body")
 
     def release(self) -> None:
         """No more input will come (connection closed, or a tunnel now). llhttp's parser
@@ -597,8 +621,10 @@ class FastServerSide(FastRequestParser):
         return self._done and self._sent_end and not (self._must_close or self._close_out)
 
     def start_next(self) -> None:
-        super().start_next()
+        # the response state first: checking held-back bytes as the next head may raise, and
+        # the caller then needs error_response() to answer that request, not the one before
         self._reset_response()
+        super().start_next()
 
 
 def _status_line(status: int, reason: bytes) -> bytes:

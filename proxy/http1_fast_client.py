@@ -42,10 +42,13 @@ ConnectionClosed in SEND_RESPONSE), not CLOSED.
 
 Chunked bodies are decoded here, not by llhttp: the framer that must find the end of the message
 (so bytes after it are never parsed) reads every chunk header anyway, and doing it with h11's
-chunk grammar (``1*20HEXDIG [";" anything] OWS CRLF``) keeps what llhttp would refuse and h11
-takes (spaces after the size, loose chunk extensions). Content-Length bodies are sliced
-without a parser. Trailers go through the same header-block path as heads (h11 checks them
-with the same rules, Content-Length and Transfer-Encoding included).
+chunk grammar (``chunk-size [";" anything] OWS CRLF``) keeps what llhttp would refuse and h11
+takes (spaces after the size, loose chunk extensions). The chunk-size is RFC 9112's
+``1*HEXDIG`` up to 2**64 - 1, with the line at most 16 KiB, in ``ClientSide`` too
+(``proxy.http1.CHUNK_SIZE``); a size line that can no longer become valid fails at once.
+Content-Length bodies are sliced without a parser. Trailers go through the same header-block
+path as heads (h11 checks them with the same rules, Content-Length and Transfer-Encoding
+included).
 
 Deliberately STRICTER than h11 (502 here, accepted by h11), each a framing ambiguity a proxy
 should not resolve by guessing:
@@ -75,6 +78,7 @@ from itertools import chain
 from typing import Final
 
 from proxy.http1 import (
+    CLIENT_MAX_INCOMPLETE,
     CLOSED,
     NEED_DATA,
     PAUSED,
@@ -88,6 +92,8 @@ from proxy.http1 import (
     Headers,
     ProtocolError,
     ResponseHead,
+    check_chunk_line_prefix,
+    chunk_line_size,
     comma_items,
 )
 
@@ -96,7 +102,7 @@ try:  # imported here, not by proxy.http1: the h11 path must keep working withou
 except ImportError:  # pragma: no cover - exercised only on installs without httptools
     httptools = None
 
-MAX_INCOMPLETE: Final = 16384  # h11's DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, its limit for ClientSide
+MAX_INCOMPLETE: Final = CLIENT_MAX_INCOMPLETE  # what ClientSide's h11 buffers of one event
 
 _TOKEN_CHARS: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 # h11's field-value: visible bytes, obs-text and controls but NUL/VT/FF/CR/LF, with inner SP/HTAB
@@ -112,7 +118,6 @@ _FIELD: Final = re.compile(b"(" + _TOKEN_CHARS + b"):[ \t]*(" + _FIELD_CONTENT +
 _TARGET: Final = re.compile(rb"[\x21-\x7e]+")
 # h11's status line: the reason may be absent, empty, or any bytes but NUL/VT/FF/CR/LF
 _STATUS_LINE: Final = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([^\x00\n\r\x0b\x0c]*))?\r\n")
-_CHUNK_HEADER: Final = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*\r\n")
 _DIGITS: Final = re.compile(rb"[0-9]{1,20}")
 _BAD_EOL: Final = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")  # bare LF, or CR before a byte but LF
 _SYNTH: Final = b"HTTP/1.1 200 \r\n"  # what llhttp sees in place of the real status line
@@ -587,15 +592,16 @@ class FastClientSide:
                     self._chunk = _SIZE
             elif sub == _SIZE:
                 eol = buf.find(b"\r\n", pos)
-                if eol < 0:
-                    break
-                m = _CHUNK_HEADER.fullmatch(buf, pos, eol + 2)
-                if m is None:
-                    self._error = _fail(f"illegal chunk header: {buf[pos : eol + 2][:80]!r}")
+                try:
+                    if eol < 0:
+                        check_chunk_line_prefix(buf[pos:], MAX_INCOMPLETE)
+                        break
+                    size = chunk_line_size(buf[pos : eol + 2], MAX_INCOMPLETE)
+                except ValueError as e:
+                    self._error = _fail(str(e))
                     self._buf = buf[pos:]
                     return
                 pos = eol + 2
-                size = int(m[1], 16)
                 if size:
                     self._chunk, self._left = _DATA, size
                 else:
@@ -621,8 +627,6 @@ class FastClientSide:
         self._buf = rest
         if self._chunk == _TRAILER:
             self._incomplete(rest, "trailer block")
-        elif len(rest) > MAX_INCOMPLETE:
-            self._error = _fail(f"chunk header longer than {MAX_INCOMPLETE} bytes")
 
     def next_event(self) -> Event:
         """The next event; ``ProtocolError(502)`` once the response is broken."""

@@ -65,15 +65,21 @@ def valid_request(draw: st.DrawFn) -> bytes:
         for piece in pieces:
             if piece:
                 ext = draw(st.sampled_from(["", ";x=1", ";name"]))
-                payload += b"%x%s\r\n%s\r\n" % (len(piece), ext.encode(), piece)
-        payload += b"0\r\n"
+                # RFC 9112 chunk-size is 1*HEXDIG: leading zeros past h11's 20 digits included
+                zeros = b"0" * draw(st.sampled_from([0, 0, 0, 1, 25]))
+                payload += b"%s%x%s\r\n%s\r\n" % (zeros, len(piece), ext.encode(), piece)
+        payload += draw(st.sampled_from([b"0", b"0", b"00", b"0" * 30])) + b"\r\n"
         for name, value in draw(st.lists(st.tuples(token, value_text), max_size=2)):
             payload += f"{name}: {value}\r\n".encode()
         payload += b"\r\n"
     order = draw(st.permutations(headers))
-    raw = f"{method} {draw(target)} {version}\r\n".encode()
+    # RFC 9112 2.2: empty lines (CRLF) before a request line are skipped, here and before
+    # the next request on the connection
+    raw = b"\r\n" * draw(st.sampled_from([0, 0, 0, 1, 2]))
+    raw += f"{method} {draw(target)} {version}\r\n".encode()
     raw += b"".join(f"{n}: {v}\r\n".encode() for n, v in order) + b"\r\n" + payload
     if draw(st.booleans()):
+        raw += b"\r\n" * draw(st.sampled_from([0, 0, 1]))
         raw += b"GET /next HTTP/1.1\r\nHost: app.test\r\n\r\n"  # pipelined: must stay unparsed
     return raw
 
@@ -216,6 +222,7 @@ TARGET_FORM = re.compile(
 )
 BARE_LF = re.compile(rb"(?<!\r)\n")
 CHUNK_SIZE_WS = re.compile(rb"\n[0-9A-Fa-f]+[ \t]")
+CHUNKED = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
 SETTINGS = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -248,6 +255,15 @@ def test_valid_requests_agree(chunks: list[bytes]) -> None:
 @example([b"GET / HTTP/2.0\r\n\r\n"])
 @example([b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\n\r\n"])
 @example([b"PURGEX / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n\r\n"])
+@example([b"\r\r\rGET / HTTP/1.1\r\nHost: a\r\n\r\n"])
+@example([b"\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"])
+@example([b"\r\n\n", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"])
+@example([b"\r\n\r", b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"])
+@example([CHUNKED + b"0" * 29 + b"79\r\n" + b"x" * 0x79 + b"\r\n0\r\n\r\n"])
+@example([CHUNKED + b"0" * 20 + b"f" * 16 + b"\r\nabc"])
+@example([CHUNKED + b"1" + b"0" * 16 + b"\r\nabc"])
+@example([CHUNKED + b"f" * 20 + b"\r\nabc"])
+@example([CHUNKED, b"0" * 10000, b"0" * 10000 + b"1\r\nx\r\n0\r\n\r\n"])
 def test_mutated_requests_agree(chunks: list[bytes]) -> None:
     check(chunks)
 
