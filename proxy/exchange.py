@@ -135,6 +135,14 @@ class Exchange:
         route = self._route()
         if route is None:
             return
+        if self.head.has_body:
+            # a body already known bad (it came in the same read as the head) is answered
+            # here: the origin is never contacted, as with nginx and HAProxy
+            try:
+                self.client.http.check_buffered()
+            except http1.ProtocolError as e:
+                self.respond_error(e.status, e.reason)
+                return
         origin = route.pick((), self.proxy.active)
         if origin is not None and not self.websocket:
             conn = self.proxy.pool.acquire_idle(origin)
