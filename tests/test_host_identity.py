@@ -27,7 +27,8 @@ APP = ("127.0.2.1", 9000)
 WILD = ("127.0.2.2", 9000)
 ANY = ("127.0.2.3", 9000)
 DEAD = ("127.0.2.4", 9000)  # nothing listens: connection refused
-ROUTES = {"app.test": APP, "*.wild.test": WILD, "*": ANY, "dead.test": DEAD}
+# the catch-all first: exact beats *.suffix beats *, whatever the order of the routes
+ROUTES = {"*": ANY, "*.wild.test": WILD, "app.test": APP, "dead.test": DEAD}
 
 
 @pytest.fixture(params=["httptools", "h11"])
