@@ -18,8 +18,9 @@ never written; the namespace is deleted on exit, on Ctrl-C and on errors):
    127.0.2.1:9000, and the three proxies at once: nginx (``worker_processes 1``, egress by
    ``split_clients`` + ``proxy_bind``), HAProxy (``nbthread 1``, one ``server`` line per
    egress IP with ``source``), originpool (``workers = 1``, ``proxy.testbed.run``'s config,
-   connectx). A client process (this file, ``--burst-client``, raw uvloop protocols) opens
-   ``--burst`` sessions at once, waits for every 101, then closes them all with a Close frame
+   connectx). A client process (this file, ``--burst-client``, raw uvloop protocols, plain
+   connects from 127.0.0.1: ~85 us of its own CPU per session) opens ``--burst`` sessions at
+   once, waits for every 101, then closes them all with a Close frame
    (the origin answers and closes first, as RFC 6455 has servers do, so TIME_WAIT lands on
    the origin and not on the proxy's egress ports) and waits for each EOF; ``--bursts`` times
    per round, rounds interleaved across proxies (nginx, HAProxy, originpool, nginx, ...).
@@ -66,6 +67,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -104,7 +106,6 @@ LISTEN = {
 }
 WS_HOST = testbed.ROUTE_HOST
 WS_ORIGIN = ws_relay.ORIGIN  # 127.0.2.1:9000, where proxy.testbed.run's config points too
-IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h
 MAX_SESSIONS = 9500  # per proxy process: two files per session under the 20,000 cap
 SHARD_SESSIONS = 5000  # per sequential client process
 STEP_TIMEOUT = 10.0
@@ -418,39 +419,30 @@ class BurstSession(asyncio.Protocol):
 
 
 async def _open(
-    loop: asyncio.AbstractEventLoop, address: tuple[str, int], source: str, session: BurstSession
+    loop: asyncio.AbstractEventLoop, address: tuple[str, int], session: BurstSession
 ) -> str:
-    """IP_BIND_ADDRESS_NO_PORT: the client's port is chosen per 4-tuple at connect(), so its
-    sockets never hold a bind bucket the proxies' own connects would have to skip."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """A plain connect from 127.0.0.1, the kernel's port choice: the cheapest a client can
+    open a session (the client shares 2 cores with the proxy and the origin), and no bind
+    bucket that the proxies' own connects would have to skip. The proxy closes each client
+    connection first (after the origin's close), so no TIME_WAIT piles up on this side."""
     try:
-        sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        sock.setblocking(False)
-        sock.bind((source, 0))
-        await asyncio.wait_for(loop.sock_connect(sock, address), STEP_TIMEOUT)
-        await loop.create_connection(lambda: session, sock=sock)
+        await loop.create_connection(lambda: session, *address)
     except OSError as e:
-        sock.close()
         return type(e).__name__
-    except TimeoutError:
-        sock.close()
-        return "timeout"
-    try:
-        return await asyncio.wait_for(asyncio.shield(session.opened), STEP_TIMEOUT)
-    except TimeoutError:
-        return "timeout"
+    return await session.opened
 
 
 async def _burst_client(address: tuple[str, int], host: str, size: int, bursts: int) -> None:
     loop = asyncio.get_running_loop()
-    sources = [f"127.3.{i // 250}.{i % 250 + 1}" for i in range(64)]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = usage.ru_utime + usage.ru_stime
     close = ws_relay.frame(0x8, (1000).to_bytes(2, "big"), os.urandom(4))
     walls: list[float] = []
     handshakes: list[float] = []
     outcomes: Counter[str] = Counter()
     unclean = 0
     deadline = time.monotonic() + 60 + bursts * 3 * STEP_TIMEOUT
-    for b in range(bursts):
+    for _ in range(bursts):
         if time.monotonic() > deadline:
             break
         sessions = []
@@ -462,9 +454,15 @@ async def _burst_client(address: tuple[str, int], host: str, size: int, bursts: 
             )
             sessions.append(BurstSession(request, ws_relay.accept_key(key), loop))
         t0 = time.perf_counter()
-        results = await asyncio.gather(
-            *(_open(loop, address, sources[(b * size + i) % 64], s) for i, s in enumerate(sessions))
-        )
+        tasks = [loop.create_task(_open(loop, address, s)) for s in sessions]
+        await asyncio.wait(tasks, timeout=STEP_TIMEOUT)  # one timer for the whole burst
+        results = []
+        for task in tasks:
+            if task.done():
+                results.append(task.result())
+            else:
+                task.cancel()
+                results.append("timeout")
         ok = [s for s, r in zip(sessions, results, strict=True) if r == "ok"]
         ok_ids = {id(s) for s in ok}
         outcomes.update(results)
@@ -491,6 +489,9 @@ async def _burst_client(address: tuple[str, int], host: str, size: int, bursts: 
         "walls": walls,
         "handshake_ms": [round(h * 1000, 4) for h in handshakes],
         "close_timeouts": unclean,
+        "client_cpu_s": round(
+            (lambda u: u.ru_utime + u.ru_stime)(resource.getrusage(resource.RUSAGE_SELF)) - cpu0, 4
+        ),
     }
     sys.stdout.write(json.dumps(out) + "\n")
     sys.stdout.flush()
@@ -543,9 +544,13 @@ class BurstFigures:
     failures: Counter[str] = field(default_factory=Counter)
     close_timeouts: int = 0
     round_rates: list[float] = field(default_factory=list)
+    client_cpu: float = 0.0
+    origin_cpu: float = 0.0
 
-    def add(self, result: dict[str, Any], cpu: dict[str, float]) -> float:
+    def add(self, result: dict[str, Any], cpu: dict[str, float], origin: dict[str, float]) -> float:
         self.opened += result["opened"]
+        self.client_cpu += result["client_cpu_s"]
+        self.origin_cpu += origin["total"]
         self.wall += sum(result["walls"])
         self.handshake_ms.extend(result["handshake_ms"])
         for key in self.cpu:
@@ -570,6 +575,9 @@ class BurstFigures:
             "system_us_per_handshake": round(self.cpu["system"] / n * 1e6, 1),
             "failures": dict(self.failures),
             "close_timeouts": self.close_timeouts,
+            "client_us_per_handshake": round(self.client_cpu / n * 1e6, 1),
+            "origin_us_per_handshake": round(self.origin_cpu / n * 1e6, 1),
+            "proxy_core_share": round(self.cpu["total"] / max(self.wall, 1e-9), 3),
         }
 
 
@@ -578,7 +586,7 @@ def phase_burst(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
     figures = {name: BurstFigures() for name in names}
     profile: dict[str, Any] | None = None
     with phase_space("burst", port_range) as tmp, children_of_phase() as children:
-        ws_relay.start_origin(children, "raw")
+        origin = ws_relay.start_origin(children, "raw")
         pids: dict[str, int] = {}
         for name in names:
             if name == "nginx":
@@ -596,9 +604,9 @@ def phase_burst(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
                 raise RuntimeError(f"{name}: warm-up burst opened {warm['opened']}: {warm}")
         for r in range(args.rounds):
             for name in names:
-                with cpu_meter(pids[name]) as cpu:
+                with cpu_meter(pids[name]) as cpu, cpu_meter(origin.pid) as origin_cpu:
                     result = run_burst_client(children, tmp, name, args.burst, args.bursts)
-                rate = figures[name].add(result, cpu)
+                rate = figures[name].add(result, cpu, origin_cpu)
                 bad = {k: v for k, v in result["outcomes"].items() if k != "ok"}
                 print(
                     f"  burst round {r + 1} {LABELS[name]:<22} {rate:>8,.0f} handshakes/s"
@@ -1133,6 +1141,14 @@ def report(summary: dict[str, Any]) -> None:
             for n, p in b["proxies"].items()
         )
         notes.append(f"burst CPU us per handshake, user/system: {split}")
+        load = ", ".join(
+            f"{n} {p['client_us_per_handshake']:.0f}/{p['origin_us_per_handshake']:.0f}"
+            for n, p in b["proxies"].items()
+        )
+        notes.append(
+            f"burst load side, CPU us per handshake, client/origin: {load} (2 cores for client, "
+            "origin and proxy: the rate of the cheapest proxy is bound by the client)"
+        )
     if h:
         notes.append(f"HTTP origin: {h['origin']}")
     for note in notes:
