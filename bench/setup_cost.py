@@ -347,6 +347,32 @@ def available(no: Sequence[str]) -> tuple[list[str], list[str]]:
     return names, notes
 
 
+_SIGNALLED: list[int] = []
+
+
+def install_interrupt_handlers() -> Callable[[], None]:
+    """procs' handlers (SIGINT and SIGTERM raise KeyboardInterrupt, deferred inside critical
+    sections), plus a note of each signal: procs drops one that lands during a cleanup
+    (``shielded``), and the run must still stop before its next phase or round."""
+    restore = procs.install_interrupt_handlers()
+    inner = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: Any) -> None:
+        _SIGNALLED.append(signum)
+        previous = inner[signum]
+        if callable(previous):
+            previous(signum, frame)
+
+    for sig in inner:
+        signal.signal(sig, handler)
+    return restore
+
+
+def stop_if_signalled() -> None:
+    if _SIGNALLED:
+        raise KeyboardInterrupt(signal.Signals(_SIGNALLED[0]).name)
+
+
 @contextlib.contextmanager
 def phase_space(tag: str, port_range: tuple[int, int]) -> Iterator[Path]:
     """A named namespace for one phase and a scratch directory; both removed on the way out,
@@ -577,7 +603,7 @@ class BurstFigures:
             "close_timeouts": self.close_timeouts,
             "client_us_per_handshake": round(self.client_cpu / n * 1e6, 1),
             "origin_us_per_handshake": round(self.origin_cpu / n * 1e6, 1),
-            "proxy_core_share": round(self.cpu["total"] / max(self.wall, 1e-9), 3),
+            "per_core_handshakes_per_s": round(self.opened / max(self.cpu["total"], 1e-9), 1),
         }
 
 
@@ -603,6 +629,7 @@ def phase_burst(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
             if warm["opened"] != args.burst:
                 raise RuntimeError(f"{name}: warm-up burst opened {warm['opened']}: {warm}")
         for r in range(args.rounds):
+            stop_if_signalled()
             for name in names:
                 with cpu_meter(pids[name]) as cpu, cpu_meter(origin.pid) as origin_cpu:
                     result = run_burst_client(children, tmp, name, args.burst, args.bursts)
@@ -912,6 +939,7 @@ def phase_http(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
             if not warm.clean:
                 raise RuntimeError(f"{name}: HTTP warm-up had errors: {warm}")
         for r in range(args.rounds):
+            stop_if_signalled()
             for name in names:
                 with cpu_meter(pids[name]) as cpu:
                     result = http_rps.run_wrk(LISTEN[name], args.duration, args.connections, 1)
@@ -973,8 +1001,13 @@ def rows(summary: dict[str, Any]) -> list[Row]:
             ".2f",
         ),
         Row(
-            "burst CPU us/handshake (user+sys)",
+            "burst CPU us/handshake (user+sys, close included)",
             lambda _s, p: _get(b, "proxies", p, "cpu_us_per_handshake"),
+            ",.0f",
+        ),
+        Row(
+            "burst handshakes/s per core (1 / CPU per handshake)",
+            lambda _s, p: _get(b, "proxies", p, "per_core_handshakes_per_s"),
             ",.0f",
         ),
         Row(f"{seq} 0-50%", lambda _s, p: _get(s, p, "median_handshake_ms", "0-50%"), ".3f"),
@@ -1098,10 +1131,12 @@ def print_method(args: argparse.Namespace, names: list[str], notes: list[str]) -
         " user/system split by /proc/PID/stat's ticks) around each step, per handshake (its "
         "close included) or per request"
     )
-    print(
-        "  profile: one more burst round through originpool under py-spy --nonblocking "
-        f"({args.profile_rate} Hz), not counted above"
-    )
+    if not (args.no_profile or args.skip_burst):
+        print(
+            f"  profile: {args.profile_bursts} more bursts through originpool under py-spy "
+            f"--nonblocking ({args.profile_rate} Hz), not counted above; a Python function's "
+            "self time includes the C calls and syscalls it makes"
+        )
     print(
         f"  proxies: {', '.join(LABELS[n] for n in names)}; machine: {os.cpu_count()} CPUs, "
         f"kernel {platform.release()}, Python {platform.python_version()}"
@@ -1146,8 +1181,9 @@ def report(summary: dict[str, Any]) -> None:
             for n, p in b["proxies"].items()
         )
         notes.append(
-            f"burst load side, CPU us per handshake, client/origin: {load} (2 cores for client, "
-            "origin and proxy: the rate of the cheapest proxy is bound by the client)"
+            f"burst load side, CPU us per handshake, client/origin: {load} (client, origin and "
+            "proxy share 2 cores: nginx's and HAProxy's rates are bound by the machine, so "
+            "compare CPU per handshake and its inverse, handshakes/s per core, too)"
         )
     if h:
         notes.append(f"HTTP origin: {h['origin']}")
@@ -1211,8 +1247,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if not args.skip_burst:
         summary["burst"] = phase_burst(args, names)
+    stop_if_signalled()
     if not args.skip_sequential:
-        summary["sequential"] = {name: phase_sequential(args, name) for name in names}
+        summary["sequential"] = {}
+        for name in names:
+            stop_if_signalled()
+            summary["sequential"][name] = phase_sequential(args, name)
+    stop_if_signalled()
     if not args.skip_http:
         if shutil.which("wrk") is None:
             notes.append("http: wrk is not installed, skipped (apt-get install -y wrk)")
@@ -1292,7 +1333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
-    restore = procs.install_interrupt_handlers()
+    restore = install_interrupt_handlers()
     try:
         summary = run(args)
     except KeyboardInterrupt:
