@@ -28,7 +28,8 @@ never written; the namespace is deleted on exit, on Ctrl-C and on errors):
    handshake = upgrade request written -> 101 read, as the testbed defines it.
 2. **sequential**: a fresh namespace per proxy (a proxy's held ports and bind buckets must
    not meet the next one's), range R = ``--seq-range`` ports (9,000), E = 1, the same origin;
-   ``proxy.testbed.wsclient`` opens E x R sessions one at a time, each verified by an echo
+   ``proxy.testbed.wsclient`` opens E x R sessions one at a time (``--seq-rounds`` passes
+   per proxy, interleaved, samples pooled), each verified by an echo
    and held, so the proxy's upstream port space fills from 0 to 100%. The clients take their
    ports from a window outside the range (as the testbed does: an explicit bind by the proxy
    would otherwise starve them) and are sharded over processes run one after the other (one
@@ -52,7 +53,7 @@ Everything this file starts is ended by PID; each load loop is bounded in count 
 
 Run as root::
 
-    .venv/bin/python bench/setup_cost.py            # ~6-8 minutes on 2 cores
+    .venv/bin/python bench/setup_cost.py            # ~4 minutes on 2 cores
     .venv/bin/python bench/setup_cost.py --quick    # under 2 minutes, smaller everything
     .venv/bin/python bench/setup_cost.py --json out.json
 """
@@ -891,6 +892,34 @@ def _sequential_load(
         "ramp_s": round(ramp, 1),
         "cpu_us_per_session": round(cpu["total"] / max(attempts, 1) * 1e6, 1),
         "client_processes": shards,
+        "bands_ms": bands,
+    }
+
+
+def merge_sequential(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One proxy's passes as one figure: medians over every pass's samples pooled, so a
+    neighbour's burst during one pass weighs as its share of the samples."""
+    bands = {b: [ms for p in passes for ms in p["bands_ms"][b]] for b, _, _ in BANDS}
+    medians = {b: round(statistics.median(v), 3) if v else None for b, v in bands.items()}
+    low, high = medians["0-50%"], medians["90-100%"]
+    failures: Counter[str] = Counter()
+    for p in passes:
+        failures.update(p["failures"])
+    return {
+        "passes": len(passes),
+        "limit": passes[0]["limit"],
+        "held": min(p["held"] for p in passes),
+        "attempts": sum(p["attempts"] for p in passes),
+        "lost_at_final_echo": sum(p["lost_at_final_echo"] for p in passes),
+        "failures": dict(failures),
+        "first_failure": next((p["first_failure"] for p in passes if p["first_failure"]), None),
+        "median_handshake_ms": medians,
+        "samples": {b: len(v) for b, v in bands.items()},
+        "band_ratio": round(high / low, 3) if low and high else None,
+        "band_ratio_per_pass": [p["band_ratio"] for p in passes],
+        "ramp_s": [p["ramp_s"] for p in passes],
+        "cpu_us_per_session": round(statistics.mean(p["cpu_us_per_session"] for p in passes), 1),
+        "client_processes": passes[0]["client_processes"],
     }
 
 
@@ -1119,8 +1148,9 @@ def print_method(args: argparse.Namespace, names: list[str], notes: list[str]) -
     )
     print(
         f"  sequential: E=1, R={args.seq_range:,} ports, sessions opened one at a time (echo "
-        "verified) and held up to 100% of E x R, a fresh namespace per proxy; medians per "
-        "utilisation band 0-50 / 50-90 / 90-100%"
+        "verified) and held up to 100% of E x R, a fresh namespace per proxy and pass, "
+        f"{args.seq_rounds} interleaved passes; medians per utilisation band 0-50 / 50-90 / "
+        "90-100% over the passes' samples pooled"
     )
     print(
         f"  http: bench/http_rps.py's scenario, wrk -t1 -c{args.connections} -d{args.duration}s "
@@ -1185,6 +1215,12 @@ def report(summary: dict[str, Any]) -> None:
             "proxy share 2 cores: nginx's and HAProxy's rates are bound by the machine, so "
             "compare CPU per handshake and its inverse, handshakes/s per core, too)"
         )
+    if s:
+        per_pass = ", ".join(
+            f"{n} " + " / ".join(_fmt(r, ".2f") for r in p["band_ratio_per_pass"])
+            for n, p in s.items()
+        )
+        notes.append(f"sequential band ratio 90-100% / 0-50% of each pass: {per_pass}")
     if h:
         notes.append(f"HTTP origin: {h['origin']}")
     for note in notes:
@@ -1241,6 +1277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "egress",
                 "burst_range",
                 "seq_range",
+                "seq_rounds",
                 "duration",
             )
         },
@@ -1249,10 +1286,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary["burst"] = phase_burst(args, names)
     stop_if_signalled()
     if not args.skip_sequential:
-        summary["sequential"] = {}
-        for name in names:
-            stop_if_signalled()
-            summary["sequential"][name] = phase_sequential(args, name)
+        passes: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for _ in range(args.seq_rounds):  # interleaved, as the other phases' rounds
+            for name in names:
+                stop_if_signalled()
+                passes[name].append(phase_sequential(args, name))
+        summary["sequential"] = {name: merge_sequential(p) for name, p in passes.items()}
     stop_if_signalled()
     if not args.skip_http:
         if shutil.which("wrk") is None:
@@ -1281,6 +1320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--seq-range", type=int, help="R (= sessions) in the sequential phase (9000)"
     )
+    parser.add_argument("--seq-rounds", type=int, help="sequential passes per proxy (2)")
     parser.add_argument(
         "--seq-deadline", type=float, default=300.0, help="seconds per client shard"
     )
@@ -1305,19 +1345,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ip, _, port = addr.rpartition(":")
         ws_relay.run_loop(_burst_client((ip, int(port)), host, int(n), int(bursts)))
         return 0
-    defaults = (
-        {
-            "rounds": 1,
-            "bursts": 4,
-            "profile_bursts": 8,
-            "seq_range": 2000,
-            "duration": 3,
-            "warmup": 1,
-        }
-        if args.quick
-        else {"rounds": 3, "bursts": 8, "profile_bursts": 24, "seq_range": 9000, "duration": 10}
-        | {"warmup": 2}
-    )
+    quick = {"rounds": 1, "bursts": 4, "profile_bursts": 8, "seq_range": 2000, "seq_rounds": 1}
+    full = {"rounds": 3, "bursts": 8, "profile_bursts": 24, "seq_range": 9000, "seq_rounds": 2}
+    quick.update(duration=3, warmup=1)
+    full.update(duration=10, warmup=2)
+    defaults = quick if args.quick else full
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -1327,8 +1359,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--egress 1..254, --burst-range 256..20000")
     if not 100 <= args.seq_range <= MAX_SESSIONS:
         parser.error(f"--seq-range 100..{MAX_SESSIONS} (two files per session, 20,000 per process)")
-    if not 1 <= args.duration <= 600 or not 1 <= args.warmup <= 60:
-        parser.error("--duration 1..600, --warmup 1..60")
+    if (
+        not 1 <= args.duration <= 600
+        or not 1 <= args.warmup <= 60
+        or not 1 <= args.seq_rounds <= 10
+    ):
+        parser.error("--duration 1..600, --warmup 1..60, --seq-rounds 1..10")
     reason = netns.can_create()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
