@@ -76,6 +76,16 @@ class Options:
     proxy_cmd: str | None = None
     progress: str = "rich"  # rich | json
     client_processes: int = 0  # 0: as many as the open-file cap needs
+    # --scenario (proxy.testbed.scenarios); None: the scenario's own default
+    scenario: str = "ramp"
+    rate: float | None = None
+    lifetime: float | None = None
+    duration: float | None = None
+    target: float | None = None
+    storm_origins: int | None = None
+    mix: tuple[float, float, float] | None = None
+    tw_reuse: int | None = None
+    seed: int = 1
 
     @property
     def size(self) -> int:
@@ -238,6 +248,57 @@ class Ui:
     def summary(self, runs: Sequence[dict[str, Any]]) -> None:
         if self.kind != "json" and len(runs) > 1:
             self.console.print(report.render_summary(runs))
+
+    # -- scenarios: one timeline row a second -------------------------------------------------
+
+    _live: Any = None
+    _last_line = -1e9
+
+    def scenario_start(self, options: Options) -> None:
+        if self.kind == "rich" and self.console.is_terminal:
+            from rich.live import Live
+            from rich.text import Text
+
+            self._live = Live(Text("starting"), console=self.console, refresh_per_second=4)
+            self._live.start()
+
+    def scenario_sample(self, row: dict[str, Any], kernel: Any, limit: int, step: str) -> None:
+        fails = sum(row["failures"].values())
+        self.event("sample", step=step, **row, origin_time_wait=kernel.origin_time_wait)
+        if self.kind != "rich":
+            return
+        text = (
+            f"{row['t']:6.0f} s  {step:<8} live {row['live']:>7,} "
+            f"({100 * row['live'] / limit:5.1f}% of {limit:,})  failures/s {fails:>5,}  "
+            f"TIME_WAIT {row['time_wait']:>6,} (origin side {kernel.origin_time_wait:,})  "
+            f"other {row['other_states']:>5,}"
+        )
+        if self._live is not None:
+            from rich.text import Text
+
+            self._live.update(Text(text))
+        elif row["t"] - self._last_line >= 5:  # a pipe or a log file: a line every 5 s
+            self._last_line = row["t"]
+            self.console.print(text)
+
+    def scenario_step(self, name: str, t: float, live: int) -> None:
+        self.event("step", name=name, t=t, live=live)
+        if self.kind == "rich":
+            self.console.print(f"[bold]step {name}[/bold] at {t:.1f} s, {live:,} sessions live")
+
+    def scenario_end(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def scenario_done(self, figures: dict[str, Any]) -> None:
+        from proxy.testbed import scenario_report
+
+        if self.kind == "json":
+            self.event("scenario", **figures)
+            return
+        for table in scenario_report.render(figures["doc"], figures["detail"]):
+            self.console.print(table)
 
 
 @dataclass
@@ -618,11 +679,22 @@ def _positive(kind: type) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The testbed's options, shared by ``originpool testbed`` and ``python -m``."""
     d = Options()
+    from proxy.testbed.scenarios import SCENARIOS
+
+    parser.add_argument(
+        "--scenario",
+        choices=tuple(SCENARIOS),
+        default="ramp",
+        help="ramp: sessions until the wall, per egress mode (default); churn: sessions come "
+        "and go at --rate, living --lifetime; storm: ramp to --target, restart the origins, "
+        "clients reconnect; faults: not built yet",
+    )
     parser.add_argument(
         "--mode",
         choices=(*MODES, "all"),
-        default="all",
-        help="the proxy's egress mode to measure (default: all three in turn)",
+        default=None,
+        help="the proxy's egress mode to measure (default: all three in turn for ramp, "
+        "connectx for the other scenarios)",
     )
     parser.add_argument(
         "--egress", type=_positive(int), default=d.egress, help="egress IPs E (default %(default)s)"
@@ -640,14 +712,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sessions",
         type=_positive(int),
-        default=d.sessions,
-        help="attempts N per mode (default %(default)s)",
+        default=None,
+        help=f"ramp: attempts N per mode (default {d.sessions})",
     )
     parser.add_argument(
         "--hold",
         type=_positive(float),
-        default=d.hold,
-        help="seconds every session is held (default %(default)s)",
+        default=None,
+        help=f"ramp: seconds every session is held (default {d.hold:g})",
     )
     parser.add_argument(
         "--workers",
@@ -658,8 +730,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--concurrency",
         type=_positive(int),
-        default=d.concurrency,
-        help="handshakes in flight per client process, 1: one at a time (default %(default)s)",
+        default=None,
+        help=f"ramp: handshakes in flight per client process (default {d.concurrency})",
     )
     parser.add_argument(
         "--timeout",
@@ -694,6 +766,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{ROUTE_HOST} to the origins 127.0.2.1..K:9000 and may use 127.0.1.1..E as sources",
     )
     parser.add_argument(
+        "--rate",
+        type=_positive(float),
+        help="churn: sessions arriving per second (default: limit / lifetime, so the steady "
+        "state is the physical limit); storm: the ramp's pace (default 1000)",
+    )
+    parser.add_argument(
+        "--lifetime",
+        type=_positive(float),
+        help="churn: mean session lifetime in seconds, exponential (default 30)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=_positive(float),
+        help="churn: seconds of arrivals (default 120); storm: seconds the clients have to "
+        "come back after the restart, and for the ramp (default 60)",
+    )
+    parser.add_argument(
+        "--mix",
+        type=_mix,
+        metavar="CLOSE:FIN:RST",
+        help="churn: shares of client closes: WebSocket Close handshake, TCP FIN without a "
+        "Close, RST (SO_LINGER 0) (default 1:1:1)",
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        help="storm: sessions to hold before the restart, as a share of the limit (default 0.9)",
+    )
+    parser.add_argument(
+        "--storm-origins",
+        type=int,
+        metavar="N",
+        help="storm: restart only the first N origins (default: all)",
+    )
+    parser.add_argument(
+        "--tw-reuse",
+        type=int,
+        choices=(0, 1, 2),
+        help="net.ipv4.tcp_tw_reuse in the namespace for churn/storm (default 0: as on real "
+        "egress IPs; the kernel's 2 reuses TIME_WAIT only on loopback, which is all the "
+        "testbed has)",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="churn/storm random seed")
+    parser.add_argument(
         "--progress",
         choices=("rich", "json"),
         default="rich",
@@ -701,16 +817,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _mix(text: str) -> tuple[float, float, float]:
+    from proxy.testbed.wsload import parse_mix
+
+    try:
+        return parse_mix(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def options_from_args(args: argparse.Namespace) -> Options:
+    d = Options()
+    scenario = getattr(args, "scenario", "ramp")
+    mode = args.mode or ("all" if scenario == "ramp" else "connectx")
     return Options(
-        modes=MODES if args.mode == "all" else (args.mode,),
+        modes=MODES if mode == "all" else (mode,),
         egress=args.egress,
         origins=args.origins,
         port_range=args.port_range,
-        sessions=args.sessions,
-        hold=args.hold,
+        sessions=d.sessions if args.sessions is None else args.sessions,
+        hold=d.hold if args.hold is None else args.hold,
         workers=args.workers,
-        concurrency=args.concurrency,
+        concurrency=d.concurrency if args.concurrency is None else args.concurrency,
         timeout=args.timeout,
         json_path=args.json_path,
         plot_path=args.plot_path,
@@ -719,7 +847,23 @@ def options_from_args(args: argparse.Namespace) -> Options:
         proxy_cmd=args.proxy_cmd,
         progress=args.progress,
         client_processes=args.client_processes or 0,
+        scenario=scenario,
+        rate=getattr(args, "rate", None),
+        lifetime=getattr(args, "lifetime", None),
+        duration=getattr(args, "duration", None),
+        target=getattr(args, "target", None),
+        storm_origins=getattr(args, "storm_origins", None),
+        mix=getattr(args, "mix", None),
+        tw_reuse=getattr(args, "tw_reuse", None),
+        seed=getattr(args, "seed", 1),
     )
+
+
+def given_options(args: argparse.Namespace) -> set[str]:
+    """The options the user typed (argparse leaves the others None)."""
+    from proxy.testbed.scenarios import ONLY_FOR
+
+    return {name for name in ONLY_FOR if getattr(args, name, None) is not None}
 
 
 def validate(options: Options) -> str | None:
@@ -743,11 +887,85 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_args(args: argparse.Namespace) -> int:
+    from proxy.testbed import scenarios
+
     options = options_from_args(args)
-    problem = validate(options)
+    problem = validate(options) or scenarios.validate(options, given_options(args))
     if problem:
         print(f"originpool testbed: {problem}", file=sys.stderr)
         return 2
     with contextlib.suppress(BrokenPipeError):
-        return run(options)
+        if options.scenario == "ramp":
+            return run(options)
+        return run_scenario(options)
     return 1
+
+
+def run_scenario(options: Options) -> int:
+    """One scenario (churn, storm) in its own namespace; figures, JSON and plot at the end.
+    Exit 0, 1 (it could not run to its end: the reason is printed), 2, 130 as ``run``."""
+    from proxy.testbed import scenario_report, scenarios
+
+    if os.geteuid() != 0:
+        print(
+            "originpool testbed: needs root (it creates a network namespace); run it as root",
+            file=sys.stderr,
+        )
+        return 2
+    ui = Ui(options.progress)
+    restore = procs.install_interrupt_handlers()
+    opts = options
+    figures: dict[str, Any] | None = None
+    code = 0
+    try:
+        ui.say(
+            f"originpool testbed --scenario {opts.scenario}: physical limit = {opts.egress} "
+            f"egress IPs x {opts.size:,} ports x {opts.origins} origins = {opts.limit:,}"
+        )
+        ui.say(scenario_intro(opts))
+        with tempfile.TemporaryDirectory(prefix="originpool-testbed-") as tmp:
+            mode = "proxy-cmd" if opts.proxy_cmd else opts.modes[0]
+            try:
+                figures = scenarios.ScenarioRun(mode, opts, ui, Path(tmp)).run()
+            except (ChildFailed, RuntimeError, OSError) as e:
+                ui.say(f"originpool testbed --scenario {opts.scenario}: {e}")
+                ui.event("error", error=str(e))
+                code = 1
+        if figures is not None:
+            ui.scenario_done(figures)
+    except KeyboardInterrupt:
+        ui.scenario_end()
+        ui.say("originpool testbed: interrupted; every process it started has been ended")
+        ui.event("interrupted")
+        code = 130
+    finally:
+        restore()
+    if figures is not None:
+        doc = scenario_report.public_doc(figures["doc"])
+        if opts.json_path:
+            Path(opts.json_path).write_text(json.dumps(doc, indent=1) + "\n")
+            ui.say(f"figures: {opts.json_path}")
+        if opts.plot_path:
+            scenario_report.plot(doc, opts.plot_path)
+            ui.say(f"plot: {opts.plot_path}")
+    return code
+
+
+def scenario_intro(opts: Options) -> str:
+    """What is about to happen, in one sentence, with the resolved defaults."""
+    if opts.scenario == "churn":
+        assert opts.rate is not None and opts.lifetime is not None and opts.mix is not None
+        mix = " / ".join(f"{100 * m:.0f}%" for m in opts.mix)
+        return (
+            f"{opts.rate:g} sessions/s for {opts.duration:g} s, each living {opts.lifetime:g} s "
+            f"on average (steady state {opts.rate * opts.lifetime:,.0f} = "
+            f"{100 * opts.rate * opts.lifetime / opts.limit:.0f}% of the limit); client closes "
+            f"Close / FIN / RST {mix}; tcp_tw_reuse {opts.tw_reuse} in the namespace"
+        )
+    assert opts.target is not None
+    return (
+        f"ramp to {opts.target:g} of the limit ({int(opts.target * opts.limit):,} sessions) "
+        f"at {opts.rate:g}/s, then restart {opts.storm_origins} of {opts.origins} origins at "
+        f"once; clients reconnect with jittered exponential backoff for up to "
+        f"{opts.duration:g} s"
+    )

@@ -101,7 +101,16 @@ class Session(asyncio.Protocol):
     (``"503"``), ``"closed"`` or ``"protocol_error"``, so one await covers every outcome.
     """
 
-    __slots__ = ("closed", "conn", "handshake", "message", "transport", "waiter")
+    __slots__ = (
+        "close_code",
+        "closed",
+        "conn",
+        "handshake",
+        "message",
+        "on_end",
+        "transport",
+        "waiter",
+    )
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -110,6 +119,10 @@ class Session(asyncio.Protocol):
         self.waiter: asyncio.Future[str] | None = None
         self.message: str | None = None  # text being received (an echo may come in pieces)
         self.closed = False
+        # the peer's Close code, if it sent one: what a client learns of why it was dropped
+        self.close_code: int | None = None
+        # called once the connection is gone: the scenario clients count and reconnect there
+        self.on_end: Callable[[Session], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -118,6 +131,9 @@ class Session(asyncio.Protocol):
         self.closed = True
         self.transport = None
         self._resolve("closed")
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end(self)
 
     def _resolve(self, outcome: str) -> None:
         waiter, self.waiter = self.waiter, None
@@ -189,6 +205,8 @@ class Session(asyncio.Protocol):
             elif isinstance(event, Ping):
                 out += conn.send(event.response())
             elif isinstance(event, CloseConnection):
+                if self.close_code is None:
+                    self.close_code = int(event.code)
                 if conn.state is ConnectionState.REMOTE_CLOSING:
                     out += conn.send(event.response())
                 self.closed = True
@@ -261,13 +279,15 @@ class LoadClient:
     _next: int = 0
     _port_next: list[int] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        lo = self.options.ports[0] if self.options.ports else 0
+        self._port_next = [lo] * len(self.options.sources)
+
     # -- ramp ---------------------------------------------------------------------------------
 
     async def ramp(self) -> None:
         """Attempt ``sessions`` sessions with ``concurrency`` in flight, within the deadline."""
         opts = self.options
-        lo = opts.ports[0] if opts.ports else 0
-        self._port_next = [lo] * len(opts.sources)
         started = time.monotonic()
         end = started + opts.deadline
         ticker = asyncio.get_running_loop().create_task(self._tick())

@@ -1,0 +1,667 @@
+"""``originpool testbed --scenario NAME``: the same namespace, proxy and origins, other loads.
+
+* ``ramp`` (the default, :mod:`proxy.testbed.run`): sessions opened one after another until
+  the wall, once per egress mode.
+* ``churn``: sessions arrive at ``--rate`` and live an exponential time of mean
+  ``--lifetime``: what TIME_WAIT on the proxy's egress ports costs when sessions come and go.
+* ``storm``: a ramp to ``--target`` of the limit, then every origin (or ``--storm-origins
+  N``) restarted at once while every client reconnects with jittered backoff.
+* ``faults``: registered, not built yet (see :data:`SCENARIOS`).
+
+Why it is built this way:
+
+* **One orchestrator loop for every scenario** (:meth:`ScenarioRun.wait`): it reads every
+  child's lines, takes one timeline sample a second and checks that the children it needs are
+  alive. A scenario is then a short list of steps (``body``) with the clients' own log lines
+  as the synchronisation; nothing waits on a sleep.
+* **Steps are acknowledged by every client before anything happens**: ``step NAME`` goes to
+  every shard and the disruption (an origin restart) starts only once each has answered, so
+  every failure and drop is counted in the step that caused it.
+* **The timeline reads the kernel, not the proxy**: TIME_WAIT and the other non-established
+  states of the sockets towards the origins come from ``NETLINK_SOCK_DIAG`` (as ``originpool
+  ports`` reads them), so any proxy under ``--proxy-cmd`` is measured the same way, and the
+  origin's side of the same connections is counted too: who closed first is whose 4-tuple sits
+  in TIME_WAIT, and that is measured, not assumed.
+* **TIME_WAIT reuse is off in the namespace by default** (``--tw-reuse 0``): the kernel's
+  default (2) reuses TIME_WAIT 4-tuples only for loopback traffic, and every address of the
+  testbed is loopback, so without this the testbed would hide what churn costs on real egress
+  IPs. The setting is the namespace's own; the host's sysctls are never written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pool import sockdiag
+from proxy.testbed import procs, scenario_report
+from proxy.testbed.procs import Child, ChildFailed, Space
+from proxy.testbed.run import (
+    CLIENT_SOURCES_PER_SHARD,
+    LISTEN,
+    ROUTE_HOST,
+    SESSIONS_PER_PROCESS,
+    ModeRun,
+    Options,
+    client_port_window,
+)
+
+# name -> what it does (None: not built yet; the CLI refuses it with that sentence)
+SCENARIOS: dict[str, str | None] = {
+    "ramp": "sessions opened one after another until the wall, once per egress mode",
+    "churn": "sessions arrive at --rate and live --lifetime on average (Little's law)",
+    "storm": "ramp to --target, restart the origins, every client reconnects with backoff",
+    "faults": None,
+}
+NOT_BUILT = "not built yet (registered in proxy/testbed/scenarios.py; see docs/testbed)"
+
+CHURN_LIFETIME = 30.0
+CHURN_DURATION = 120.0
+CHURN_MIX = (1.0, 1.0, 1.0)  # close : fin : rst
+STORM_TARGET = 0.9
+STORM_RATE = 1000.0
+STORM_WINDOW = 60.0
+TW_REUSE = 0
+SAMPLE_EVERY = 1.0
+_NOT_OPEN = sockdiag.ALL_STATES & ~(1 << 1) & ~(1 << sockdiag.TCP_LISTEN)
+
+
+# -- options ---------------------------------------------------------------------------------
+
+
+def resolve(options: Options) -> None:
+    """Per-scenario defaults for what the user did not say (in place)."""
+    if options.scenario == "churn":
+        if options.lifetime is None:
+            options.lifetime = CHURN_LIFETIME
+        if options.rate is None:
+            # steady state rate x lifetime = the limit (Little's law): churn at the wall
+            options.rate = round(options.limit / options.lifetime, 3)
+        if options.duration is None:
+            options.duration = CHURN_DURATION
+        if options.mix is None:
+            options.mix = CHURN_MIX
+    elif options.scenario == "storm":
+        if options.target is None:
+            options.target = STORM_TARGET
+        if options.rate is None:
+            options.rate = STORM_RATE
+        if options.duration is None:
+            options.duration = STORM_WINDOW
+        if options.storm_origins is None:
+            options.storm_origins = options.origins
+    if options.tw_reuse is None and options.scenario != "ramp":
+        options.tw_reuse = TW_REUSE
+
+
+# options that belong to one scenario only: given with another, they are refused
+ONLY_FOR = {
+    "sessions": ("ramp",),
+    "hold": ("ramp",),
+    "concurrency": ("ramp",),
+    "records_path": ("ramp",),
+    "lifetime": ("churn",),
+    "mix": ("churn",),
+    "target": ("storm",),
+    "storm_origins": ("storm",),
+    "rate": ("churn", "storm"),
+    "duration": ("churn", "storm"),
+    "tw_reuse": ("churn", "storm", "faults"),
+}
+FLAG = {
+    "records_path": "--records",
+    "storm_origins": "--storm-origins",
+    "tw_reuse": "--tw-reuse",
+}
+
+
+def flag(name: str) -> str:
+    return FLAG.get(name, "--" + name.replace("_", "-"))
+
+
+def validate(options: Options, given: set[str]) -> str | None:
+    """Nonsense refused before anything starts, naming the option (one sentence)."""
+    name = options.scenario
+    for option, scenarios in ONLY_FOR.items():
+        if option in given and name not in scenarios:
+            only = "/".join(scenarios)
+            return f"{flag(option)} does not apply to --scenario {name} (only {only})"
+    if name == "faults":
+        if options.egress < 2:
+            return "--scenario faults needs --egress 2 or more: it removes one egress IP"
+        if options.origins < 2:
+            return "--scenario faults needs --origins 2 or more: it kills one origin"
+        return f"--scenario faults: {NOT_BUILT}"
+    if name == "ramp":
+        return None
+    if len(options.modes) != 1:
+        return f"--mode: --scenario {name} runs one egress mode (plain, bind or connectx)"
+    resolve(options)
+    assert options.rate is not None and options.duration is not None
+    if not options.rate > 0 or not options.duration > 0:
+        return "--rate and --duration must be positive"
+    if name == "churn":
+        assert options.lifetime is not None
+        if options.duration < 2 * options.lifetime:
+            return (
+                f"--duration {options.duration:g} is shorter than 2 x --lifetime "
+                f"{options.lifetime:g}: churn would end before it came near its steady state"
+            )
+        if options.rate * options.duration > 2_000_000:
+            return "--rate x --duration: at most 2,000,000 sessions per run"
+        if options.rate * options.lifetime > 256 * SESSIONS_PER_PROCESS:
+            return "--rate x --lifetime: more live sessions than 256 client processes hold"
+    if name == "storm":
+        assert options.target is not None and options.storm_origins is not None
+        if not 0 < options.target <= 1:
+            return (
+                f"--target {options.target:g}: a share of the physical limit "
+                f"{options.limit:,}, more than 0 and at most 1"
+            )
+        if not 1 <= options.storm_origins <= options.origins:
+            return (
+                f"--storm-origins {options.storm_origins}: between 1 and --origins "
+                f"{options.origins}"
+            )
+        sessions = storm_sessions(options)
+        if sessions < 1:
+            return f"--target {options.target:g} of {options.limit:,} is not one session"
+        ramp = sessions / options.rate
+        if ramp > options.duration:
+            return (
+                f"--rate {options.rate:g}/s cannot reach --target {options.target:g} "
+                f"({sessions:,} sessions) in --duration {options.duration:g} s "
+                f"(it needs {ramp:.0f} s)"
+            )
+    return None
+
+
+def storm_sessions(options: Options) -> int:
+    assert options.target is not None
+    return int(options.target * options.limit)
+
+
+# -- the kernel's view -----------------------------------------------------------------------
+
+
+@dataclass
+class KernelSample:
+    """Non-established TCP sockets of the namespace, by which side of which leg holds them."""
+
+    time_wait: int = 0  # proxy -> origin sockets in TIME_WAIT (the proxy closed first)
+    other: int = 0  # proxy -> origin sockets in SYN_SENT, FIN_WAIT*, CLOSE_WAIT, LAST_ACK...
+    origin_time_wait: int = 0  # the origin's half of those connections (it closed first)
+    client_time_wait: int = 0  # client -> proxy sockets (the client closed first)
+    proxy_client_time_wait: int = 0  # the proxy's half towards clients (it closed first)
+    time_wait_by_source: Counter[str] = field(default_factory=Counter)
+
+
+def kernel_sample(origins: set[tuple[str, int]], listen: tuple[str, int]) -> KernelSample:
+    """One sock_diag dump of the states that are not ESTABLISHED or LISTEN: cheap even with
+    tens of thousands of held sessions, since those are filtered out in the kernel."""
+    out = KernelSample()
+    for s in sockdiag.dump(socket.AF_INET, socket.IPPROTO_TCP, _NOT_OPEN):
+        tw = s.state == sockdiag.TCP_TIME_WAIT
+        if (s.dst, s.dport) in origins:
+            if tw:
+                out.time_wait += 1
+                out.time_wait_by_source[s.src] += 1
+            else:
+                out.other += 1
+        elif (s.src, s.sport) in origins:
+            out.origin_time_wait += tw
+        elif (s.dst, s.dport) == listen:
+            out.client_time_wait += tw
+        elif (s.src, s.sport) == listen:
+            out.proxy_client_time_wait += tw
+    return out
+
+
+def established_to(addresses: set[tuple[str, int]]) -> int:
+    """Upstream connections to these origins now: the sessions an origin restart must drop."""
+    states = 1 << 1
+    return sum(
+        1
+        for s in sockdiag.dump(socket.AF_INET, socket.IPPROTO_TCP, states)
+        if (s.dst, s.dport) in addresses
+    )
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of live processes, from /proc/PID/stat."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / tick
+
+
+# -- one scenario ----------------------------------------------------------------------------
+
+
+@dataclass
+class StepRecord:
+    name: str
+    t_start: float
+    sessions_before: int
+    t_end: float | None = None
+    sessions_after: int | None = None
+    disruption: bool = False  # recovery times apply
+
+
+class ScenarioRun(ModeRun):
+    """One scenario from namespace to figures; ``body`` is the scenario itself."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.t0 = time.monotonic()
+        self.state: dict[Child, dict[str, Any]] = {}
+        self.acks: dict[str, dict[Child, dict[str, Any]]] = {}
+        self.results: dict[Child, dict[str, Any]] = {}
+        self.origin_groups: dict[tuple[str, int], list[Child]] = {}
+        self.restarting: set[Child] = set()
+        self.steps: list[StepRecord] = []
+        self.timeline: list[dict[str, Any]] = []
+        self.kernel: list[KernelSample] = []
+        self.next_sample = 0.0
+        self.sampling = False  # the timeline starts once every client is there
+        self.last_failures: Counter[str] = Counter()
+        self.peak_rss = 0
+        self.cpu = 0.0
+        self.done_events: dict[Child, dict[str, Any]] = {}
+        self.origin_address: dict[Child, tuple[str, int]] = {}
+        self.storm_expected: int | None = None
+        self.storm_restart_seconds: float | None = None
+        self.storm_settled: bool | None = None
+
+    # -- the frame every scenario shares ------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        opts = self.options
+        space = Space(f"originpool-testbed-{os.getpid()}-{opts.scenario}")
+        try:
+            space.enter(opts.port_range)
+            space.sysctl("net.ipv4.tcp_tw_reuse", str(opts.tw_reuse))
+            self.ui.event("namespace", mode=opts.scenario, name=space.name)
+            self.start_origins()
+            self.start_proxy()
+            assert self.proxy is not None
+            self.start_clients()
+            self.ui.event(
+                "pids",
+                mode=opts.scenario,
+                proxy=self.proxy.pid,
+                origins=[c.pid for c in self.origins],
+                clients=[c.pid for c in self.clients],
+            )
+            self.wait(
+                lambda: all(c in self.state for c in self.clients), 30, "every client started"
+            )
+            self.t0 = time.monotonic()  # the timeline starts with the load
+            self.next_sample = self.t0
+            self.timeline.clear()
+            self.kernel.clear()
+            self.last_failures = Counter()
+            self.sampling = True
+            self.ui.scenario_start(opts)
+            self.body()
+            self.mark("end")
+            self.sample(force=True)
+            for client in self.clients:
+                client.send("check")
+            wait = opts.timeout * 3 + 60
+            self.wait(lambda: len(self.results) == len(self.clients), wait, "every result")
+            self.sample(force=True)
+            for client in self.clients:
+                client.send("close")
+        finally:
+            self.ui.scenario_end()
+            self.children.end_all()
+            space.leave()
+        return self.figures()
+
+    def wait(self, until: Callable[[], bool], timeout: float, what: str) -> bool:
+        """Read lines, sample the timeline and watch the children until ``until()`` holds;
+        raises after ``timeout`` seconds (the scenario cannot go on without it)."""
+        if not self.wait_or_timeout(until, timeout):
+            raise ChildFailed(f"{what}: not within {timeout:g} s")
+        return True
+
+    def wait_or_timeout(self, until: Callable[[], bool], timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while not until():
+            now = time.monotonic()
+            if now >= end:
+                return False
+            pause = min(end - now, max(0.0, self.next_sample - now), 0.25)
+            for who, line in self.children.pump(pause):
+                self.on_line(who, line)
+                self.on_client(who, line)
+            self.sample()
+            self.check_alive()
+        return True
+
+    def on_client(self, who: Child, line: dict[str, Any]) -> None:
+        if who not in self.clients:
+            return
+        event = line.get("event")
+        counted = ("progress", "step", "load_done", "ramp_done", "settled")
+        if event in counted or (event == "started" and who not in self.state):
+            self.state[who] = line
+        if event == "step":
+            self.acks.setdefault(str(line.get("name")), {})[who] = line
+        elif event in ("load_done", "ramp_done"):
+            self.done_events[who] = line
+        elif event == "result":
+            self.results[who] = line
+            self.state[who] = line
+
+    def check_alive(self) -> None:
+        for child in [self.proxy, *self.origins, *self.clients]:
+            if child is None or child in self.restarting or child in self.results:
+                continue
+            if child.eof or child.popen.poll() is not None:
+                raise ChildFailed(
+                    f"{child.name} exited ({child.popen.poll()}) during the scenario; "
+                    f"stderr: {child.stderr_tail() or '(empty)'}"
+                )
+
+    def total(self, key: str) -> int:
+        return sum(int(s.get(key, 0) or 0) for s in self.state.values())
+
+    def total_counter(self, key: str) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for s in self.state.values():
+            out.update(s.get(key) or {})
+        return out
+
+    def sample(self, force: bool = False) -> None:
+        """One timeline row a second: the clients' live sessions and new failures by status,
+        the kernel's TIME_WAIT and other states towards the origins, the proxy's RSS and CPU."""
+        now = time.monotonic()
+        if not self.sampling or (not force and now < self.next_sample):
+            return
+        self.next_sample = max(self.next_sample + SAMPLE_EVERY, now + SAMPLE_EVERY / 2)
+        origins = set(self.options.origin_addresses())
+        kernel = kernel_sample(origins, LISTEN)
+        failures = self.total_counter("failures")
+        new = failures - self.last_failures
+        self.last_failures = failures
+        row = {
+            "t": round(now - self.t0, 3),
+            "live": self.total("live"),
+            "failures": dict(new),
+            "time_wait": kernel.time_wait,
+            "other_states": kernel.other,
+        }
+        self.timeline.append(row)
+        self.kernel.append(kernel)
+        if self.proxy is not None and self.proxy.popen.poll() is None:
+            self.proxy.note_family()
+            family = sorted(self.proxy.family)
+            self.peak_rss = max(self.peak_rss, procs.rss_bytes(family))
+            self.cpu = max(self.cpu, cpu_seconds(family))
+        self.ui.scenario_sample(row, kernel, self.options.limit, self.current_step())
+
+    def current_step(self) -> str:
+        return self.steps[-1].name if self.steps and self.steps[-1].t_end is None else "-"
+
+    def mark(self, name: str, disruption: bool = False) -> None:
+        """Every client starts counting in step ``name``; returns once all have said so."""
+        t = time.monotonic()
+        for client in self.clients:
+            client.send(f"step {name}")
+        self.wait(lambda: len(self.acks.get(name, {})) == len(self.clients), 30, f"step {name}")
+        live = sum(int(a.get("live", 0)) for a in self.acks[name].values())
+        if self.steps and self.steps[-1].t_end is None:
+            self.steps[-1].t_end = round(t - self.t0, 3)
+            self.steps[-1].sessions_after = live
+        if name != "end":
+            self.steps.append(StepRecord(name, round(t - self.t0, 3), live, disruption=disruption))
+            self.ui.scenario_step(name, round(t - self.t0, 1), live)
+
+    # -- processes ----------------------------------------------------------------------------
+
+    def start_origins(self) -> None:
+        """One process (group) per origin address, so one origin can be restarted alone."""
+        opts = self.options
+        per_origin = max(1, math.ceil(self.peak_sessions() / opts.origins / SESSIONS_PER_PROCESS))
+        for address in opts.origin_addresses():
+            group = [self.start_origin(address, i) for i in range(per_origin)]
+            self.origin_groups[address] = group
+            self.origins.extend(group)
+        for group in self.origin_groups.values():
+            for child in group:
+                self.origin_ready(child)
+
+    def start_origin(self, address: tuple[str, int], index: int) -> Child:
+        host, port = address
+        name = f"origin-{host}-{index}-{len(self.children.all)}"
+        if self.options.origin_cmd:
+            import shlex
+
+            argv = [a.format(host=host, port=port) for a in shlex.split(self.options.origin_cmd)]
+        else:
+            argv = [sys.executable, "-m", "proxy.testbed.wsorigin", "--listen", f"{host}:{port}"]
+        child = self.children.start(name, argv)
+        self.origin_address[child] = address
+        return child
+
+    def origin_ready(self, child: Child) -> None:
+        if self.options.origin_cmd:
+            self.wait_listening(self.origin_address[child], child)
+        else:
+            self.children.wait_for(child, "ready", 30, self.on_line)
+
+    def restart_origins(self, addresses: list[tuple[str, int]]) -> float:
+        """SIGKILL every process of these origins by PID (the kernel resets their
+        connections, as a crash does), then start them again; returns seconds until all
+        listen again."""
+        t = time.monotonic()
+        old = [c for a in addresses for c in self.origin_groups[a]]
+        self.restarting.update(old)
+        for child in old:
+            child.note_family()
+            child.signal(signal.SIGKILL)
+        for child in old:
+            child.popen.wait(timeout=10)
+            for pid in sorted(child.family - {child.pid}):
+                if procs.alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+        fresh: list[Child] = []
+        for address in addresses:
+            group = [self.start_origin(address, i) for i in range(len(self.origin_groups[address]))]
+            self.origin_groups[address] = group
+            fresh.extend(group)
+        self.origins = [c for c in self.origins if c not in old] + fresh
+        for child in fresh:
+            self.origin_ready(child)
+        return time.monotonic() - t
+
+    def peak_sessions(self) -> int:
+        opts = self.options
+        if opts.scenario == "churn":
+            assert opts.rate is not None and opts.lifetime is not None
+            return int(min(opts.rate * opts.lifetime * 1.3, opts.limit * 1.3)) + 1
+        return storm_sessions(opts)
+
+    def start_clients(self) -> None:
+        opts = self.options
+        live = self.peak_sessions()
+        if opts.scenario == "churn":
+            assert opts.rate is not None and opts.lifetime is not None
+            live = int(opts.rate * opts.lifetime * 1.3) + 1
+        shards = opts.client_processes or max(1, math.ceil(live / SESSIONS_PER_PROCESS))
+        window = client_port_window(opts.port_range)
+        if window is not None:
+            window = (window[0] + 100, window[1])
+        sessions = storm_sessions(opts) if opts.scenario == "storm" else 0
+        base, extra = divmod(sessions, shards)
+        assert opts.rate is not None and opts.duration is not None
+        for i in range(shards):
+            argv = [
+                sys.executable,
+                "-m",
+                "proxy.testbed.wsload",
+                "--scenario",
+                opts.scenario,
+                "--connect",
+                f"{LISTEN[0]}:{LISTEN[1]}",
+                "--host",
+                ROUTE_HOST,
+                "--sources",
+                f"127.3.{i}.1-127.3.{i}.{CLIENT_SOURCES_PER_SHARD}",
+                "--rate",
+                str(opts.rate / shards),
+                "--duration",
+                str(opts.duration),
+                "--timeout",
+                str(opts.timeout),
+                "--seed",
+                str(opts.seed * 1000 + i),
+            ]
+            if opts.scenario == "churn":
+                assert opts.mix is not None
+                argv += ["--lifetime", str(opts.lifetime), "--mix", ":".join(map(str, opts.mix))]
+            else:
+                argv += ["--sessions", str(base + (i < extra)), "--give-up", str(opts.duration)]
+            if window is not None:
+                argv += ["--ports", f"{window[0]}-{window[1]}"]
+            self.clients.append(self.children.start(f"client-{i}", argv, stdin=True))
+
+    # -- the scenarios ------------------------------------------------------------------------
+
+    def body(self) -> None:
+        if self.options.scenario == "churn":
+            self.churn()
+        else:
+            self.storm()
+
+    def churn(self) -> None:
+        opts = self.options
+        assert opts.duration is not None
+        self.mark("churn")
+        for client in self.clients:
+            client.send("start")
+        self.wait(
+            lambda: len(self.done_events) == len(self.clients),
+            opts.duration + 3 * opts.timeout + 60,
+            "every client's load_done",
+        )
+
+    def storm(self) -> None:
+        opts = self.options
+        assert opts.rate is not None and opts.duration is not None
+        assert opts.storm_origins is not None
+        sessions = storm_sessions(opts)
+        self.mark("ramp")
+        for client in self.clients:
+            client.send("start")
+        self.wait(
+            lambda: len(self.done_events) == len(self.clients),
+            sessions / opts.rate + 3 * opts.timeout + 120,
+            "every client's ramp_done",
+        )
+        chosen = opts.origin_addresses()[: opts.storm_origins]
+        expected = established_to(set(chosen))
+        self.storm_expected = expected
+        self.mark("storm", disruption=True)
+        drops_before = self.total("drops")
+        self.storm_restart_seconds = self.restart_origins(chosen)
+
+        def settled() -> bool:
+            progressed = all(
+                float(s.get("t", 0)) > self.t0 + self.steps[-1].t_start for s in self.state.values()
+            )
+            return (
+                progressed
+                and self.total("drops") - drops_before >= expected
+                and self.total("pending") == 0
+            )
+
+        self.storm_settled = self.wait_or_timeout(settled, opts.duration)
+
+    # -- figures ------------------------------------------------------------------------------
+
+    def figures(self) -> dict[str, Any]:
+        opts = self.options
+        results = list(self.results.values())
+        by_step: dict[str, list[dict[str, Any]]] = {}
+        for result in results:
+            for s in result.get("steps", []):
+                by_step.setdefault(str(s["name"]), []).append(s)
+        steps = [
+            scenario_report.step_figures(rec, by_step.get(rec.name, []), self.t0)
+            for rec in self.steps
+        ]
+        close_codes: Counter[str] = Counter()
+        closes: Counter[str] = Counter()
+        refused_by: Counter[str] = Counter()
+        lost_by: Counter[str] = Counter()
+        for r in results:
+            close_codes.update(r.get("close_codes") or {})
+            closes.update(r.get("closes") or {})
+            refused_by.update(r.get("refused_by") or {})
+            lost_by.update(r.get("lost_by") or {})
+        doc = {
+            "scenario": opts.scenario,
+            "proxy": "custom" if opts.proxy_cmd else "originpool",
+            "limit": opts.limit,
+            "steps": steps,
+            "timeline": self.timeline,
+            "close_codes": dict(sorted(close_codes.items())),
+            "proxy_peak_rss_bytes": None if opts.proxy_cmd and not self.peak_rss else self.peak_rss,
+            "proxy_cpu_seconds": round(self.cpu, 3),
+        }
+        peak = max(self.kernel, key=lambda k: k.time_wait, default=KernelSample())
+        detail = {
+            "attempted": sum(int(r.get("attempted", 0)) for r in results),
+            "held": sum(int(r.get("held", 0)) for r in results),
+            "refused": sum(int(r.get("refused", 0)) for r in results),
+            "lost": sum(int(r.get("lost", 0)) for r in results),
+            "checked": sum(int(r.get("live", 0)) for r in results),  # given the final echo
+            "closes": dict(closes),
+            "refused_by": dict(refused_by),
+            "lost_by": dict(lost_by),
+            "peak_live": max((row["live"] for row in self.timeline), default=0),
+            "peak_time_wait": peak.time_wait,
+            "peak_time_wait_by_source": dict(sorted(peak.time_wait_by_source.items())),
+            "final": vars_of(self.kernel[-1]) if self.kernel else None,
+            "peak_origin_time_wait": max((k.origin_time_wait for k in self.kernel), default=0),
+            "mode": "proxy-cmd" if opts.proxy_cmd else opts.modes[0],
+            "tw_reuse": opts.tw_reuse,
+            "rate": opts.rate,
+            "duration": opts.duration,
+            "lifetime": opts.lifetime,
+            "mix": opts.mix,
+            "target": opts.target,
+            "storm_origins": opts.storm_origins,
+            "storm_expected_drops": self.storm_expected,
+            "storm_origin_restart_seconds": self.storm_restart_seconds,
+            "storm_settled": self.storm_settled,
+            "client_processes": len(self.clients),
+        }
+        return {"doc": doc, "detail": detail}
+
+
+def vars_of(sample: KernelSample) -> dict[str, Any]:
+    return {
+        "time_wait": sample.time_wait,
+        "other_states": sample.other,
+        "origin_time_wait": sample.origin_time_wait,
+        "client_time_wait": sample.client_time_wait,
+        "proxy_client_time_wait": sample.proxy_client_time_wait,
+    }

@@ -1,0 +1,248 @@
+"""``originpool testbed --scenario churn|storm``: refusals before anything starts, the
+arithmetic of recovery, and whole runs at small scale (E=2, R=100, K=2: a 400-session limit)
+as a user starts them, with the exact accounting held + refused + lost == attempted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pool import netns
+from proxy.testbed import scenario_report
+from proxy.testbed.wsload import parse_mix
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--egress", "2", "--origins", "2", "--port-range", "40000-40099"]
+
+
+def needs_root() -> None:
+    reason = netns.can_create()
+    if reason:
+        pytest.skip(reason)
+
+
+def cli_testbed(*args: str) -> list[str]:
+    return [sys.executable, "-m", "proxy.cli", "testbed", *args]
+
+
+def run_json(tmp: Path, *args: str, timeout: float = 90) -> tuple[dict, dict, str]:
+    """A scenario as a subprocess: its --json document and its final JSON-lines event."""
+    proc = subprocess.run(
+        cli_testbed(*SMALL, *args, "--progress", "json", "--json", str(tmp / "s.json")),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    (done,) = [e for e in events if e["event"] == "scenario"]
+    return json.loads((tmp / "s.json").read_text()), done["detail"], proc.stdout
+
+
+def assert_shape(doc: dict[str, Any]) -> None:
+    """Every promised key present (null where it does not apply), nothing else."""
+    assert list(doc) == list(scenario_report.DOC_KEYS)
+    assert doc["proxy"] in ("originpool", "custom") and doc["limit"] == 2 * 100 * 2
+    for step in doc["steps"]:
+        assert list(step) == list(scenario_report.STEP_KEYS)
+        assert step["t_start"] <= step["t_end"]
+    for row in doc["timeline"]:
+        assert list(row) == list(scenario_report.TIMELINE_KEYS)
+    ts = [row["t"] for row in doc["timeline"]]
+    assert ts == sorted(ts) and len(ts) >= 2
+    assert doc["proxy_peak_rss_bytes"] > 0 and doc["proxy_cpu_seconds"] > 0
+
+
+def assert_accounting(detail: dict[str, Any]) -> None:
+    assert detail["attempted"] > 0
+    assert detail["held"] + detail["refused"] + detail["lost"] == detail["attempted"]
+    assert sum(detail["refused_by"].values()) == detail["refused"]
+    assert sum(detail["lost_by"].values()) == detail["lost"]
+
+
+# -- refused before anything starts ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--scenario", "storm", "--target", "1.2"], "--target"),
+        (["--scenario", "storm", "--rate", "5", "--duration", "10"], "--rate"),
+        (["--scenario", "storm", "--storm-origins", "3"], "--storm-origins"),
+        (["--scenario", "storm", "--lifetime", "5"], "--lifetime"),
+        (["--scenario", "churn", "--sessions", "100"], "--sessions"),
+        (["--scenario", "churn", "--lifetime", "30", "--duration", "20"], "--duration"),
+        (["--scenario", "churn", "--mode", "all"], "--mode"),
+        (["--scenario", "ramp", "--rate", "10"], "--rate"),
+        (["--scenario", "faults", "--egress", "1"], "--egress"),
+        (["--scenario", "faults"], "not built yet"),
+        (["--scenario", "churn", "--mix", "0:0:0"], "--mix"),
+    ],
+)
+def test_nonsense_is_refused_before_anything_starts_naming_the_option(args, named):
+    proc = subprocess.run(
+        cli_testbed(*SMALL, *args), capture_output=True, text=True, cwd=ROOT, timeout=30
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert named in proc.stderr
+    assert proc.stdout == ""  # nothing started: no limit line, no namespace
+
+
+def test_recovery_times_are_monotonic_and_null_when_never_reached():
+    back = [10.2, 10.1, 10.5, 11.0]
+    assert scenario_report.recovery_times(4, back, 10.0) == (0.2, 1.0, 1.0)
+    r50, r99, r100 = scenario_report.recovery_times(5, back, 10.0)
+    assert (r50, r99, r100) == (0.5, None, None)  # 3 of 5 back at 10.5; one never came
+    assert scenario_report.recovery_times(0, [], 3.0) == (0.0, 0.0, 0.0)
+    ladder = [float(i) for i in range(1, 201)]
+    r50, r99, r100 = scenario_report.recovery_times(200, ladder, 0.0)
+    assert r50 == 100.0 and r99 == 198.0 and r100 == 200.0
+    assert r50 <= r99 <= r100
+
+
+def test_public_doc_keeps_exactly_the_promised_keys():
+    doc = scenario_report.public_doc(
+        {"scenario": "x", "steps": [{"name": "a", "drops": 3}], "timeline": [{"t": 0, "z": 1}]}
+    )
+    assert list(doc) == list(scenario_report.DOC_KEYS)
+    assert doc["steps"][0]["recovered_50_s"] is None and "drops" not in doc["steps"][0]
+    assert doc["timeline"] == [{"t": 0, "live": None, "failures": None, "time_wait": None,
+                                "other_states": None}]  # fmt: skip
+
+
+def test_close_mix_is_normalised():
+    assert parse_mix("2:1:1") == (0.5, 0.25, 0.25)
+    with pytest.raises(ValueError):
+        parse_mix("1:1")
+
+
+# -- churn -----------------------------------------------------------------------------------
+
+CHURN = ["--scenario", "churn", "--rate", "50", "--lifetime", "2", "--duration", "5"]
+
+
+@pytest.fixture(scope="module")
+def churn_mixed(tmp_path_factory) -> tuple[dict, dict, str]:
+    needs_root()
+    return run_json(tmp_path_factory.mktemp("churn"), *CHURN, "--mix", "1:1:1")
+
+
+def test_churn_accounts_for_every_session(churn_mixed):
+    doc, detail, _ = churn_mixed
+    assert_shape(doc)
+    assert_accounting(detail)
+    assert doc["scenario"] == "churn" and doc["proxy"] == "originpool"
+    (step,) = doc["steps"]
+    assert step["name"] == "churn" and step["recovered_50_s"] is None  # n/a: null, not absent
+    # every session held to the end of its lifetime was closed by one of the three kinds
+    closes = detail["closes"]
+    assert set(closes) == {"close", "fin", "rst"} and all(v > 10 for v in closes.values())
+    dropped = detail["lost_by"].get("dropped", 0)
+    assert sum(closes.values()) + detail["checked"] + dropped == detail["held"] + detail["lost"]
+    assert max(row["live"] for row in doc["timeline"]) > 50  # near rate x lifetime = 100
+
+
+def test_churn_timeline_reads_the_kernel_every_second(churn_mixed):
+    doc, _, stdout = churn_mixed
+    samples = [json.loads(line) for line in stdout.splitlines() if '"sample"' in line]
+    assert len(samples) >= 5 and all("origin_time_wait" in s for s in samples)
+    gaps = [b["t"] - a["t"] for a, b in zip(doc["timeline"], doc["timeline"][1:], strict=False)]
+    assert max(gaps) < 2.0
+
+
+@pytest.mark.parametrize("mix", ["1:0:0", "0:1:0"])
+def test_churn_time_wait_sits_with_whoever_closed_first(tmp_path, mix):
+    """Measured, not assumed: a client Close handshake is answered by the origin, which
+    closes its side first, so the origin holds the TIME_WAIT of the upstream leg; a client
+    FIN means the client closed first on its own leg (one TIME_WAIT per close there)."""
+    needs_root()
+    doc, detail, _ = run_json(tmp_path, *CHURN, "--mix", mix)
+    assert_accounting(detail)
+    final = detail["final"]
+    closes = detail["closes"]
+    if mix == "1:0:0":
+        n = closes["close"]
+        assert n > 50
+        # the origin closed first: its side holds most TIME_WAIT (about half of the closes
+        # here; the rest end without one, or in both sides' when the FINs cross)
+        assert final["origin_time_wait"] >= n // 4, final
+        assert final["origin_time_wait"] > 2 * final["time_wait"], final
+        assert doc["timeline"][-1]["time_wait"] == final["time_wait"]
+    else:
+        n = closes["fin"]
+        assert n > 50
+        assert final["client_time_wait"] == n  # every client FIN: the client's TIME_WAIT
+        assert final["time_wait"] <= n // 10
+
+
+# -- storm -----------------------------------------------------------------------------------
+
+STORM = ["--scenario", "storm", "--duration", "30"]
+
+
+@pytest.fixture(scope="module")
+def storm_all(tmp_path_factory) -> tuple[dict, dict, str]:
+    needs_root()
+    return run_json(tmp_path_factory.mktemp("storm"), *STORM)
+
+
+def test_storm_every_session_is_dropped_with_1011_and_comes_back(storm_all):
+    doc, detail, _ = storm_all
+    assert_shape(doc)
+    assert_accounting(detail)
+    ramp, storm = doc["steps"]
+    assert ramp["name"] == "ramp" and ramp["sessions_after"] == 360  # 0.9 x 400
+    assert ramp["recovered_50_s"] is None
+    assert storm["name"] == "storm" and storm["sessions_before"] == 360
+    assert detail["storm_expected_drops"] == 360 and detail["storm_settled"] is True
+    assert doc["close_codes"] == {"1011": 360}  # originpool: Close 1011 when the origin goes
+    assert storm["lost"] == 0 and storm["sessions_after"] == 360
+    r50, r99, r100 = storm["recovered_50_s"], storm["recovered_99_s"], storm["recovered_100_s"]
+    assert r50 is not None and r99 is not None and r100 is not None
+    assert 0 <= r50 <= r99 <= r100 <= storm["t_end"] - storm["t_start"]
+    assert detail["held"] == 360 and detail["lost"] == 0
+
+
+def test_storm_of_one_origin_drops_only_its_sessions(tmp_path):
+    needs_root()
+    doc, detail, _ = run_json(tmp_path, *STORM, "--storm-origins", "1", "--target", "0.5")
+    assert_accounting(detail)
+    _, storm = doc["steps"]
+    # exactly the sessions the kernel saw on the restarted origin before the kill (least_conn
+    # spreads them roughly, not exactly, in halves while handshakes overlap)
+    dropped = detail["storm_expected_drops"]
+    assert 0 < dropped < 200
+    assert doc["close_codes"] == {"1011": dropped}
+    assert storm["sessions_after"] == 200 and storm["lost"] == 0
+    assert storm["recovered_50_s"] <= storm["recovered_99_s"] <= storm["recovered_100_s"]
+
+
+def test_any_proxy_and_any_origin_in_a_scenario(tmp_path):
+    """--proxy-cmd and --origin-cmd keep their ramp semantics: ours again, started the way a
+    user would start theirs; the JSON says "custom" and the kernel still counts for it."""
+    needs_root()
+    from proxy.testbed.run import Options, proxy_config
+
+    config = tmp_path / "user.toml"
+    config.write_text(proxy_config("connectx", Options(egress=2, origins=2)))
+    python = sys.executable
+    doc, detail, _ = run_json(
+        tmp_path,
+        *STORM,
+        "--target",
+        "0.5",
+        "--origin-cmd",
+        f"{python} -m proxy.testbed.wsorigin --listen {{host}}:{{port}}",
+        "--proxy-cmd",
+        f"{python} -m proxy.cli serve --config {config}",
+    )
+    assert_shape(doc)
+    assert_accounting(detail)
+    assert doc["proxy"] == "custom" and detail["mode"] == "proxy-cmd"
+    assert doc["close_codes"] == {"1011": 200} and detail["held"] == 200
