@@ -562,3 +562,25 @@ def test_any_origin_and_any_proxy_in_the_same_scenario(tmp_path):
     assert run["mode"] == "proxy-cmd"
     assert run["held"] >= 0.995 * 400 and run["lost"] == 0
     assert sum(run["per_egress"].values()) == run["held"]
+
+
+def test_small_run_json_has_the_scenario_documents_keys_too(small_run):
+    """--scenario ramp writes what every scenario writes (one step per mode, one time line),
+    next to the ramp's own keys that tools already read."""
+    from proxy.testbed import scenario_report
+
+    doc, _, _ = small_run
+    assert set(scenario_report.DOC_KEYS) <= set(doc) and "runs" in doc
+    assert doc["scenario"] == "ramp" and doc["proxy"] == "originpool" and doc["limit"] == 400
+    assert [s["name"] for s in doc["steps"]] == ["plain", "bind", "connectx"]
+    for step, run in zip(doc["steps"], doc["runs"], strict=True):
+        assert list(step) == list(scenario_report.STEP_KEYS)
+        assert step["sessions_after"] == run["held"] and step["recovered_100_s"] is None
+        assert step["t_start"] < step["t_end"]
+    assert doc["close_codes"] is None  # no origin goes away in a ramp
+    assert doc["timeline"] and all(
+        list(r) == list(scenario_report.TIMELINE_KEYS) for r in doc["timeline"]
+    )
+    ts = [r["t"] for r in doc["timeline"]]
+    assert ts == sorted(ts)
+    assert doc["proxy_peak_rss_bytes"] > 0 and doc["proxy_cpu_seconds"] > 0

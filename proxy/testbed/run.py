@@ -241,7 +241,7 @@ class Ui:
 
     def run_done(self, run: dict[str, Any]) -> None:
         if self.kind == "json":
-            self.event("run", **{k: v for k, v in run.items() if k != "curve"})
+            self.event("run", **{k: v for k, v in run.items() if k not in ("curve", "timeline")})
         else:
             self.console.print(report.render_table(run))
 
@@ -317,6 +317,10 @@ class ModeRun:
     proxy_errors: Counter[str] = field(default_factory=Counter)
     admins: list[tuple[str, int]] = field(default_factory=list)
     _admin_port: int = 0
+    t0: float = field(default_factory=time.monotonic)  # the whole run's start: one time line
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    _next_sample: float = 0.0
+    _failures_seen: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         env = dict(os.environ)
@@ -349,12 +353,18 @@ class ModeRun:
                 origins=[c.pid for c in self.origins],
                 clients=[c.pid for c in self.clients],
             )
+            t_start = time.monotonic() - self.t0
             ramp = self.ramp()
             self.proxy.note_family()
             rss_held = procs.rss_bytes(sorted(self.proxy.family))
             per_egress, per_egress_metrics = self.sample_egress()
             self.hold(opts.hold)
             results = self.check()
+            t_end = time.monotonic() - self.t0
+            self.proxy.note_family()
+            from proxy.testbed.scenarios import cpu_seconds
+
+            cpu = cpu_seconds(sorted(self.proxy.family))
             for client in self.clients:
                 client.send("close")
         finally:
@@ -364,7 +374,7 @@ class ModeRun:
         merged = report.merge([r["records"] for r in results])
         if opts.records_path:
             report.append_records(opts.records_path, self.mode, merged)
-        return report.build_run(
+        run = report.build_run(
             mode=self.mode,
             egress=opts.egress,
             origins=opts.origins,
@@ -384,6 +394,34 @@ class ModeRun:
             workers=opts.workers,
             concurrency=opts.concurrency,
             client_processes=len(self.clients),
+        )
+        # the scenario document's view of this mode (see scenario_report.ramp_doc)
+        run.update(t_start=round(t_start, 3), t_end=round(t_end, 3), proxy_cpu_seconds=cpu)
+        run["timeline"] = self.timeline
+        return run
+
+    def sample(self, state: dict[Child, dict[str, Any]]) -> None:
+        """A timeline row a second during the ramp, as the other scenarios take them."""
+        now = time.monotonic()
+        if now < self._next_sample:
+            return
+        self._next_sample = now + 1.0
+        from proxy.testbed.scenarios import kernel_sample
+
+        kernel = kernel_sample(set(self.options.origin_addresses()), LISTEN)
+        failures: Counter[str] = Counter()
+        for line in state.values():
+            failures.update(line.get("failures") or {})
+        new = failures - self._failures_seen
+        self._failures_seen = failures
+        self.timeline.append(
+            {
+                "t": round(now - self.t0, 3),
+                "live": sum(int(line.get("held", 0)) for line in state.values()),
+                "failures": dict(new),
+                "time_wait": kernel.time_wait,
+                "other_states": kernel.other,
+            }
         )
 
     # -- origins -----------------------------------------------------------------------------
@@ -510,6 +548,7 @@ class ModeRun:
                     changed = True
                     if line["event"] == "ramp_done":
                         done[who] = line
+            self.sample(state)
             if changed:
                 self.ui.ramp_update(
                     self.mode,
@@ -600,13 +639,14 @@ def run(options: Options) -> int:
         )
         if opts.records_path:
             Path(opts.records_path).write_text("")
+        t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="originpool-testbed-") as tmp:
             modes = ("proxy-cmd",) if opts.proxy_cmd and opts.modes == MODES else opts.modes
             for mode in modes:
                 workdir = Path(tmp) / mode
                 workdir.mkdir()
                 try:
-                    result = ModeRun(mode, opts, ui, workdir).run()
+                    result = ModeRun(mode, opts, ui, workdir, t0=t0).run()
                 except (ChildFailed, RuntimeError, OSError) as e:
                     result = {"mode": mode, "error": str(e)}
                     code = 1
@@ -628,7 +668,12 @@ def _write_outputs(options: Options, runs: list[dict[str, Any]], ui: Ui) -> None
     if not runs:
         return
     if options.json_path:
+        from proxy.testbed import scenario_report
+
         doc = {
+            # the scenario document's keys first (every scenario writes them), then the
+            # ramp's own, which tools already read
+            **scenario_report.ramp_doc(runs, options.limit, bool(options.proxy_cmd)),
             "runs": runs,
             "settings": {
                 "egress": options.egress,

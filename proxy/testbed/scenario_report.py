@@ -86,6 +86,39 @@ def step_figures(record: Any, client_steps: Sequence[dict[str, Any]], t0: float)
     }
 
 
+def ramp_doc(runs: Sequence[dict[str, Any]], limit: int, custom: bool) -> dict[str, Any]:
+    """The ramp in the scenario document's shape: one step per egress mode, the modes'
+    timelines on one time line; no origin goes away, so no close codes (null)."""
+    good = [r for r in runs if not r.get("error")]
+    steps = [
+        {
+            "name": r["mode"],
+            "t_start": r.get("t_start"),
+            "t_end": r.get("t_end"),
+            "sessions_before": 0,
+            "sessions_after": r["held"],
+            "lost": r["lost"],
+            "failures": r["failures"],
+            "recovered_50_s": None,
+            "recovered_99_s": None,
+            "recovered_100_s": None,
+        }
+        for r in good
+    ]
+    rss = [r["proxy_rss_held_bytes"] for r in good if r.get("proxy_rss_held_bytes")]
+    cpu = [r["proxy_cpu_seconds"] for r in good if r.get("proxy_cpu_seconds") is not None]
+    return {
+        "scenario": "ramp",
+        "proxy": "custom" if custom else "originpool",
+        "limit": limit,
+        "steps": steps,
+        "timeline": [row for r in good for row in r.get("timeline") or []],
+        "close_codes": None,
+        "proxy_peak_rss_bytes": max(rss) if rss else None,
+        "proxy_cpu_seconds": round(sum(cpu), 3) if cpu else None,
+    }
+
+
 def public_doc(doc: dict[str, Any]) -> dict[str, Any]:
     """The ``--json`` document: exactly the promised keys, in order (extras stay inside)."""
     out = {k: doc.get(k) for k in DOC_KEYS}
