@@ -89,3 +89,37 @@ async def test_a_peer_gone_silently_ends_the_session(ns, tmp_path: Path, gone: s
             ns.ip("rule", "del", "pref", "10")  # the origin's own goodbye may now get its RST
         finally:
             assert await asyncio.to_thread(proc.stop) == 0
+
+
+async def test_accepted_sockets_inherit_the_listeners_options(ns) -> None:
+    """The listener sets TCP_NODELAY and keepalive once; every accepted socket must carry
+    them (the kernel clones the listener's options), or client sockets would lose both."""
+    from pool.egress import EgressSet
+    from pool.origin import OriginPool
+    from pool.sockopt import KeepAlive
+    from proxy.routing import Router
+    from proxy.server import Listener, Proxy, Settings
+
+    settings = Settings(tcp_keepalive=KeepAlive(idle=7, interval=3, probes=4))
+    proxy = Proxy(Router([]), OriginPool(EgressSet([])), settings)
+    listener = Listener(proxy, ("127.0.0.1", 0))
+    proxy.listeners.append(listener)
+    listener.start()
+    _reader, writer = await asyncio.open_connection(*listener.address)
+    try:
+        async with asyncio.timeout(5):
+            while not proxy.clients:
+                await asyncio.sleep(0.01)
+        [client] = proxy.clients
+        sock = client.transport.get_extra_info("socket")
+        opts = {
+            "nodelay": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+            "keepalive": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            "idle": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            "interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            "probes": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+        }
+        assert opts == {"nodelay": 1, "keepalive": 1, "idle": 7, "interval": 3, "probes": 4}
+    finally:
+        writer.close()
+        listener.close()
