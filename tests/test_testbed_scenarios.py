@@ -246,3 +246,33 @@ def test_any_proxy_and_any_origin_in_a_scenario(tmp_path):
     assert_accounting(detail)
     assert doc["proxy"] == "custom" and detail["mode"] == "proxy-cmd"
     assert doc["close_codes"] == {"1011": 200} and detail["held"] == 200
+
+
+def test_sigint_mid_churn_ends_every_process_and_the_namespace():
+    needs_root()
+    import os
+    import signal
+
+    from proxy.testbed import procs
+
+    argv = cli_testbed(*SMALL, *CHURN[:-1], "30", "--progress", "json")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    events: list[dict] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends at the runner's exit: bounded by its own timeouts
+            event = json.loads(line)
+            events.append(event)
+            if event["event"] == "sample" and event["live"] > 0:
+                proc.send_signal(signal.SIGINT)  # mid-load, sessions held
+                break
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    space = next(e for e in events if e["event"] == "namespace")["name"]
+    pids = next(e for e in events if e["event"] == "pids")
+    children = [pids["proxy"], *pids["origins"], *pids["clients"]]
+    assert [pid for pid in children if procs.alive(pid)] == []
+    assert not procs.namespace_exists(space) and not os.path.exists(f"/run/netns/{space}")

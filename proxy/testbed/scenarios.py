@@ -66,7 +66,7 @@ NOT_BUILT = "not built yet (registered in proxy/testbed/scenarios.py; see docs/t
 
 CHURN_LIFETIME = 30.0
 CHURN_DURATION = 120.0
-CHURN_MIX = (1.0, 1.0, 1.0)  # close : fin : rst
+CHURN_MIX = (1 / 3, 1 / 3, 1 / 3)  # close : fin : rst, as shares
 STORM_TARGET = 0.9
 STORM_RATE = 1000.0
 STORM_WINDOW = 60.0
