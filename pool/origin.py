@@ -33,7 +33,7 @@ import structlog
 
 from pool import turnwrite
 from pool.egress import EgressExhausted, EgressSet, Slot
-from pool.sockopt import KeepAlive, detect_dead_peer
+from pool.sockopt import KeepAlive, detect_dead_peer, reset_on_close
 
 log = structlog.get_logger("originpool.origin")
 
@@ -283,6 +283,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.alive = False
         if self.transport is not None:
             self.transport.abort()
+
+    def reset(self) -> None:
+        """Abort with RST (see :func:`pool.sockopt.reset_on_close`): no TIME_WAIT left on
+        the egress port."""
+        if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    reset_on_close(sock)
+        self.abort()
 
     @property
     def local(self) -> tuple[str, int]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 from dataclasses import dataclass
+from typing import Any
 
 from pool import kernel
 
@@ -70,6 +72,14 @@ def detect_dead_peer(sock: socket.socket, keepalive: KeepAlive | None) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.probes)
+
+
+def reset_on_close(sock: Any) -> None:
+    """``SO_LINGER`` {on, 0}: the next close sends RST instead of FIN and leaves no
+    TIME_WAIT. For a connection given up on (a peer that never finished its close): a FIN
+    would make this side the one that closed first, and its 4-tuple, here an egress port,
+    would sit in TIME_WAIT for 60 s. ``sock`` may be uvloop's transport pseudo-socket."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 # Options a caller may have set before connectx, copied when connectx must replace the socket

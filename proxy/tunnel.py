@@ -14,6 +14,16 @@ What it knows of WebSocket is :mod:`proxy.websocket`'s: frame boundaries only, s
 knows whether a Close went through and where it may inject its own: Close 1011 to the client
 when the origin fails, 1001 to the origin when the client vanishes, 1001 both ways on
 shutdown or after the optional idle timeout.
+
+Toward the origin the proxy is the WebSocket client, and RFC 6455 §7.1.1 says the server
+closes the TCP connection first, so that the server holds the TIME_WAIT. Once a Close has
+gone to the origin (the client's, relayed, or the proxy's own), the session ends for the
+client at once, but the origin connection waits, bounded by ``ORIGIN_CLOSE_WAIT``, for the
+origin's Close and FIN. Closing it at once instead would make the origin's Close reply
+meet a closed socket: a reset instead of a clean close, for every client that vanished.
+And a proxy that closed first would hold a TIME_WAIT on an egress port per session, which
+under churn costs the very capacity the pool exists to keep (the testbed's ``churn``
+scenario measures it).
 """
 
 from __future__ import annotations
@@ -31,6 +41,10 @@ if TYPE_CHECKING:
     from proxy.server import Downstream
 
 log = structlog.get_logger("originpool.proxy")
+
+# seconds the origin gets to answer the proxy's Close and close its side (nginx's
+# lingering_timeout is 5 s too); then the connection is reset, which leaves no TIME_WAIT
+ORIGIN_CLOSE_WAIT = 5.0
 
 
 class Tunnel:
@@ -56,6 +70,7 @@ class Tunnel:
         "sent",
         "started",
         "stopping",
+        "told_origin",
     )
 
     def __init__(
@@ -76,6 +91,7 @@ class Tunnel:
         self.closed_by: str | None = None
         self.close_code: int | None = None
         self.stopping = False
+        self.told_origin = False  # a Close frame of the proxy's own went to the origin
         self.finished = False
         self.sent = 0
         self.received = 0
@@ -114,6 +130,9 @@ class Tunnel:
 
     def eof_received(self) -> None:
         self.origin_eof = True
+        if self.finished:
+            self._release_origin()  # the origin closed first, as it should: no TIME_WAIT here
+            return
         if not self.o2c.closed and not self.stopping:
             self._origin_failed("origin closed without a Close frame")
             return
@@ -124,6 +143,7 @@ class Tunnel:
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.finished:
+            self._release_origin()
             return
         if self.o2c.closed or self.stopping:
             self._end()  # after its Close frame: the normal end
@@ -198,6 +218,7 @@ class Tunnel:
         conn = self.conn
         if conn is not None and conn.alive and self.c2o.at_boundary:
             conn.write(ws.close_frame(code, reason, to_origin=True))
+            self.told_origin = True
             self.close_code = self.close_code or int(code)
 
     def _idle_check(self) -> None:
@@ -227,15 +248,18 @@ class Tunnel:
         self.close_code = self.close_code or int(ws.GOING_AWAY)
 
     def _end(self) -> None:
+        """The session is over: log it, close the client, and close the origin connection
+        now, or once the origin has closed its side (see the module docstring)."""
         if self.finished:
             return
         self.finished = True
+        self.stopping = True  # nothing more is relayed either way
         client = self.client
         client.ex_timer.stop()
         proxy = client.proxy
         proxy.stats.ws_active -= 1
         proxy.sessions.discard(self)
-        conn, self.conn = self.conn, None
+        conn = self.conn
         host, path, rid = self.head
         log.info(
             "websocket_session",
@@ -250,8 +274,26 @@ class Tunnel:
             close_code=self.close_code,
             request_id=rid.decode("ascii"),
         )
-        if conn is not None:
-            active = proxy._active_by_origin
-            active[conn.origin] = active.get(conn.origin, 0) - 1
-            conn.pool.release(conn, False)  # a lease: closing it flushes, then FIN
         client.close()
+        if conn is None:
+            return
+        closing = self.told_origin or self.c2o.closed  # a Close went to the origin
+        if closing and not self.origin_eof and conn.alive:
+            client.ex_timer.arm(ORIGIN_CLOSE_WAIT, self._origin_close_timeout)
+            return
+        self._release_origin()
+
+    def _origin_close_timeout(self) -> None:
+        """The origin did not close in time: reset, which leaves no TIME_WAIT either."""
+        if self.conn is not None:
+            self.conn.reset()
+        self._release_origin()
+
+    def _release_origin(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        self.client.ex_timer.stop()
+        active = self.client.proxy._active_by_origin
+        active[conn.origin] = active.get(conn.origin, 0) - 1
+        conn.pool.release(conn, False)  # a lease: closing it flushes, then FIN
