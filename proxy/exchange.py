@@ -568,6 +568,8 @@ class Exchange:
         self.status = 101
         self.response_started = True
         self.finished = True
+        assert self.conn is not None
+        self.egress_ip = self.conn.egress_ip  # the access line names it, as for any response
         self.client.write(
             self.client.http.informational(101, hdrs.to_client(event.headers, websocket=True))
         )

@@ -141,3 +141,22 @@ async def test_an_origin_that_never_closes_is_reset_after_the_wait(proxy, monkey
         assert not [tw for tw in time_wait() if tw[0].startswith(EGRESS)]
     finally:
         await origin.close()
+
+
+async def test_the_101s_access_line_names_its_egress_ip(proxy):
+    from structlog.testing import capture_logs
+
+    p, listener = proxy
+    origin = RawOrigin(answer=True)
+    await origin.start()
+    try:
+        with capture_logs() as logs:
+            client = await open_session(listener)
+            client.close()
+            await asyncio.wait_for(origin.ended, 5)
+        [access] = [e for e in logs if e["event"] == "access"]
+        [session] = [e for e in logs if e["event"] == "websocket_session"]
+        assert access["status"] == 101 and access["egress"] == session["egress"] == EGRESS
+        assert access["request_id"] == session["request_id"]
+    finally:
+        await origin.close()
