@@ -146,7 +146,7 @@ async def test_an_origin_that_never_closes_is_reset_after_the_wait(proxy, monkey
 async def test_the_101s_access_line_names_its_egress_ip(proxy):
     from structlog.testing import capture_logs
 
-    p, listener = proxy
+    _p, listener = proxy
     origin = RawOrigin(answer=True)
     await origin.start()
     try:
