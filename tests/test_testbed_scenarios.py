@@ -1,4 +1,4 @@
-"""``originpool testbed --scenario churn|storm``: refusals before anything starts, the
+"""``originpool testbed --scenario churn|storm|faults``: refusals before anything starts, the
 arithmetic of recovery, and whole runs at small scale (E=2, R=100, K=2: a 400-session limit)
 as a user starts them, with the exact accounting held + refused + lost == attempted."""
 
@@ -81,7 +81,11 @@ def assert_accounting(detail: dict[str, Any]) -> None:
         (["--scenario", "churn", "--mode", "all"], "--mode"),
         (["--scenario", "ramp", "--rate", "10"], "--rate"),
         (["--scenario", "faults", "--egress", "1"], "--egress"),
-        (["--scenario", "faults"], "not built yet"),
+        (["--scenario", "faults", "--origins", "1"], "--origins"),
+        (["--scenario", "faults", "--target", "0.9"], "--target"),
+        (["--scenario", "faults", "--reload-signal", "HUP"], "--reload-signal"),
+        (["--scenario", "faults", "--proxy-cmd", "x", "--stop-signal", "NOPE"], "--stop-signal"),
+        (["--scenario", "storm", "--stop-signal", "QUIT"], "--stop-signal"),
         (["--scenario", "churn", "--mix", "0:0:0"], "--mix"),
     ],
 )
@@ -276,3 +280,129 @@ def test_sigint_mid_churn_ends_every_process_and_the_namespace():
     children = [pids["proxy"], *pids["origins"], *pids["clients"]]
     assert [pid for pid in children if procs.alive(pid)] == []
     assert not procs.namespace_exists(space) and not os.path.exists(f"/run/netns/{space}")
+
+
+# -- faults ----------------------------------------------------------------------------------
+
+FAULTS = ["--scenario", "faults"]  # 0.5 x 400 = 200 sessions held, 20 new ones per step
+
+
+@pytest.fixture(scope="module")
+def faults_run(tmp_path_factory) -> tuple[dict, dict, str]:
+    needs_root()
+    return run_json(tmp_path_factory.mktemp("faults"), *FAULTS)
+
+
+def new_ok(ev: dict[str, Any], *keys: str) -> int:
+    return sum(int((ev.get(k) or {}).get("ok", 0)) for k in keys)
+
+
+def test_faults_steps_in_order_each_accounted_exactly(faults_run):
+    doc, detail, _ = faults_run
+    assert_shape(doc)
+    assert_accounting(detail)
+    names = [s["name"] for s in doc["steps"]]
+    assert names == ["ramp", "reload", "egress_del", "egress_add", "kill_origin", "stop"]
+    steps = {s["name"]: s for s in doc["steps"]}
+    ev = doc["evidence"]
+    assert steps["ramp"]["sessions_after"] == 200
+    # every step: after = before + the new sessions it opened - the sessions it lost or drained
+    opened = {
+        "reload": new_ok(ev["reload"], "new_sessions_new_route", "new_sessions_old_route"),
+        "egress_del": new_ok(ev["egress_del"], "new_sessions"),
+        "egress_add": new_ok(ev["egress_add"], "new_sessions")
+        + int(ev["egress_add"]["sessions_until_used"].get("ok", 0)),
+        "kill_origin": new_ok(ev["kill_origin"], "new_sessions"),
+        "stop": 0,
+    }
+    for name, n in opened.items():
+        s = steps[name]
+        gone = s["lost"] + ev[name]["drained_1001"]
+        assert s["sessions_after"] == s["sessions_before"] + n - gone, (name, s, ev[name])
+        assert s["failures"] == {}, (name, s["failures"])  # no handshake failed in any step
+        assert s["recovered_50_s"] is None  # nothing reconnects here: n/a, null
+    for name in ("reload", "egress_del", "egress_add", "stop"):
+        assert steps[name]["lost"] == 0, (name, steps[name])
+    # held sessions lost nothing across the reload, nor across the IP's removal and return
+    assert ev["reload"]["held_echo"] == {"ok": steps["reload"]["sessions_after"], "failed": 0}
+    assert ev["egress_add"]["held_echo"]["failed"] == 0
+    assert ev["kill_origin"]["held_echo"]["failed"] == 0
+    # the only losses: the killed origin's sessions, each told why with Close 1011
+    assert detail["lost_by"] == {"dropped_1011": steps["kill_origin"]["lost"]}
+
+
+def test_faults_reload_adds_a_route_for_new_sessions_only(faults_run):
+    doc, _, _ = faults_run
+    ev = doc["evidence"]["reload"]
+    assert ev["before_status_new_route"] == 421  # no such route before the SIGHUP
+    assert ev["reloaded_lines"] == 1 and ev["reload_rejected_lines"] == 0
+    assert ev["new_sessions_new_route"] == {"ok": 20}
+    assert ev["new_sessions_old_route"] == {"ok": 5}
+
+
+def test_faults_egress_ip_shown_down_then_back_without_restart(faults_run):
+    doc, _, _ = faults_run
+    gone, back = doc["evidence"]["egress_del"], doc["evidence"]["egress_add"]
+    ip = gone["egress"]
+    assert ip == "127.0.1.2" == back["egress"]
+    # removed: the new sessions all went to the other IP, none from it (kernel and /ports)
+    assert gone["new_sessions"] == {"ok": 20}
+    assert gone["census_after"][ip] == gone["census_before"][ip]
+    assert gone["census_after"]["127.0.1.1"] == gone["census_before"]["127.0.1.1"] + 20
+    view = gone["proxy_view"]
+    assert view["egress_down"] == {"127.0.1.1": 0.0, ip: 1.0}
+    assert view["failover_not_on_host"][ip] >= 1 and "127.0.1.1" not in view["failover_not_on_host"]
+    assert view["ports_established_by_egress"] == gone["census_after"]
+    assert gone["proxy_log"]["egress_down"] >= 1 and gone["proxy_log"]["egress_unavailable"] == 0
+    # re-added: used again by new sessions, gauge back to 0, one egress_up line
+    assert back["back"] is True and back["egress_up_lines"] >= 1
+    assert back["census_after"][ip] > back["census_before"][ip]
+    assert back["proxy_view"]["egress_down"][ip] == 0.0
+    assert back["proxy_view"]["ports_established_by_egress"] == back["census_after"]
+
+
+def test_faults_killed_origin_sessions_get_1011_and_sigterm_drains_with_1001(faults_run):
+    doc, detail, _ = faults_run
+    steps = {s["name"]: s for s in doc["steps"]}
+    kill, stop = doc["evidence"]["kill_origin"], doc["evidence"]["stop"]
+    n = kill["sessions_on_it"]
+    assert 0 < n < steps["kill_origin"]["sessions_before"]  # the other origin's continue
+    assert kill["close_codes"] == {"1011": n} and steps["kill_origin"]["lost"] == n
+    assert kill["all_dropped"] is True and kill["new_sessions"] == {"ok": 20}
+    held = steps["stop"]["sessions_before"]
+    assert stop["close_codes"] == {"1001": held} and stop["drained_1001"] == held
+    assert steps["stop"]["sessions_after"] == 0 and steps["stop"]["lost"] == 0
+    assert stop["exit_code"] == 0 and stop["proxy_exited"] is True
+    assert stop["proxy_log"] == {"draining": 1, "stopped": 1}
+    assert detail["drained"] == held and detail["proxy_exit_code"] == 0
+    assert doc["close_codes"] == {"1001": held, "1011": n}
+
+
+def test_faults_under_another_proxy_reports_what_does_not_apply(tmp_path):
+    """Ours again, started as a user starts theirs: without --reload-signal the route change
+    is n/a (null, with the reason), and no census or /metrics of originpool's is read; the
+    kernel's census per source IP still shows the IP gone and back."""
+    needs_root()
+    from proxy.testbed.faults import LO_SUBNETS, FaultsRun  # noqa: F401 (the module is there)
+    from proxy.testbed.run import Options, proxy_config
+
+    config = tmp_path / "user.toml"
+    config.write_text(proxy_config("connectx", Options(egress=2, origins=2)))
+    doc, detail, _ = run_json(
+        tmp_path,
+        *FAULTS,
+        "--proxy-cmd",
+        f"{sys.executable} -m proxy.cli serve --config {config}",
+    )
+    assert_shape(doc)
+    assert_accounting(detail)
+    assert doc["proxy"] == "custom"
+    reload = doc["steps"][1]
+    assert reload["name"] == "reload" and reload["lost"] is None and reload["failures"] is None
+    assert doc["evidence"]["reload"]["n/a"].startswith("n/a: the route change")
+    gone, back = doc["evidence"]["egress_del"], doc["evidence"]["egress_add"]
+    assert gone["proxy_view"] == {"n/a": "another proxy: no census or /metrics of originpool's"}
+    assert gone["census_after"]["127.0.1.2"] == gone["census_before"]["127.0.1.2"]
+    assert back["back"] is True and "egress_up_lines" not in back
+    assert doc["evidence"]["stop"]["signal"] == "TERM"
+    assert doc["evidence"]["stop"]["exit_code"] == 0

@@ -108,6 +108,12 @@ def _ip(*args: str) -> None:
         raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
 
 
+def ip_in_current(*args: str) -> None:
+    """``ip ARGS`` in the calling thread's namespace (the testbed's, once entered): a child
+    is born in the namespace of the thread that forks it."""
+    _ip(*args)
+
+
 def namespace_exists(name: str) -> bool:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
     return any(line.split()[0] == name for line in out.stdout.splitlines() if line.split())
@@ -136,6 +142,11 @@ class Space:
         self.sysctl("net.core.somaxconn", str(somaxconn))
         # a ramp of thousands of connects must not meet SYN cookies or a full SYN queue
         self.sysctl("net.ipv4.tcp_max_syn_backlog", str(somaxconn))
+
+    def ip(self, *args: str) -> None:
+        """``ip ARGS`` inside this namespace (only valid while inside it)."""
+        assert self._home is not None, "not inside the namespace"
+        _ip(*args)
 
     def sysctl(self, name: str, value: str) -> None:
         """Write a sysctl of *this* namespace (only valid while inside it)."""

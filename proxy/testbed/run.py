@@ -86,6 +86,10 @@ class Options:
     mix: tuple[float, float, float] | None = None
     tw_reuse: int | None = None
     seed: int = 1
+    # faults under --proxy-cmd: that proxy's own reload and graceful stop (None: n/a / TERM)
+    reload_signal: str | None = None
+    stop_signal: str | None = None
+    reload_hold: float | None = None
 
     @property
     def size(self) -> int:
@@ -473,7 +477,7 @@ class ModeRun:
             self.wait_listening(LISTEN, self.proxy)
             return
         config = self.workdir / f"originpool-{self.mode}.toml"
-        config.write_text(proxy_config(self.mode, opts))
+        config.write_text(self.proxy_config_text())
         argv = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)]
         # access lines are most of what it writes: not worth parsing
         self.proxy = self.children.start("proxy", argv, skip=b'"event":"access"')
@@ -482,6 +486,9 @@ class ModeRun:
             self.proxy, "ready", 30 + 2 * opts.workers, self.on_line, count=opts.workers
         )
         self.admins = [_address(str(line["admin"])) for line in ready if line.get("admin")]
+
+    def proxy_config_text(self) -> str:
+        return proxy_config(self.mode, self.options)
 
     def on_line(self, child: Child, line: dict[str, Any]) -> None:
         if child is not self.proxy:
@@ -732,7 +739,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="ramp",
         help="ramp: sessions until the wall, per egress mode (default); churn: sessions come "
         "and go at --rate, living --lifetime; storm: ramp to --target, restart the origins, "
-        "clients reconnect; faults: not built yet",
+        "clients reconnect; faults: reload, egress IP removed and re-added, an origin killed, "
+        "the proxy stopped, with sessions held",
     )
     parser.add_argument(
         "--mode",
@@ -837,7 +845,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
         type=float,
-        help="storm: sessions to hold before the restart, as a share of the limit (default 0.9)",
+        help="storm: sessions to hold before the restart, as a share of the limit (default "
+        "0.9); faults: before the first fault (default 0.5)",
     )
     parser.add_argument(
         "--storm-origins",
@@ -852,6 +861,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="net.ipv4.tcp_tw_reuse in the namespace for churn/storm (default 0: as on real "
         "egress IPs; the kernel's 2 reuses TIME_WAIT only on loopback, which is all the "
         "testbed has)",
+    )
+    parser.add_argument(
+        "--reload-signal",
+        metavar="SIG",
+        help="faults with --proxy-cmd: that proxy's reload signal, sent with its config "
+        "unchanged (nginx: HUP; HAProxy -W: USR2); without it the reload step is n/a",
+    )
+    parser.add_argument(
+        "--stop-signal",
+        metavar="SIG",
+        help="faults with --proxy-cmd: that proxy's graceful stop (default TERM; nginx: QUIT; "
+        "HAProxy -W: USR1)",
+    )
+    parser.add_argument(
+        "--reload-hold",
+        type=_positive(float),
+        help="faults with --proxy-cmd: seconds measured after the reload signal before new "
+        "sessions and echoes (default 15: old workers end what they still hold)",
     )
     parser.add_argument("--seed", type=int, default=1, help="churn/storm random seed")
     parser.add_argument(
@@ -901,6 +928,9 @@ def options_from_args(args: argparse.Namespace) -> Options:
         mix=getattr(args, "mix", None),
         tw_reuse=getattr(args, "tw_reuse", None),
         seed=getattr(args, "seed", 1),
+        reload_signal=getattr(args, "reload_signal", None),
+        stop_signal=getattr(args, "stop_signal", None),
+        reload_hold=getattr(args, "reload_hold", None),
     )
 
 
@@ -971,7 +1001,12 @@ def run_scenario(options: Options) -> int:
         with tempfile.TemporaryDirectory(prefix="originpool-testbed-") as tmp:
             mode = "proxy-cmd" if opts.proxy_cmd else opts.modes[0]
             try:
-                figures = scenarios.ScenarioRun(mode, opts, ui, Path(tmp)).run()
+                if opts.scenario == "faults":
+                    from proxy.testbed.faults import FaultsRun
+
+                    figures = FaultsRun(mode, opts, ui, Path(tmp)).run()
+                else:
+                    figures = scenarios.ScenarioRun(mode, opts, ui, Path(tmp)).run()
             except (ChildFailed, RuntimeError, OSError) as e:
                 ui.say(f"originpool testbed --scenario {opts.scenario}: {e}")
                 ui.event("error", error=str(e))
@@ -1008,6 +1043,13 @@ def scenario_intro(opts: Options) -> str:
             f"Close / FIN / RST {mix}; tcp_tw_reuse {opts.tw_reuse} in the namespace"
         )
     assert opts.target is not None
+    if opts.scenario == "faults":
+        return (
+            f"ramp to {opts.target:g} of the limit ({int(opts.target * opts.limit):,} sessions) "
+            f"at {opts.rate:g}/s, then in order: reload with a route added, egress IP "
+            f"{opts.egress_ips()[-1]} removed, re-added, origin "
+            f"{opts.origin_addresses()[-1][0]} SIGKILLed, the proxy stopped"
+        )
     return (
         f"ramp to {opts.target:g} of the limit ({int(opts.target * opts.limit):,} sessions) "
         f"at {opts.rate:g}/s, then restart {opts.storm_origins} of {opts.origins} origins at "

@@ -21,6 +21,7 @@ DOC_KEYS = (
     "close_codes",
     "proxy_peak_rss_bytes",
     "proxy_cpu_seconds",
+    "evidence",  # faults: per step, what the proxy and the kernel showed; null elsewhere
 )
 STEP_KEYS = (
     "name",
@@ -116,6 +117,7 @@ def ramp_doc(runs: Sequence[dict[str, Any]], limit: int, custom: bool) -> dict[s
         "close_codes": None,
         "proxy_peak_rss_bytes": max(rss) if rss else None,
         "proxy_cpu_seconds": round(sum(cpu), 3) if cpu else None,
+        "evidence": None,
     }
 
 
@@ -138,7 +140,9 @@ def _s(value: float | None) -> str:
     return "never" if value is None else f"{value:.2f} s"
 
 
-def _counts(counts: dict[str, int]) -> str:
+def _counts(counts: dict[str, int] | None) -> str:
+    if counts is None:
+        return "n/a"
     if not counts:
         return "0"
     parts = sorted(counts.items(), key=lambda kv: -kv[1])
@@ -161,8 +165,8 @@ def step_rows(doc: dict[str, Any]) -> list[list[str]]:
         disruption = s.get("recovered_50_s") is not None or s.get("recovered_100_s") is not None
         recovered = (
             f"{_s(s['recovered_50_s'])} / {_s(s['recovered_99_s'])} / {_s(s['recovered_100_s'])}"
-            if disruption or s.get("drops")
-            else "n/a"
+            if disruption or (s.get("drops") and doc["scenario"] != "faults")
+            else "n/a"  # faults: a dropped session is not reconnected, it is counted
         )
         rows.append(
             [
@@ -171,7 +175,7 @@ def step_rows(doc: dict[str, Any]) -> list[list[str]]:
                 _n(s["sessions_before"]),
                 _n(s["sessions_after"]),
                 _n(s.get("drops")),
-                _n(s["lost"]),
+                "n/a" if s["lost"] is None else _n(s["lost"]),
                 _counts(s["failures"]),
                 recovered,
             ]
@@ -216,6 +220,14 @@ def summary_rows(doc: dict[str, Any], detail: dict[str, Any]) -> list[tuple[str,
             f"{_size(doc['proxy_peak_rss_bytes'])} / {doc['proxy_cpu_seconds']:.1f} s",
         )
     )
+    if "drained" in detail:
+        rows.append(
+            (
+                "faults: closed by the drain",
+                f"{detail['drained']:,} with Close 1001 (counted held); proxy exit code "
+                f"{detail['proxy_exit_code']}",
+            )
+        )
     if detail.get("storm_expected_drops") is not None:
         rows.append(
             (
@@ -251,7 +263,24 @@ def render(doc: dict[str, Any], detail: dict[str, Any]) -> list[Any]:
     summary.add_column("value", overflow="fold")
     for name, value in summary_rows(doc, detail):
         summary.add_row(name, value)
-    return [steps, summary]
+    out: list[Any] = [steps, summary]
+    if doc.get("evidence"):
+        evidence = Table(
+            show_header=False, title="what the proxy and the kernel showed", title_justify="left"
+        )
+        evidence.add_column("step", style="bold", no_wrap=True)
+        evidence.add_column("evidence", overflow="fold")
+        for name, ev in doc["evidence"].items():
+            evidence.add_row(name, evidence_text(ev))
+        out.append(evidence)
+    return out
+
+
+def evidence_text(ev: dict[str, Any]) -> str:
+    """One step's evidence as ``key: value`` pairs, nested dicts inline."""
+    import json
+
+    return "; ".join(f"{k}: {json.dumps(v, separators=(',', ':'))}" for k, v in ev.items())
 
 
 def plot(doc: dict[str, Any], path: str) -> None:

@@ -6,7 +6,8 @@
   ``--lifetime``: what TIME_WAIT on the proxy's egress ports costs when sessions come and go.
 * ``storm``: a ramp to ``--target`` of the limit, then every origin (or ``--storm-origins
   N``) restarted at once while every client reconnects with jittered backoff.
-* ``faults``: registered, not built yet (see :data:`SCENARIOS`).
+* ``faults`` (:mod:`proxy.testbed.faults`): with sessions held, a reload with a route added,
+  an egress IP removed and re-added, an origin killed, the proxy stopped.
 
 Why it is built this way:
 
@@ -60,7 +61,7 @@ SCENARIOS: dict[str, str | None] = {
     "ramp": "sessions opened one after another until the wall, once per egress mode",
     "churn": "sessions arrive at --rate and live --lifetime on average (Little's law)",
     "storm": "ramp to --target, restart the origins, every client reconnects with backoff",
-    "faults": None,
+    "faults": "with sessions held: reload, egress IP removed and re-added, origin killed, stop",
 }
 NOT_BUILT = "not built yet (registered in proxy/testbed/scenarios.py; see docs/testbed)"
 
@@ -90,6 +91,19 @@ def resolve(options: Options) -> None:
             options.duration = CHURN_DURATION
         if options.mix is None:
             options.mix = CHURN_MIX
+    elif options.scenario == "faults":
+        from proxy.testbed.faults import FAULTS_RATE, FAULTS_TARGET, RELOAD_HOLD
+
+        if options.target is None:
+            options.target = FAULTS_TARGET
+        if options.rate is None:
+            options.rate = FAULTS_RATE
+        if options.duration is None:
+            options.duration = STORM_WINDOW  # the clients' give-up: no reconnects here
+        if options.proxy_cmd and options.stop_signal is None:
+            options.stop_signal = "TERM"
+        if options.reload_hold is None:
+            options.reload_hold = RELOAD_HOLD
     elif options.scenario == "storm":
         if options.target is None:
             options.target = STORM_TARGET
@@ -111,9 +125,12 @@ ONLY_FOR = {
     "records_path": ("ramp",),
     "lifetime": ("churn",),
     "mix": ("churn",),
-    "target": ("storm",),
+    "target": ("storm", "faults"),
     "storm_origins": ("storm",),
-    "rate": ("churn", "storm"),
+    "rate": ("churn", "storm", "faults"),
+    "reload_signal": ("faults",),
+    "stop_signal": ("faults",),
+    "reload_hold": ("faults",),
     "duration": ("churn", "storm"),
     "tw_reuse": ("churn", "storm", "faults"),
 }
@@ -121,6 +138,9 @@ FLAG = {
     "records_path": "--records",
     "storm_origins": "--storm-origins",
     "tw_reuse": "--tw-reuse",
+    "reload_signal": "--reload-signal",
+    "stop_signal": "--stop-signal",
+    "reload_hold": "--reload-hold",
 }
 
 
@@ -140,7 +160,21 @@ def validate(options: Options, given: set[str]) -> str | None:
             return "--scenario faults needs --egress 2 or more: it removes one egress IP"
         if options.origins < 2:
             return "--scenario faults needs --origins 2 or more: it kills one origin"
-        return f"--scenario faults: {NOT_BUILT}"
+        for option in ("reload_signal", "stop_signal", "reload_hold"):
+            if option in given and not options.proxy_cmd:
+                return (
+                    f"{flag(option)} applies to --proxy-cmd only (originpool reloads on SIGHUP "
+                    "and drains on SIGTERM)"
+                )
+        from proxy.testbed.faults import signal_number
+
+        for option in ("reload_signal", "stop_signal"):
+            value = getattr(options, option)
+            if value is not None:
+                try:
+                    signal_number(value)
+                except ValueError as e:
+                    return f"{flag(option)}: {e}"
     if name == "ramp":
         return None
     if len(options.modes) != 1:
@@ -160,6 +194,15 @@ def validate(options: Options, given: set[str]) -> str | None:
             return "--rate x --duration: at most 2,000,000 sessions per run"
         if options.rate * options.lifetime > 256 * SESSIONS_PER_PROCESS:
             return "--rate x --lifetime: more live sessions than 256 client processes hold"
+    if name == "faults":
+        assert options.target is not None
+        if not 0 < options.target <= 0.8:
+            return (
+                f"--target {options.target:g}: a share of the physical limit "
+                f"{options.limit:,}, more than 0 and at most 0.8 (the steps open new sessions)"
+            )
+        if storm_sessions(options) < 1:
+            return f"--target {options.target:g} of {options.limit:,} is not one session"
     if name == "storm":
         assert options.target is not None and options.storm_origins is not None
         if not 0 < options.target <= 1:
@@ -295,6 +338,7 @@ class ScenarioRun(ModeRun):
         try:
             space.enter(opts.port_range)
             space.sysctl("net.ipv4.tcp_tw_reuse", str(opts.tw_reuse))
+            self.prepare(space)
             self.ui.event("namespace", mode=opts.scenario, name=space.name)
             self.start_origins()
             self.start_proxy()
@@ -332,6 +376,9 @@ class ScenarioRun(ModeRun):
             self.children.end_all()
             space.leave()
         return self.figures()
+
+    def prepare(self, space: Space) -> None:
+        """The namespace before any process starts: nothing more for churn and storm."""
 
     def wait(self, until: Callable[[], bool], timeout: float, what: str) -> bool:
         """Read lines, sample the timeline and watch the children until ``until()`` holds;
@@ -508,7 +555,7 @@ class ScenarioRun(ModeRun):
         window = client_port_window(opts.port_range)
         if window is not None:
             window = (window[0] + 100, window[1])
-        sessions = storm_sessions(opts) if opts.scenario == "storm" else 0
+        sessions = storm_sessions(opts) if opts.scenario in ("storm", "faults") else 0
         base, extra = divmod(sessions, shards)
         assert opts.rate is not None and opts.duration is not None
         for i in range(shards):
@@ -538,6 +585,7 @@ class ScenarioRun(ModeRun):
                 argv += ["--lifetime", str(opts.lifetime), "--mix", ":".join(map(str, opts.mix))]
             else:
                 argv += ["--sessions", str(base + (i < extra)), "--give-up", str(opts.duration)]
+                argv += ["--drain-step", "stop"]
             if window is not None:
                 argv += ["--ports", f"{window[0]}-{window[1]}"]
             self.clients.append(self.children.start(f"client-{i}", argv, stdin=True))

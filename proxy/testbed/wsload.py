@@ -1,4 +1,6 @@
-"""The scenario load client: sessions that come and go (churn) or that come back (storm).
+"""The scenario load client: sessions that come and go (churn), that come back (storm), or
+that are held while faults happen around them (faults: ``open TAG N HOST`` opens a batch of
+new sessions, ``echo TAG`` checks every held one; each answers with one line).
 
 ``python -m proxy.testbed.wsload --scenario churn|storm ...`` writes JSON lines on stdout:
 ``started``, ``progress`` (four a second: live sessions and cumulative counters), ``step``
@@ -110,6 +112,7 @@ class LoadOptions:
     backoff_cap: float = 5.0
     give_up: float = 120.0
     progress_interval: float = 0.25
+    drain_step: str = "stop"  # faults: a Close 1001 in this step is the proxy's drain
 
 
 @dataclass
@@ -124,6 +127,7 @@ class Step:
     close_codes: Counter[str] = field(default_factory=Counter)
     back: list[float] = field(default_factory=list)  # when dropped sessions were back
     lost: int = 0
+    drained: int = 0  # faults: ended by the proxy's drain with Close 1001 (held, not lost)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -135,6 +139,7 @@ class Step:
             "close_codes": dict(self.close_codes),
             "back": [round(t, 6) for t in self.back],
             "lost": self.lost,
+            "drained": self.drained,
         }
 
 
@@ -176,6 +181,7 @@ class ScenarioClient:
         self.closes: Counter[str] = Counter()
         self.close_codes: Counter[str] = Counter()
         self.drops = 0
+        self.drained = 0
         self.in_flight = 0
         self.pending: dict[int, asyncio.Task[None]] = {}  # storm: slots reconnecting
         self.step = Step("start", time.monotonic(), 0)
@@ -200,6 +206,7 @@ class ScenarioClient:
             "closes": dict(self.closes),
             "close_codes": dict(self.close_codes),
             "drops": self.drops,
+            "drained": self.drained,
             "pending": len(self.pending),
             "in_flight": self.in_flight,
         }
@@ -224,16 +231,17 @@ class ScenarioClient:
 
     # -- one handshake -----------------------------------------------------------------------
 
-    async def open(self) -> tuple[str, Session | None]:
+    async def open(self, host: str | None = None) -> tuple[str, Session | None]:
         """Connect, upgrade, echo: ``("ok", session)`` or ``(outcome, None)``."""
         opts = self.options
+        host = host or opts.host
         index = self._index
         self._index += 1
         session: Session | None = None
         self.in_flight += 1
         try:
             session = await self.connector._connect(index)
-            outcome = await asyncio.wait_for(session.start(opts.host, opts.path), opts.timeout)
+            outcome = await asyncio.wait_for(session.start(host, opts.path), opts.timeout)
             if outcome == OK:
                 text = f"hello {index}"
                 echo = await asyncio.wait_for(session.send_text(text), opts.timeout)
@@ -380,6 +388,16 @@ class ScenarioClient:
         self.step.drops += 1
         if slot.timer is not None:
             slot.timer.cancel()
+        if self.options.scenario == "faults":
+            if code == "1001" and self.step.name == self.options.drain_step:
+                # the proxy was told to stop and said so: the session lived to the end
+                self.drained += 1
+                self.step.drained += 1
+                self.held += 1
+            else:
+                self.lost[f"dropped_{code}"] += 1
+                self.step.lost += 1
+            return
         if self.options.scenario == "churn":
             self.lost["dropped"] += 1
             self.step.lost += 1
@@ -417,6 +435,56 @@ class ScenarioClient:
         self.lost[reason] += 1
         if slot.dropped_in is not None:
             slot.dropped_in.lost += 1
+
+    # -- faults: batches of new sessions, echoes on the held ones -----------------------------
+
+    async def open_batch(self, tag: str, count: int, host: str) -> None:
+        """``count`` new sessions naming ``host``, held on success; one ``opened`` line when
+        every one has an outcome, so the orchestrator waits on it instead of on a clock."""
+        gate = asyncio.Semaphore(64)
+        outcomes: Counter[str] = Counter()
+
+        async def one() -> None:
+            async with gate:
+                outcome, session = await self.open(host)
+            outcomes[outcome] += 1
+            if session is None:
+                self.refused[outcome] += 1
+                self._fail(outcome)
+                return
+            self._hold(Slot(self.attempted), session)
+
+        self.attempted += count
+        await asyncio.gather(*(one() for _ in range(count)))
+        self.emit({"event": "opened", "tag": tag, "outcomes": dict(outcomes), **self.counts()})
+
+    async def echo_all(self, tag: str) -> None:
+        """An echo on every held session; one that does not answer within ``timeout`` is
+        lost in the current step (and aborted, so it cannot be counted twice)."""
+        sessions = list(self.live)
+        texts = [f"check {tag} {i}" for i in range(len(sessions))]
+        waiters = [s.send_text(t) for s, t in zip(sessions, texts, strict=True)]
+        done: set[asyncio.Future[str]] = set()
+        if waiters:
+            done, _ = await asyncio.wait(waiters, timeout=self.options.timeout)
+        failed = 0
+        for session, waiter, text in zip(sessions, waiters, texts, strict=True):
+            if waiter in done and waiter.result() == text:
+                continue
+            if waiter not in done:
+                waiter.cancel()
+            slot = self.live.pop(session, None)
+            if slot is None:
+                continue  # ended meanwhile: _ended counted it already
+            session.on_end = None
+            session.abort()
+            failed += 1
+            self.lost["echo"] += 1
+            self.step.lost += 1
+        self.emit(
+            {"event": "echoed", "tag": tag, "echo_ok": len(sessions) - failed,
+             "echo_failed": failed, **self.counts()}
+        )  # fmt: skip
 
     # -- the end -----------------------------------------------------------------------------
 
@@ -493,6 +561,11 @@ async def _main(options: LoadOptions) -> int:
                 )
             elif command == "step":
                 client.mark(arg)
+            elif command == "open":  # faults: open TAG COUNT HOST
+                tag, count, host = arg.split()
+                client._spawn(client.open_batch(tag, int(count), host))
+            elif command == "echo":  # faults: echo TAG
+                client._spawn(client.echo_all(arg))
             elif command == "check":
                 if load is not None and not load.done():
                     load.cancel()
@@ -514,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", required=True, help="Host header (the proxy's route)")
     parser.add_argument("--sources", required=True, help="client source IPs: A-B or a,b,c")
     parser.add_argument("--ports", help="LO-HI: pick client ports from this window")
-    parser.add_argument("--scenario", choices=("churn", "storm"), required=True)
+    parser.add_argument("--scenario", choices=("churn", "storm", "faults"), required=True)
     parser.add_argument("--rate", type=float, required=True, help="per second")
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--lifetime", type=float, default=30.0)
@@ -523,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--give-up", type=float, default=120.0)
+    parser.add_argument("--drain-step", default="stop", help="faults: the proxy's stop step")
     return parser
 
 
@@ -544,6 +618,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             timeout=args.timeout,
             give_up=args.give_up,
+            drain_step=args.drain_step,
         )
     except ValueError as e:
         parser.error(str(e))
