@@ -140,6 +140,10 @@ def head_size(buf: bytes, max_line: int, max_head: int) -> int:
     while it is incomplete; 414 or 431 as soon as a limit is passed, not when it completes."""
     end = buf.find(b"\r\n\r\n")
     if end < 0:
+        if buf.count(b"\n") != buf.count(b"\r\n"):
+            # a bare LF is no line end here (see skip_empty_lines): "X: y\n\r\n" would
+            # otherwise wait for a CRLFCRLF that never comes, and get a 408, not a 400
+            raise ProtocolError(400, "bare LF in the request head")
         first = buf.find(b"\r\n")
         if (first < 0 and len(buf) > max_line) or first > max_line:
             raise ProtocolError(414, f"request line longer than {max_line} bytes")

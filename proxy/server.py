@@ -125,6 +125,7 @@ class Downstream(asyncio.Protocol):
         "_timer",
         "client_ip",
         "closed",
+        "deferred",
         "ex_timer",
         "exchange",
         "held",
@@ -156,6 +157,7 @@ class Downstream(asyncio.Protocol):
         self.ex_timer = Timer()  # the current exchange's: one pending loop timer per connection
         self._got_bytes = False
         self.lingering = False
+        self.deferred: tuple[int, str] | None = None  # a later message's error, see fail()
         self.held = b""  # see pool.turnwrite
         self.client_ip = b""
         self.trusted_peer = False
@@ -290,13 +292,17 @@ class Downstream(asyncio.Protocol):
         self.exchange = None
         if self.closed:
             return
+        deferred, self.deferred = self.deferred, None
         if not keep_alive or self.proxy.draining:
-            self.close()
+            self.close()  # what followed a closing response is never read as a request
             return
         try:
             self.http.start_next()
         except http1.ProtocolError as e:
             self.fail(e.status, e.reason)
+            return
+        if deferred is not None:
+            self.fail(*deferred)
             return
         self._got_bytes = False
         self._arm(self.proxy.settings.header_timeout, self._header_timeout)
@@ -318,6 +324,13 @@ class Downstream(asyncio.Protocol):
         the status the client got, and its origin connection is dropped."""
         ex = self.exchange
         if isinstance(ex, Exchange) and not ex.finished:
+            if ex.request_done:
+                # the request in flight is whole; a later message is bad (pipelined bytes
+                # after it, or after a request that closes the connection): its response
+                # goes first, then this answer or the close (exchange_done)
+                self.deferred = (status, reason)
+                self.pause_reading()
+                return
             ex.respond_error(status, reason, extra)
             return
         self.answer_error(status, reason, extra, request_id.new())

@@ -171,3 +171,34 @@ async def test_a_body_gone_bad_after_it_went_upstream_is_400_in_the_access_line(
     assert out.startswith(b"HTTP/1.1 400 "), out[:200]
     [access] = [e for e in logs if e["event"] == "access"]
     assert access["status"] == 400
+
+
+async def test_a_bare_lf_in_an_unfinished_head_is_400_at_once(rig):
+    reader, writer = await rig.open()
+    writer.write(b"GET /hello HTTP/1.1\r\nHost: app.test\r\nX: y\n\r\n")  # no CRLFCRLF ever
+    out = await asyncio.wait_for(reader.read(-1), 3)  # well before the 10 s header timeout
+    writer.close()
+    assert out.startswith(b"HTTP/1.1 400 "), out[:100]
+    assert rig.requests_seen() == 0
+
+
+async def test_bytes_after_a_request_that_closes_are_never_read_as_a_request(rig):
+    """RFC 9112 6.1: HTTP/1.0 with Transfer-Encoding is answered, then the connection
+    closes; what followed it in the same packet is neither forwarded nor answered, and the
+    request before it keeps its own response."""
+    out = await rig.raw(
+        b"POST /echo HTTP/1.0\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\nGET /hello HTTP/1.1\r\nHost: app.test\r\n\r\n"
+    )
+    assert responses(out) == [b"200"], out
+    assert out.endswith(b"abc")
+    assert rig.requests_seen() == 1
+
+
+async def test_an_oversized_pipelined_head_waits_for_the_response_before_it(rig):
+    big = b"GET /hello HTTP/1.1\r\nHost: app.test\r\nX: " + b"a" * 20000 + b"\r\n\r\n"
+    with capture_logs() as logs:
+        out = await rig.raw(GOOD + big)
+    assert responses(out) == [b"200", b"431"], out[:300]
+    assert [e["status"] for e in logs if e["event"] == "access"] == [200]
+    assert rig.requests_seen() == 1
