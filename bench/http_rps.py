@@ -198,8 +198,8 @@ worker_processes 1;
 user root;
 pid {tmp}/{name}.pid;
 error_log {tmp}/{name}-error.log warn;
-worker_rlimit_nofile 16384;
-events {{ worker_connections 8192; }}
+worker_rlimit_nofile {nofile};
+events {{ worker_connections {connections}; }}
 http {{
     client_body_temp_path {tmp}/{name}-body;
     proxy_temp_path {tmp}/{name}-proxy;
@@ -210,6 +210,16 @@ http {{
 {body}
 }}
 """
+
+
+def nginx_conf(
+    tmp: Path, name: str, body: str, nofile: int = 16384, connections: int = 8192
+) -> str:
+    """One nginx process's config around ``body``; bench/setup_cost.py raises the limits."""
+    return NGINX_COMMON.format(
+        tmp=tmp, name=name, body=body, nofile=nofile, connections=connections
+    )
+
 
 NGINX_ORIGIN = """
     access_log off;
@@ -244,7 +254,7 @@ def start_nginx(
 ) -> subprocess.Popen[bytes]:
     """nginx in the foreground on an inherited listening socket (``NGINX=fd;``)."""
     conf = tmp / f"{name}.conf"
-    conf.write_text(NGINX_COMMON.format(tmp=tmp, name=name, body=body))
+    conf.write_text(nginx_conf(tmp, name, body))
     sock = listening_socket(address)
     with sock, open(tmp / f"{name}-stderr.log", "wb") as err:  # the child keeps its copies
         return children.start(

@@ -167,24 +167,6 @@ def cpu_meter(pid: int) -> Iterator[dict[str, float]]:
 
 # --- the proxies ---------------------------------------------------------------------------------
 
-NGINX_COMMON = """
-worker_processes 1;
-user root;
-pid {tmp}/{name}.pid;
-error_log {tmp}/{name}-error.log warn;
-worker_rlimit_nofile 19900;
-events {{ worker_connections 19500; }}
-http {{
-    client_body_temp_path {tmp}/{name}-body;
-    proxy_temp_path {tmp}/{name}-proxy;
-    fastcgi_temp_path {tmp}/{name}-fastcgi;
-    uwsgi_temp_path {tmp}/{name}-uwsgi;
-    scgi_temp_path {tmp}/{name}-scgi;
-    keepalive_requests 1000000;
-{body}
-}}
-"""
-
 NGINX_WS = """
     access_log {tmp}/{name}-access.log;
     map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
@@ -238,7 +220,7 @@ def start_nginx(children: Children, tmp: Path, name: str, body: str) -> subproce
     """nginx in the foreground on a socket already listening (``NGINX=fd;``), as
     ``bench/http_rps.py`` starts it, with room for 9,000 held sessions (18,000 connections)."""
     conf = tmp / f"{name}.conf"
-    conf.write_text(NGINX_COMMON.format(tmp=tmp, name=name, body=body))
+    conf.write_text(http_rps.nginx_conf(tmp, name, body, nofile=19900, connections=19500))
     sock = ws_relay.listening_socket(LISTEN["nginx"])
     with sock, open(tmp / f"{name}-stderr.log", "wb") as err, procs.critical():
         return children.start(

@@ -261,6 +261,15 @@ class UpstreamConnection(asyncio.Protocol):
     def attach(self, handler: UpstreamHandler | None) -> None:
         self.handler = handler
 
+    def pause_reading(self) -> None:
+        """The client cannot take more: stop reading from the origin (flow control)."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self.alive:
+            self.transport.resume_reading()
+
     def write(self, data: bytes) -> None:
         assert self.transport is not None
         turnwrite.write(self, data)

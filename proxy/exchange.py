@@ -342,12 +342,12 @@ class Exchange:
         self.client.resume_reading()
 
     def pause_origin(self) -> None:
-        if self.conn is not None and self.conn.transport is not None:
-            self.conn.transport.pause_reading()
+        if self.conn is not None:
+            self.conn.pause_reading()
 
     def resume_origin(self) -> None:
-        if self.conn is not None and self.conn.transport is not None and self.conn.alive:
-            self.conn.transport.resume_reading()
+        if self.conn is not None:
+            self.conn.resume_reading()
 
     def _pump_response(self) -> None:
         out: list[bytes] = []  # one write per pump: head and body of a small response together

@@ -191,12 +191,12 @@ class Tunnel:
         self._end()
 
     def pause_origin(self) -> None:
-        if self.conn is not None and self.conn.transport is not None:
-            self.conn.transport.pause_reading()
+        if self.conn is not None:
+            self.conn.pause_reading()
 
     def resume_origin(self) -> None:
-        if self.conn is not None and self.conn.transport is not None and self.conn.alive:
-            self.conn.transport.resume_reading()
+        if self.conn is not None:
+            self.conn.resume_reading()
 
     # -- endings -----------------------------------------------------------------------------
 
