@@ -209,7 +209,8 @@ def test_storm_every_session_is_dropped_with_1011_and_comes_back(storm_all):
     assert storm["lost"] == 0 and storm["sessions_after"] == 360
     r50, r99, r100 = storm["recovered_50_s"], storm["recovered_99_s"], storm["recovered_100_s"]
     assert r50 is not None and r99 is not None and r100 is not None
-    assert 0 <= r50 <= r99 <= r100 <= storm["t_end"] - storm["t_start"]
+    # each time is rounded to the millisecond on its own: the difference may be 1 ms short
+    assert 0 <= r50 <= r99 <= r100 <= storm["t_end"] - storm["t_start"] + 0.002
     assert detail["held"] == 360 and detail["lost"] == 0
 
 

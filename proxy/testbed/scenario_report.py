@@ -321,11 +321,11 @@ def plot(doc: dict[str, Any], path: str) -> None:
     )
     right.set_ylabel("handshake failures per second")
     right.set_ylim(bottom=0)
-    for step in doc["steps"]:
+    for i, step in enumerate(doc["steps"]):
         ax.axvline(step["t_start"], color="grey", linestyle=":", linewidth=1)
         ax.annotate(
             step["name"],
-            (step["t_start"], limit * 1.08),
+            (step["t_start"], limit * (1.08 - 0.04 * (i % 2))),  # close steps: names apart
             textcoords="offset points",
             xytext=(3, 0),
             fontsize=9,
