@@ -201,3 +201,73 @@ async def test_bad_config_names_every_problem_and_starts_nothing(ns, tmp_path):
     assert out.returncode == 2
     assert "egress.addresses[0]" in out.stderr and "routes[0].balance" in out.stderr
     assert out.stdout == ""
+
+
+CATCH_ALL = """
+[listen]
+address = "127.0.0.1:8080"
+[admin]
+address = "127.0.0.1:9090"
+[egress]
+addresses = ["127.0.1.1"]
+[[routes]]
+host = "*"
+origins = ["http://127.0.2.2:9000"]
+[[routes]]
+host = "app.example"
+origins = ["http://127.0.2.1:9000"]
+[[routes]]
+host = "down.example"
+origins = ["http://127.0.2.3:9000"]
+[timeouts]
+drain = 5
+[log]
+format = "json"
+"""
+
+
+async def test_a_users_catch_all_config_routes_and_forwards_one_name(origins, tmp_path):
+    """The config a user writes to front one origin, through `serve`: exact beats `*`
+    whatever the order, absolute-form is routed and forwarded by its authority, and a 502
+    tells the client a request id and nothing of the proxy's addresses."""
+    path = tmp_path / "catch-all.toml"
+    path.write_text(CATCH_ALL)
+    proc = Proc(path)
+    app, other = origins
+
+    async def raw(data: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", 8080)
+        writer.write(data)
+        out = await asyncio.wait_for(reader.read(-1), 10)
+        writer.close()
+        return out
+
+    try:
+        await asyncio.to_thread(proc.wait_for, "ready")
+        out = await raw(b"GET /a HTTP/1.1\r\nHost: App.Example.:8080\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200 ") and dict(app.last_headers)[b"host"] == (
+            b"App.Example.:8080"
+        )
+        out = await raw(b"GET /b HTTP/1.1\r\nHost: 10.1.2.3\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200 ") and dict(other.last_headers)[b"host"] == (
+            b"10.1.2.3"
+        )
+        out = await raw(
+            b"GET http://app.example/c HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+        )
+        seen = dict(app.last_headers)
+        assert out.startswith(b"HTTP/1.1 200 ") and seen[b"host"] == b"app.example"
+        assert seen[b"x-forwarded-host"] == b"app.example"
+        out = await raw(b"GET /d HTTP/1.1\r\nHost: down.example\r\nConnection: close\r\n\r\n")
+        head, body = out.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 502 ") and b"127.0." not in body, out
+        rid = next(
+            line.split(b": ", 1)[1]
+            for line in head.split(b"\r\n")
+            if line.startswith(b"x-request-id")
+        )
+        assert rid in body
+        error = await asyncio.to_thread(proc.wait_for, "upstream_error")
+        assert error["request_id"] == rid.decode() and error["errno"] == "ECONNREFUSED"
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0
