@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the WebSocket origin scenario end to end: how many sessions each egress mode "
         "holds against the physical limit, in a namespace of its own (root)",
     )
-    from proxy.testbed.run import add_arguments
+    from proxy.testbed.cli import add_arguments
 
     add_arguments(testbed)
     testbed.set_defaults(func=_run_testbed)
@@ -173,7 +173,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_testbed(args: argparse.Namespace) -> int:
-    from proxy.testbed.run import run_args
+    from proxy.testbed.cli import run_args
 
     return run_args(args)
 

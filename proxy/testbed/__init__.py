@@ -6,8 +6,12 @@ that on one machine, in a network namespace of its own, and measures how close a
 
 * :mod:`proxy.testbed.wsorigin`: the WebSocket echo origin (asyncio Protocols + wsproto);
 * :mod:`proxy.testbed.wsclient`: the load client, one process per shard, JSON lines out;
-* :mod:`proxy.testbed.run`: the orchestrator (namespace, processes, sampling);
-* :mod:`proxy.testbed.report`: what the figures mean (bands, tables, JSON, plot).
+* :mod:`proxy.testbed.cli`: the command line: options, their checks, which scenario runs;
+* :mod:`proxy.testbed.run`: the ramp's orchestrator (namespace, processes, sampling);
+* :mod:`proxy.testbed.report`: what the ramp's figures mean (bands, tables, JSON, plot);
+* :mod:`proxy.testbed.scenarios`, :mod:`proxy.testbed.faults`: churn and storm, and faults,
+  with :mod:`proxy.testbed.wsload` (their load client) and
+  :mod:`proxy.testbed.scenario_report` (their steps, table, JSON and plot).
 
 Origin and client are separate processes so they never share a core's event loop with the
 proxy they measure, and so big runs can shard them under the per-process open-file cap.

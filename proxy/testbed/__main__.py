@@ -2,6 +2,6 @@
 
 import sys
 
-from proxy.testbed.run import main
+from proxy.testbed.cli import main
 
 sys.exit(main())
