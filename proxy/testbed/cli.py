@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -21,7 +20,15 @@ from typing import Any
 
 from proxy.testbed import procs
 from proxy.testbed.procs import ChildFailed
-from proxy.testbed.run import MODES, ROUTE_HOST, SESSIONS_PER_PROCESS, Options, Ui, run
+from proxy.testbed.run import (
+    MODES,
+    ROUTE_HOST,
+    SESSIONS_PER_PROCESS,
+    Options,
+    Ui,
+    not_root,
+    run,
+)
 
 
 def _port_range(text: str) -> tuple[int, int]:
@@ -301,11 +308,7 @@ def run_scenario(options: Options) -> int:
     Exit 0, 1 (it could not run to its end: the reason is printed), 2, 130 as ``run``."""
     from proxy.testbed import scenario_report, scenarios
 
-    if os.geteuid() != 0:
-        print(
-            "originpool testbed: needs root (it creates a network namespace); run it as root",
-            file=sys.stderr,
-        )
+    if not_root():
         return 2
     ui = Ui(options.progress)
     restore = procs.install_interrupt_handlers()

@@ -617,14 +617,21 @@ class ModeRun:
         return results
 
 
+def not_root() -> bool:
+    """True (and says so in one line) when the testbed cannot create its namespace."""
+    if os.geteuid() == 0:
+        return False
+    print(
+        "originpool testbed: needs root (it creates a network namespace); run it as root",
+        file=sys.stderr,
+    )
+    return True
+
+
 def run(options: Options) -> int:
     """Every mode in turn; figures printed as each ends. Exit 0, 1 (a mode failed), 2 (not
     root or a bad option), 130 (interrupted)."""
-    if os.geteuid() != 0:
-        print(
-            "originpool testbed: needs root (it creates a network namespace); run it as root",
-            file=sys.stderr,
-        )
+    if not_root():
         return 2
     ui = Ui(options.progress)
     restore = procs.install_interrupt_handlers()
