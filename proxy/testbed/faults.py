@@ -268,17 +268,7 @@ class FaultsRun(ScenarioRun):
     # -- the scenario -------------------------------------------------------------------------
 
     def body(self) -> None:
-        opts = self.options
-        assert opts.rate is not None and opts.target is not None
-        sessions = storm_sessions(opts)
-        self.mark("ramp")
-        for client in self.clients:
-            client.send("start")
-        self.wait(
-            lambda: len(self.done_events) == len(self.clients),
-            sessions / opts.rate + 3 * opts.timeout + 120,
-            "every client's ramp_done",
-        )
+        self.ramp_to_target()
         self.reload()
         self.egress_del()
         self.egress_add()

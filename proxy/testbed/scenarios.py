@@ -610,19 +610,25 @@ class ScenarioRun(ModeRun):
             "every client's load_done",
         )
 
-    def storm(self) -> None:
+    def ramp_to_target(self) -> None:
+        """The ``ramp`` step of storm and faults: every client shard opens its share of the
+        target, and the step ends when each has reported ``ramp_done``."""
         opts = self.options
-        assert opts.rate is not None and opts.duration is not None
-        assert opts.storm_origins is not None
-        sessions = storm_sessions(opts)
+        assert opts.rate is not None and opts.target is not None
         self.mark("ramp")
         for client in self.clients:
             client.send("start")
         self.wait(
             lambda: len(self.done_events) == len(self.clients),
-            sessions / opts.rate + 3 * opts.timeout + 120,
+            storm_sessions(opts) / opts.rate + 3 * opts.timeout + 120,
             "every client's ramp_done",
         )
+
+    def storm(self) -> None:
+        opts = self.options
+        assert opts.rate is not None and opts.duration is not None
+        assert opts.storm_origins is not None
+        self.ramp_to_target()
         chosen = opts.origin_addresses()[: opts.storm_origins]
         expected = established_to(set(chosen))
         self.storm_expected = expected
