@@ -1282,12 +1282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             summary["http"] = phase_http(args, names)
     summary["seconds"] = time.monotonic() - started
-    summary["machine"] = {
-        "cpus": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "loadavg_after": os.getloadavg(),
-    }
+    summary["machine"] = ws_relay.machine()
     return summary
 
 

@@ -764,12 +764,7 @@ async def run_all(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             summary["attribution"] = await attribute(args, children)
         finally:
             await asyncio.to_thread(children.stop_all)
-    summary["machine"] = {
-        "cpus": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "loadavg_after": os.getloadavg(),
-    }
+    summary["machine"] = machine()
     return summary
 
 
@@ -892,3 +887,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def machine() -> dict[str, Any]:
+    """What a figure was measured on, written beside it (load average: how quiet it was)."""
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_after": os.getloadavg(),
+    }
