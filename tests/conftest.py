@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from pool import netns
+from tests.http_origin import TestOrigin
 
 RANGE = (40000, 40127)  # 128 ports: exhaustion in milliseconds, still a real search
 R = RANGE[1] - RANGE[0] + 1
@@ -86,3 +87,16 @@ def held() -> Iterator[Held]:
     h = Held()
     yield h
     h.close()
+
+
+@pytest.fixture
+async def origins(ns: netns.Namespace) -> AsyncIterator[list[TestOrigin]]:
+    """Two real HTTP origins, 127.0.2.1:9000 and 127.0.2.2:9000, in the test's namespace."""
+    servers = []
+    for host in ("127.0.2.1", "127.0.2.2"):
+        s = TestOrigin()
+        await s.start(host, 9000)
+        servers.append(s)
+    yield servers
+    for s in servers:
+        await s.close()

@@ -15,7 +15,6 @@ import json
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -302,18 +301,6 @@ def test_cli_default_source_pairs_without_egress_ips(ns, listeners, held, tmp_pa
 
 
 # --- through a running proxy's admin listener -----------------------------------------------
-
-
-@pytest.fixture
-async def origins(ns) -> AsyncIterator[list[TestOrigin]]:
-    servers = []
-    for host in ("127.0.2.1", "127.0.2.2"):
-        s = TestOrigin()
-        await s.start(host, 9000)
-        servers.append(s)
-    yield servers
-    for s in servers:
-        await s.close()
 
 
 async def test_admin_ports_is_the_proxy_pairs_and_all_1_the_namespace(

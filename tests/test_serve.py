@@ -17,9 +17,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
-
-from tests.http_origin import TestOrigin
 
 CONFIG = """
 [listen]
@@ -114,18 +111,6 @@ class Proc:
         finally:
             self._reader.join(10)
         return code
-
-
-@pytest.fixture
-async def origins(ns):
-    servers = []
-    for host in ("127.0.2.1", "127.0.2.2"):
-        s = TestOrigin()
-        await s.start(host, 9000)
-        servers.append(s)
-    yield servers
-    for s in servers:
-        await s.close()
 
 
 def write_config(tmp_path: Path, balance: str = "round_robin") -> Path:
