@@ -132,16 +132,6 @@ class Route:
     def wildcard(self) -> bool:
         return self.host.startswith("*")
 
-    def matches_host(self, host: str) -> bool:
-        """``*.example`` matches ``a.example`` and ``a.b.example``, not ``example`` itself;
-        ``*`` matches every host (the catch-all, tried after exact and suffix routes)."""
-        if self.host == "*":
-            return True
-        host = host.lower().rstrip(".")
-        if self.wildcard:
-            return host.endswith(self.host[1:])
-        return host == self.host
-
 
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
