@@ -7,8 +7,8 @@ only when that client is a trusted proxy; otherwise anyone could forge their add
 The origin's Host is always the name the request was routed by (:mod:`proxy.target`), never
 the client's header as such: for an absolute-form target the received Host is replaced
 (RFC 9112 §3.2.2), and X-Forwarded-Host names the same host unless a trusted proxy in front
-already told us the original one. X-Request-ID is the exchange's id (see
-:func:`proxy.target`'s caller): a client's own is kept only from a trusted proxy.
+already told us the original one. X-Request-ID is the exchange's id
+(:mod:`proxy.request_id`): a client's own is kept only from a trusted proxy.
 
 Both rewrites run once per proxied request, so each is one pass over the headers with one
 set lookup per header; whether the peer is trusted is decided once per connection
