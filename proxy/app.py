@@ -209,6 +209,8 @@ class Worker:
             log.warning("config_warning", problem=warning)
         self.proxy.router = build_router(new)
         self.proxy.settings = build_settings(new)
+        for listener in self.proxy.listeners:
+            listener.set_keepalive(self.proxy.settings.tcp_keepalive)
         if (new.egress, new.pool, new.tcp_keepalive) != (
             self.config.egress,
             self.config.pool,

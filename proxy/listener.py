@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from pool.sockopt import detect_dead_peer
+from pool.sockopt import KeepAlive, detect_dead_peer
 from proxy.exchange import errno_name
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class Listener:
         # set once here, inherited by every accepted socket (the kernel clones the listener's
         # options into each connection): five setsockopt calls fewer per connection
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        detect_dead_peer(self.sock, proxy.settings.tcp_keepalive)
+        self.set_keepalive(proxy.settings.tcp_keepalive)
         self.sock.bind(address)
         self.sock.listen(backlog)
         self.sock.setblocking(False)
@@ -55,6 +55,14 @@ class Listener:
         self._accepting = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    def set_keepalive(self, keepalive: KeepAlive | None) -> None:
+        """Keepalive for the connections accepted from now on (they inherit it); a reload
+        calls this again, so a changed or removed ``[tcp_keepalive]`` reaches new clients."""
+        if keepalive is None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+        else:
+            detect_dead_peer(self.sock, keepalive)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()

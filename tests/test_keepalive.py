@@ -120,6 +120,16 @@ async def test_accepted_sockets_inherit_the_listeners_options(ns) -> None:
             "probes": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
         }
         assert opts == {"nodelay": 1, "keepalive": 1, "idle": 7, "interval": 3, "probes": 4}
+        # a reload's new [tcp_keepalive] (here: off) reaches the clients accepted after it
+        listener.set_keepalive(None)
+        _r2, w2 = await asyncio.open_connection(*listener.address)
+        async with asyncio.timeout(5):
+            while len(proxy.clients) < 2:
+                await asyncio.sleep(0.01)
+        [second] = [c for c in proxy.clients if c is not client]
+        sock = second.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+        w2.close()
     finally:
         writer.close()
         listener.close()
