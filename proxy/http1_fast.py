@@ -50,15 +50,13 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Final
 
+from proxy import whole
 from proxy.http1 import (
     CHUNK_SIZE,
     CLOSED,
     NEED_DATA,
     PAUSED,
     STATUS_REASONS,
-    WHOLE_FIELD,
-    WHOLE_LINES,
-    WHOLE_TOKEN,
     Body,
     End,
     Event,
@@ -92,14 +90,6 @@ _TARGET: Final = re.compile(rb"[\x21-\x7e]+")
 _DIGITS: Final = re.compile(rb"[0-9]+")
 _CHUNK_SIZE: Final = re.compile(CHUNK_SIZE)
 _VERSIONS: Final = frozenset((b"1.0", b"1.1"))
-
-
-# -- whole heads: the common request in one regex (see FastRequestParser.feed_whole) ---------
-_WHOLE_HEAD: Final = re.compile(
-    b"(" + WHOLE_TOKEN + rb") (/[\x21-\x7e]*+) HTTP/1\.([01])\r\n(" + WHOLE_LINES + rb")\r\n"
-)
-# names that make a request anything but simple: a body, a switch, an interim response
-_NOT_WHOLE: Final = frozenset((b"content-length", b"transfer-encoding", b"upgrade", b"expect"))
 
 
 _NOTED: Final = frozenset(
@@ -339,28 +329,11 @@ class FastRequestParser:
             or len(data) > self._max_head
         ):
             return None
-        m = _WHOLE_HEAD.fullmatch(data)
-        if m is None:
+        got = whole.parse_request(data, self._max_line)
+        if got is None:
             return None
-        method, target, minor, block = m.groups()
-        if method == b"CONNECT" or len(method) + len(target) + 11 > self._max_line:
-            return None
-        headers: Headers = []
-        hosts = 0
-        must_close = minor != b"1"
-        for name, value in WHOLE_FIELD.findall(block):
-            name = name.lower()
-            value = value.rstrip(b" \t")
-            if name in _NOT_WHOLE:
-                return None
-            if name == b"host":
-                hosts += 1
-            elif name == b"connection":
-                must_close = must_close or b"close" in comma_items(value)
-            headers.append((name, value))
-        if hosts != 1:
-            return None
-        version = b"1.1" if minor == b"1" else b"1.0"
+        method, target, http11, headers, must_close = got
+        version = b"1.1" if http11 else b"1.0"
         self._in_head = self._idle = False
         self._complete = True
         self._must_close = must_close

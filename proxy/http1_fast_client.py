@@ -77,14 +77,13 @@ from collections import deque
 from itertools import chain
 from typing import Final
 
+from proxy import whole
 from proxy.http1 import (
     CLIENT_MAX_INCOMPLETE,
     CLOSED,
     NEED_DATA,
     PAUSED,
     SWITCHED,
-    WHOLE_FIELD,
-    WHOLE_LINES,
     Body,
     ClientSide,
     End,
@@ -122,8 +121,6 @@ _DIGITS: Final = re.compile(rb"[0-9]{1,20}")
 _BAD_EOL: Final = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")  # bare LF, or CR before a byte but LF
 _SYNTH: Final = b"HTTP/1.1 200 \r\n"  # what llhttp sees in place of the real status line
 _FRAMING: Final = frozenset((b"content-length", b"transfer-encoding", b"connection"))
-# a whole header block in its narrowest form (see feed_whole and proxy.http1.WHOLE_LINES)
-_WHOLE_BLOCK: Final = re.compile(WHOLE_LINES + rb"\r\n")
 _SEND_FRAMING: Final = frozenset((*_FRAMING, b"upgrade"))
 _ORIGIN: Final = "bad response from origin: "
 
@@ -287,6 +284,12 @@ class FastClientSide:
         if self._sent:
             self._sent = -1  # as h11: a send in the wrong state is an error state
             raise SendError("a request was already started on this exchange")
+        fast = whole.request_head(method, target, headers)
+        if fast is not None:  # the common head: bodiless, nothing to reframe, framing as new
+            self._sent = 1
+            self._head_request = method == b"HEAD"
+            self._connect = method == b"CONNECT"
+            return fast
         # h11 checks while building its Request event, before its state changes: a refused
         # head leaves this codec as it was
         if not _TOKEN.fullmatch(method):
@@ -406,40 +409,14 @@ class FastClientSide:
             or self._error is not None
         ):
             return None
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
+        got = whole.parse_response(data, self._head_request)
+        if got is None:
             return None
-        m = _STATUS_LINE.match(data)
-        if m is None or not _WHOLE_BLOCK.fullmatch(data, m.end(), end + 4):
-            return None
-        version, code, reason = m.groups()
-        status = int(code)
-        if status < 200:
-            return None
-        headers: Headers = []
-        length = -1
-        close = False
-        for name, value in WHOLE_FIELD.findall(data, m.end(), end + 2):
-            name = name.lower()
-            value = value.rstrip(b" \t")
-            if name in _FRAMING:  # _framing()'s rules; what they refuse goes the general way
-                if name == b"connection":
-                    close = close or b"close" in comma_items(value)
-                elif name == b"content-length" and length < 0 and _DIGITS.fullmatch(value):
-                    length = int(value)
-                else:
-                    return None  # chunked, a second Content-Length, a bad one
-            headers.append((name, value))
-        body_at = end + 4
-        if status == 204 or status == 304 or self._head_request:
-            if len(data) != body_at:
-                return None
-        elif length < 0 or len(data) - body_at != length:
-            return None
-        if close or version < b"1.1":
+        version, status, reason, headers, not_reusable, body_at = got
+        if not_reusable:
             self._keep_alive = False
         self._state = _DONE
-        return ResponseHead(status, reason or b"", headers, version), data[body_at:]
+        return ResponseHead(status, reason, headers, version), data[body_at:]
 
     def _length(self, data: bytes) -> None:
         """Content-Length body bytes: sliced, no parser."""

@@ -38,6 +38,8 @@ pytest.importorskip("httptools")
 from proxy import http1_fast_client as fast_client
 from proxy.http1_fast_client import FastClientSide
 
+# every test here runs on the compiled shortcuts (proxy._whole) and on the pure ones
+pytestmark = pytest.mark.usefixtures("whole_impl")
 SETTINGS = settings(max_examples=350, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TCHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-!#$%&'*+.^_`|~"
 FRAMING_NAMES = ("host", "content-length", "transfer-encoding", "connection", "upgrade")

@@ -223,6 +223,8 @@ TARGET_FORM = re.compile(
 BARE_LF = re.compile(rb"(?<!\r)\n")
 CHUNK_SIZE_WS = re.compile(rb"\n[0-9A-Fa-f]+[ \t]")
 CHUNKED = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+# every test here runs on the compiled shortcuts (proxy._whole) and on the pure ones
+pytestmark = pytest.mark.usefixtures("whole_impl")
 SETTINGS = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

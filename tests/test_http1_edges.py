@@ -37,6 +37,8 @@ from proxy.http1_fast_client import FastClientSide  # noqa: E402
 
 SERVERS = [ServerSide, FastServerSide]
 CLIENTS = [ClientSide, FastClientSide]
+# every test here runs on the compiled shortcuts (proxy._whole) and on the pure ones
+pytestmark = pytest.mark.usefixtures("whole_impl")
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 CHUNKED_REQUEST = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"

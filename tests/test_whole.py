@@ -1,0 +1,269 @@
+"""``proxy._whole`` (C) against ``proxy.whole`` (pure Python): the same result for every input.
+
+The pure functions are the spec; the codecs' differential tests hold them (and, through
+``whole_impl``, the compiled ones) to h11. Here the two implementations meet directly on the
+inputs those tests generate (valid, mutated and hostile heads and responses, requests to
+write) and on bytes with every class boundary the C code draws: token and non-token bytes,
+SP/HTAB, CR and LF alone, NUL, VT, FF, DEL, obs-text, commas and case in Connection.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from proxy import whole
+from tests.test_http1_client_differential import exchange, hostile, mutated
+from tests.test_http1_differential import hostile_head, mutated_request, simple_request
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+try:
+    from proxy import _whole
+except ImportError:  # the test below says why this is a failure where a compiler exists
+    _whole = None
+
+needs_c = pytest.mark.skipif(_whole is None, reason="proxy._whole is not built")
+
+# the bytes where the grammar changes: any mutation of a head built from them hits an edge
+EDGES = b'aZ09-!|~:;, \t\r\n\x00\x0b\x0c\x7f\x80\xff/?#"()'
+
+
+def test_the_install_command_builds_the_accelerator() -> None:
+    """``pip install -e .`` (the README's commands) compiles ``proxy._whole`` here: gcc and the
+    Python headers are on every machine of this kind. Without it every request pays the pure
+    functions' cost (bench/setup_cost.py --ab-pure shows how much)."""
+    assert _whole is not None, "proxy._whole is missing: pip install -e . did not compile it"
+    assert whole.COMPILED or os.environ.get("ORIGINPOOL_NO_EXTENSIONS")
+
+
+def test_the_switch_selects_the_pure_functions() -> None:
+    code = "from proxy import whole; print(whole.COMPILED, whole.parse_request.__module__)"
+    env = {**os.environ, "ORIGINPOOL_NO_EXTENSIONS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["False", "proxy.whole"]
+
+
+def same(name: str, *args: object) -> object:
+    pure = whole.PURE[name](*args)
+    compiled = getattr(_whole, name)(*args)
+    assert compiled == pure, (name, args, compiled, pure)
+    # the same types too: bytes, not bytearray; bool, not int
+    assert repr(compiled) == repr(pure), (name, args)
+    return pure
+
+
+def mutate(data: bytes, draw_ops: list[tuple[int, int, int]]) -> bytes:
+    out = bytearray(data)
+    for kind, at, byte in draw_ops:
+        at = at % (len(out) + 1)
+        if kind == 0:
+            out[at:at] = bytes([EDGES[byte % len(EDGES)]])
+        elif kind == 1 and at < len(out):
+            out[at] = EDGES[byte % len(EDGES)]
+        elif at < len(out):
+            del out[at]
+    return bytes(out)
+
+
+ops = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 400), st.integers(0, 255)), max_size=4)
+
+REQUEST = (
+    b"GET /a/b?c=d HTTP/1.1\r\nHost: app.example\r\nUser-Agent: curl/8.5\r\n"
+    b"Connection: keep-alive, Close\r\nX-Empty:\r\nX-Pad: \t v \t\r\n\r\n"
+)
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 5\r\nConnection: keep-alive\r\n\r\nhello"
+)
+
+
+@needs_c
+@SETTINGS
+@given(
+    st.one_of(simple_request(), mutated_request(), hostile_head, st.just(REQUEST)),
+    ops,
+    st.sampled_from([8, 20, 40, 8192]),
+)
+@example(REQUEST, [], 8192)
+@example(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", [], 26)
+@example(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", [], 14)
+@example(b"CONNECT / HTTP/1.1\r\nHost: a\r\n\r\n", [], 8192)
+def test_parse_request_agrees(raw: bytes, edits: list[tuple[int, int, int]], max_line: int) -> None:
+    same("parse_request", raw, max_line)
+    same("parse_request", mutate(raw, edits), max_line)
+
+
+@needs_c
+@SETTINGS
+@given(st.one_of(exchange(), mutated(), hostile()), ops, st.booleans())
+def test_parse_response_agrees(ex: object, edits: list[tuple[int, int, int]], head: bool) -> None:
+    response = ex.response  # type: ignore[attr-defined]
+    same("parse_response", response, head)
+    same("parse_response", mutate(response, edits), head)
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "raw",
+    [
+        RESPONSE,
+        RESPONSE.replace(b"HTTP/1.1", b"HTTP/1.0"),
+        RESPONSE.replace(b"HTTP/1.1", b"HTTP/2.0"),
+        RESPONSE.replace(b" OK", b""),
+        RESPONSE.replace(b" OK", b" "),
+        RESPONSE.replace(b" OK", b" \x01weird\x80"),
+        RESPONSE.replace(b"Content-Length: 5", b"Content-Length: 05"),
+        RESPONSE.replace(b"Content-Length: 5", b"Content-Length: 5 \t"),
+        RESPONSE.replace(b"Content-Length: 5", b"Content-Length: 5, 5"),
+        RESPONSE.replace(b"Content-Length: 5", b"Content-Length: +5"),
+        RESPONSE.replace(b"Content-Length: 5", b"Content-Length: 99999999999999999999"),
+        RESPONSE.replace(b"Content-Length: 5", b"Content-Length: 999999999999999999999"),
+        RESPONSE.replace(b"Content-Length: 5", b"Content-Length: 18446744073709551616"),
+        RESPONSE.replace(b"Content-Length: 5", b"Content-Length: 9223372036854775807"),
+        RESPONSE.replace(b"Content-Length: 5", b"Content-Length: 5\r\nContent-Length: 5"),
+        RESPONSE.replace(
+            b"Content-Length: 5", b"Content-Length: 99999999999999999999\r\nContent-Length: 5"
+        ),
+        RESPONSE.replace(
+            b"Content-Length: 5", b"Content-Length: 5\r\nContent-Length: 99999999999999999999"
+        ),
+        RESPONSE.replace(b"Content-Length: 5", b"Transfer-Encoding: chunked"),
+        RESPONSE.replace(b"keep-alive", b"CLOSE"),
+        RESPONSE.replace(b"keep-alive", b"x,\tclose\t,y"),
+        RESPONSE.replace(b"keep-alive", b"closed"),
+        RESPONSE.replace(b"200 OK", b"204 No Content").replace(b"hello", b""),
+        RESPONSE.replace(b"200 OK", b"304 Not Modified").replace(b"hello", b""),
+        RESPONSE.replace(b"200 OK", b"199 Odd"),
+        RESPONSE.replace(b"200 OK", b"000 Zero"),
+        RESPONSE[: RESPONSE.find(b"\r\n\r\n") + 4],
+        RESPONSE + b"x",
+        b"HTTP/1.1 200 OK\r\n\r\n",
+        b"HTTP/1.1 200\r\n\r\n",
+        b"HTTP/1.1 200\r\n",
+        b"HTTP/1.1 20",
+        b"",
+    ],
+)
+@pytest.mark.parametrize("head", [False, True])
+def test_parse_response_edges(raw: bytes, head: bool) -> None:
+    same("parse_response", raw, head)
+    end = raw.find(b"\r\n\r\n")
+    if end >= 0:  # the head alone: what a HEAD, 204 or 304 gets
+        same("parse_response", raw[: end + 4], head)
+
+
+VALUES = [b"", b"a", b"app.example", b"a b", b" a", b"a ", b"\ta", b"a\t", b"a\x01b", b"\x80"]
+header = st.tuples(
+    st.one_of(
+        *[st.sampled_from([b"Host", b"HOST", b"host", b"Connection", b"Upgrade", b"X-A"])] * 4,
+        st.binary(max_size=6),
+        st.lists(st.sampled_from(EDGES), min_size=1, max_size=6).map(bytes),
+    ),
+    st.one_of(
+        *[st.sampled_from(VALUES)] * 4,
+        st.binary(max_size=8),
+        st.lists(st.sampled_from(EDGES), max_size=8).map(bytes),
+    ),
+)
+
+
+@needs_c
+@SETTINGS
+@given(
+    st.one_of(
+        *[st.sampled_from([b"GET", b"HEAD", b"CONNECT", b"", b"G T"])] * 4, st.binary(max_size=5)
+    ),
+    st.one_of(*[st.sampled_from([b"/", b"*", b"/a b", b"", b"/\x7f"])] * 4, st.binary(max_size=6)),
+    st.lists(header, max_size=5).flatmap(lambda hs: st.sampled_from([hs, [(b"Host", b"a"), *hs]])),
+    st.integers(0, 5),
+)
+def test_request_head_agrees(
+    method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], rotate: int
+) -> None:
+    if headers:
+        rotate %= len(headers)
+        headers = headers[rotate:] + headers[:rotate]
+    same("request_head", method, target, headers)
+    same("request_head", method, target, tuple(headers))
+
+
+@needs_c
+def test_request_head_leaves_odd_types_to_the_general_path() -> None:
+    """Where the pure function raises on what it was never meant to get, C answers None and
+    the codec's general path raises the same error as before."""
+    assert _whole.request_head(b"GET", b"/", [[b"Host", b"a"]]) is None
+    assert _whole.request_head("GET", b"/", [(b"Host", b"a")]) is None
+    assert _whole.request_head(b"GET", b"/", iter([(b"Host", b"a")])) is None
+    assert _whole.parse_request(bytearray(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), 99) is None
+
+
+def every_byte_everywhere(template: bytes) -> list[bytes]:
+    """The template with each position replaced by each of the 256 bytes, and with each byte
+    inserted at each position: every class boundary the parsers draw, at every place."""
+    out = []
+    for at in range(len(template) + 1):
+        for b in range(256):
+            one = bytes([b])
+            out.append(template[:at] + one + template[at:])
+            if at < len(template):
+                out.append(template[:at] + one + template[at + 1 :])
+    return out
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "template",
+    [
+        b"GET /a?b HTTP/1.1\r\nHost: h\r\nConnection: x, close\r\nX:\t v \r\n\r\n",
+        b"GET / HTTP/1.0\r\nhost:h\r\n\r\n",
+    ],
+)
+def test_parse_request_every_byte(template: bytes) -> None:
+    for raw in every_byte_everywhere(template):
+        same("parse_request", raw, 8192)
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "template",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: x, close\r\nX:\t v \r\n\r\nhi",
+        b"HTTP/1.0 204 \r\nContent-Length: 99999999999999999999\r\n\r\n",
+    ],
+)
+@pytest.mark.parametrize("head", [False, True])
+def test_parse_response_every_byte(template: bytes, head: bool) -> None:
+    for raw in every_byte_everywhere(template):
+        same("parse_response", raw, head)
+
+
+@needs_c
+def test_request_head_every_byte() -> None:
+    """Each of method, target, a name and a value (first, middle, last byte) takes each byte."""
+    method, target = b"GET", b"/a"
+    headers = [(b"X-A", b"v w"), (b"Host", b"h")]
+    for b in range(256):
+        one = bytes([b])
+        for m in (one + method, method + one, method[:1] + one + method[1:]):
+            same("request_head", m, target, headers)
+        for t in (one + target, target + one, target[:1] + one + target[1:]):
+            same("request_head", method, t, headers)
+        for field in range(2):
+            for part in range(2):
+                text = headers[field][part]
+                for changed in (one + text, text + one, text[:1] + one + text[1:], one):
+                    pair = list(headers[field])
+                    pair[part] = changed
+                    hs = list(headers)
+                    hs[field] = (pair[0], pair[1])
+                    same("request_head", method, target, hs)
