@@ -84,8 +84,11 @@ LISTEN = {
     "originpool-2w": ("127.0.0.1", 8081),
     "nginx": ("127.0.0.1", 8082),
     "floor": ("127.0.0.1", 8083),
+    "originpool-pure": ("127.0.0.1", 8085),  # bench/setup_cost.py --ab-pure
 }
-ADMIN = {"originpool": 9090, "originpool-2w": 9100}  # worker i answers on port + i
+ADMIN = {"originpool": 9090, "originpool-2w": 9100, "originpool-pure": 9110}  # worker i: + i
+# the proxy with its compiled accelerator switched off (proxy.whole), for A/B runs
+PURE_ENV = {**os.environ, "ORIGINPOOL_NO_EXTENSIONS": "1"}
 
 
 # --- wrk -------------------------------------------------------------------------------------
@@ -340,7 +343,7 @@ class LogReader:
 
 
 def start_originpool(
-    children: Children, tmp: Path, name: str, workers: int
+    children: Children, tmp: Path, name: str, workers: int, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     ip, port = LISTEN[name]
     path = tmp / f"{name}.toml"
@@ -355,12 +358,12 @@ def start_originpool(
             workers=workers,
         )
     )
-    proc, _ = serve_proxy(children, path, workers)
+    proc, _ = serve_proxy(children, path, workers, env)
     return proc
 
 
 def serve_proxy(
-    children: Children, config: Path, workers: int = 1
+    children: Children, config: Path, workers: int = 1, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], LogReader]:
     """``originpool serve --config`` as a child, returned once every worker logged ready.
 
@@ -374,6 +377,7 @@ def serve_proxy(
             cwd=_ROOT,
             stdout=out,
             stderr=err,
+            env=env,
         )
     reader = LogReader(proc, log)
     try:

@@ -99,9 +99,11 @@ LABELS = {
     "nginx": "nginx 1 worker",
     "haproxy": "HAProxy nbthread 1",
     "originpool": "originpool 1 worker",
+    "originpool-pure": "originpool, pure Python",
 }
 LISTEN = {
     "originpool": testbed.LISTEN,
+    "originpool-pure": http_rps.LISTEN["originpool-pure"],
     "nginx": ("127.0.0.1", 8082),
     "haproxy": ("127.0.0.1", 8084),
 }
@@ -942,8 +944,9 @@ def phase_http(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
             elif name == "haproxy":
                 proc = start_haproxy(children, tmp, "haproxy", http_rps.ORIGIN, 0)
             else:
+                env = http_rps.PURE_ENV if name == "originpool-pure" else None
                 with procs.critical():
-                    proc = http_rps.start_originpool(children, tmp, "originpool", 1)
+                    proc = http_rps.start_originpool(children, tmp, name, 1, env)
             pids[name] = proc.pid
         for name in names:
             warm = http_rps.run_wrk(LISTEN[name], args.warmup, args.connections, 1)
@@ -1182,6 +1185,15 @@ def report(summary: dict[str, Any]) -> None:
             )
         if h and name in h["proxies"] and not h["proxies"][name]["all_clean"]:
             notes.append(f"{name} HTTP: some wrk runs had errors")
+    pure = _get(h, "proxies", "originpool-pure")
+    compiled = _get(h, "proxies", "originpool")
+    if pure and compiled:
+        notes.append(
+            "A/B, compiled accelerator (proxy._whole) against pure Python, same run: "
+            f"{compiled['rps']:,.0f} / {pure['rps']:,.0f} req/s = "
+            f"{compiled['rps'] / pure['rps']:.2f}x; CPU/request "
+            f"{compiled['cpu_us_per_request']:.1f} / {pure['cpu_us_per_request']:.1f} us"
+        )
     if b:
         split = ", ".join(
             f"{n} {p['user_us_per_handshake']:.0f}/{p['system_us_per_handshake']:.0f}"
@@ -1280,7 +1292,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             notes.append("http: wrk is not installed, skipped (apt-get install -y wrk)")
             print(f"  {notes[-1]}")
         else:
-            summary["http"] = phase_http(args, names)
+            ab = ["originpool-pure"] if args.ab_pure and "originpool" in names else []
+            summary["http"] = phase_http(args, names + ab)
     summary["seconds"] = time.monotonic() - started
     summary["machine"] = ws_relay.machine()
     return summary
@@ -1289,6 +1302,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="everything scaled down (< 2 min)")
+    parser.add_argument(
+        "--ab-pure",
+        action="store_true",
+        help="HTTP phase: also originpool with ORIGINPOOL_NO_EXTENSIONS=1 (the A/B of the"
+        " compiled accelerator, proxy._whole)",
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds, burst and http (3)")
     parser.add_argument("--burst", type=int, default=250, help="sessions opened at once")
     parser.add_argument("--bursts", type=int, help="bursts per round (8)")
