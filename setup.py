@@ -1,6 +1,8 @@
-"""The compiled accelerator (``proxy._whole``), built by ``pip install``; everything else is
-in pyproject.toml. ``optional=True``: where no C compiler is found, the install still succeeds
-and ``proxy.whole``'s pure-Python functions serve, as aiohttp's and yarl's do."""
+"""The compiled accelerators, ``proxy._whole`` and ``proxy._headers``, built by ``pip install``.
+
+Everything else is in pyproject.toml. ``optional=True``: where no C compiler is found, the
+install still succeeds and the pure-Python functions serve, as aiohttp's and yarl's do.
+"""
 
 from setuptools import Extension, setup
 
@@ -11,6 +13,12 @@ setup(
             ["proxy/_whole.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
-        )
+        ),
+        Extension(
+            "proxy._headers",
+            ["proxy/_headers.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            optional=True,
+        ),
     ]
 )

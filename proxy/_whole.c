@@ -414,6 +414,70 @@ none:
     Py_RETURN_NONE;
 }
 
+/* -- response_head(status, reason, headers) ------------------------------------------------ */
+
+static PyObject *response_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "response_head(status, reason, headers)");
+        return NULL;
+    }
+    long status = PyLong_AsLong(args[0]);
+    if (status == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "response_head: reason must be bytes");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(args[2], "response_head: headers must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    char line[48];
+    int llen = snprintf(line, sizeof line, "HTTP/1.1 %ld ", status);
+    Py_ssize_t rlen = PyBytes_GET_SIZE(args[1]);
+    Py_ssize_t total = llen + rlen + 2 + 2;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        PyObject *pair = items[k];
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2
+            || !PyBytes_Check(PyTuple_GET_ITEM(pair, 0)) || !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_TypeError, "response_head: headers must be (bytes, bytes) tuples");
+            return NULL;
+        }
+        total += PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 0)) + PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 1)) + 4;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    char *q = PyBytes_AS_STRING(out);
+    memcpy(q, line, llen);
+    q += llen;
+    memcpy(q, PyBytes_AS_STRING(args[1]), rlen);
+    q += rlen;
+    *q++ = '\r';
+    *q++ = '\n';
+    for (Py_ssize_t k = 0; k < count; k++) {
+        PyObject *name = PyTuple_GET_ITEM(items[k], 0), *value = PyTuple_GET_ITEM(items[k], 1);
+        Py_ssize_t nlen = PyBytes_GET_SIZE(name), vlen = PyBytes_GET_SIZE(value);
+        memcpy(q, PyBytes_AS_STRING(name), nlen);
+        q += nlen;
+        *q++ = ':';
+        *q++ = ' ';
+        memcpy(q, PyBytes_AS_STRING(value), vlen);
+        q += vlen;
+        *q++ = '\r';
+        *q++ = '\n';
+    }
+    *q++ = '\r';
+    *q++ = '\n';
+    Py_DECREF(seq);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"parse_request", (PyCFunction)(void (*)(void))parse_request, METH_FASTCALL,
      "The common request head, or None (proxy.whole.parse_request)."},
@@ -421,6 +485,8 @@ static PyMethodDef methods[] = {
      "The common response, or None (proxy.whole.parse_response)."},
     {"request_head", (PyCFunction)(void (*)(void))request_head, METH_FASTCALL,
      "A bodiless request head as h11 writes it, or None (proxy.whole.request_head)."},
+    {"response_head", (PyCFunction)(void (*)(void))response_head, METH_FASTCALL,
+     "Status line and header block (proxy.whole.response_head)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -17,7 +17,9 @@ set lookup per header; whether the peer is trusted is decided once per connectio
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 from collections.abc import Sequence
 
 Headers = list[tuple[bytes, bytes]]
@@ -132,3 +134,13 @@ def to_client(headers: Sequence[tuple[bytes, bytes]], websocket: bool = False) -
     if websocket:
         out += _WEBSOCKET
     return out
+
+
+PURE_TO_CLIENT = to_client
+if not os.environ.get("ORIGINPOOL_NO_EXTENSIONS"):
+    # the compiled twin (proxy/_headers.c), built by pip install where a compiler is found;
+    # ORIGINPOOL_NO_EXTENSIONS=1 keeps the function above, as for proxy.whole
+    with contextlib.suppress(ImportError):
+        from proxy._headers import to_client  # type: ignore[no-redef]
+
+COMPILED = to_client is not PURE_TO_CLIENT

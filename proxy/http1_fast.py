@@ -524,24 +524,27 @@ class FastServerSide(FastRequestParser):
         if self._fallback is not None:
             return self._fallback.informational(status, headers)
         reason = STATUS_REASONS.get(status, "").encode()
-        return _status_line(status, reason) + _header_block(headers)
+        return whole.response_head(status, reason, headers)
 
     def response_head(self, status: int, headers: Headers, reason: bytes = b"") -> bytes:
         if self._fallback is not None:
             return self._fallback.response_head(status, headers, reason)
         reason = reason or STATUS_REASONS.get(status, "").encode()
-        headers = list(headers)
-        bodiless = status in (204, 304) or 100 <= status < 200
-        if not bodiless and not any(n == b"content-length" for n, _ in headers):
-            if self._version == b"1.1":
-                headers.append((b"Transfer-Encoding", b"chunked"))
-                self._chunked_out = self._method != b"HEAD"
-            elif self._method != b"HEAD":
-                self._close_out = True  # HTTP/1.0: the body ends where the connection does
+        added: Headers = []  # headers is the caller's: appended to a copy only when needed
+        if not (status == 204 or status == 304 or 100 <= status < 200):
+            for name, _ in headers:
+                if name == b"content-length":
+                    break
+            else:
+                if self._version == b"1.1":
+                    added.append((b"Transfer-Encoding", b"chunked"))
+                    self._chunked_out = self._method != b"HEAD"
+                elif self._method != b"HEAD":
+                    self._close_out = True  # HTTP/1.0: the body ends where the connection does
         if self._must_close or self._close_out or not self._version:
-            headers.append((b"Connection", b"close"))
+            added.append((b"Connection", b"close"))
         self._sent_head = True
-        return _status_line(status, reason) + _header_block(headers)
+        return whole.response_head(status, reason, [*headers, *added] if added else headers)
 
     def body(self, data: bytes) -> bytes:
         if self._fallback is not None:
@@ -570,7 +573,7 @@ class FastServerSide(FastRequestParser):
         self._sent_head = self._sent_end = True
         self._close_out = True
         reason = STATUS_REASONS.get(status, "").encode()
-        return _status_line(status, reason) + _header_block(headers) + text
+        return whole.response_head(status, reason, headers) + text
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -598,14 +601,6 @@ class FastServerSide(FastRequestParser):
         # the caller then needs error_response() to answer that request, not the one before
         self._reset_response()
         super().start_next()
-
-
-def _status_line(status: int, reason: bytes) -> bytes:
-    return b"HTTP/1.1 %d %b\r\n" % (status, reason)
-
-
-def _header_block(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
-    return b"".join([n + b": " + v + b"\r\n" for n, v in headers]) + b"\r\n"
 
 
 def _bench(rounds: int = 20000) -> None:

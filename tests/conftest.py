@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from pool import netns
-from proxy import whole
+from proxy import headers, whole
 from tests.http_origin import TestOrigin
 
 RANGE = (40000, 40127)  # 128 ports: exhaustion in milliseconds, still a real search
@@ -17,21 +17,25 @@ R = RANGE[1] - RANGE[0] + 1
 
 @pytest.fixture(scope="module", params=["compiled", "pure"])
 def whole_impl(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run a module's tests once on ``proxy._whole`` (C) and once on ``proxy.whole``'s pure
-    functions: the accelerator and its fallback must pass the same tests. Module scope, so
-    hypothesis tests can use it; the codecs look the functions up on ``proxy.whole`` per call.
+    """Run a module's tests once on the compiled twins (``proxy._whole``, ``proxy._headers``)
+    and once on the pure functions: the accelerator and its fallback must pass the same tests.
+    Module scope, so hypothesis tests can use it; callers look the functions up on
+    ``proxy.whole`` and ``proxy.headers`` per call.
     """
     saved = {name: getattr(whole, name) for name in whole.PURE}
-    if request.param == "compiled" and not whole.COMPILED:
-        pytest.skip("proxy._whole is not built (or ORIGINPOOL_NO_EXTENSIONS is set)")
+    saved_to_client = headers.to_client
+    if request.param == "compiled" and not (whole.COMPILED and headers.COMPILED):
+        pytest.skip("the accelerator is not built (or ORIGINPOOL_NO_EXTENSIONS is set)")
     if request.param == "pure":
         for name, fn in whole.PURE.items():
             setattr(whole, name, fn)
+        headers.to_client = headers.PURE_TO_CLIENT
     try:
         yield request.param
     finally:
         for name, fn in saved.items():
             setattr(whole, name, fn)
+        headers.to_client = saved_to_client
 
 
 @pytest.fixture

@@ -19,6 +19,9 @@ from tests.http_origin import TestOrigin
 
 ORIGIN = ("127.0.2.1", 9000)
 
+# on the compiled shortcuts and header rewrite, and again on the pure ones
+pytestmark = pytest.mark.usefixtures("whole_impl")
+
 
 @pytest.fixture(params=["httptools", "h11"])
 def parser(request: pytest.FixtureRequest) -> Iterator[str]:

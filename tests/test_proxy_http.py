@@ -22,6 +22,9 @@ from tests.http_origin import TestOrigin, pattern
 O1 = ("127.0.2.1", 9000)
 O2 = ("127.0.2.2", 9000)
 
+# on the compiled shortcuts and header rewrite, and again on the pure ones
+pytestmark = pytest.mark.usefixtures("whole_impl")
+
 
 class Rig:
     def __init__(self, proxy: Proxy, listener: Listener, origins: list[TestOrigin]) -> None:

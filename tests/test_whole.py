@@ -41,16 +41,23 @@ def test_the_install_command_builds_the_accelerator() -> None:
     Python headers are on every machine of this kind. Without it every request pays the pure
     functions' cost (bench/setup_cost.py --ab-pure shows how much)."""
     assert _whole is not None, "proxy._whole is missing: pip install -e . did not compile it"
-    assert whole.COMPILED or os.environ.get("ORIGINPOOL_NO_EXTENSIONS")
+    import proxy._headers  # noqa: F401  (the same for the header rewrite's twin)
+
+    from proxy import headers
+
+    assert (whole.COMPILED and headers.COMPILED) or os.environ.get("ORIGINPOOL_NO_EXTENSIONS")
 
 
 def test_the_switch_selects_the_pure_functions() -> None:
-    code = "from proxy import whole; print(whole.COMPILED, whole.parse_request.__module__)"
+    code = (
+        "from proxy import headers, whole;"
+        "print(whole.COMPILED, whole.parse_request.__module__, headers.COMPILED)"
+    )
     env = {**os.environ, "ORIGINPOOL_NO_EXTENSIONS": "1"}
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )
-    assert out.stdout.split() == ["False", "proxy.whole"]
+    assert out.stdout.split() == ["False", "proxy.whole", "False"]
 
 
 def same(name: str, *args: object) -> object:
@@ -267,3 +274,73 @@ def test_request_head_every_byte() -> None:
                     hs = list(headers)
                     hs[field] = (pair[0], pair[1])
                     same("request_head", method, target, hs)
+
+
+status_codes = st.one_of(st.sampled_from([100, 101, 200, 204, 304, 404, 502]), st.integers(0, 999))
+pairs = st.lists(st.tuples(st.binary(max_size=8), st.binary(max_size=12)), max_size=6)
+
+
+@needs_c
+@SETTINGS
+@given(status_codes, st.binary(max_size=20), pairs)
+def test_response_head_agrees(
+    status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    same("response_head", status, reason, headers)
+    same("response_head", status, reason, tuple(headers))
+
+
+@needs_c
+def test_response_head_takes_only_bytes_pairs() -> None:
+    with pytest.raises(TypeError):
+        _whole.response_head(200, b"OK", [[b"a", b"b"]])
+    with pytest.raises(TypeError):
+        _whole.response_head(200, "OK", [])
+    with pytest.raises(TypeError):
+        _whole.response_head(200, b"OK", [(b"a", "b")])
+
+
+# proxy.headers.to_client: the names it treats specially, in and out of case, and others
+RESPONSE_NAMES = [
+    b"via", b"Via", b"connection", b"Connection", b"keep-alive", b"proxy-connection",
+    b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"server", b"x-a", b"X-A", b"content-length", b"",
+]  # fmt: skip
+CONNECTION_VALUES = [
+    b"keep-alive", b"close", b"x-a", b"X-A, server", b" , ,x-a ,", b"upgrade", b"", b",",
+    b"\tX-a\t", b"content-length,via", b"server\x0b",
+]  # fmt: skip
+response_headers = st.lists(
+    st.tuples(
+        st.one_of(*[st.sampled_from(RESPONSE_NAMES)] * 4, st.binary(max_size=4)),
+        st.one_of(*[st.sampled_from(CONNECTION_VALUES)] * 3, st.binary(max_size=8)),
+    ),
+    max_size=8,
+)
+
+
+@needs_c
+@SETTINGS
+@given(response_headers, st.booleans())
+@example([(b"connection", b"X-A, Server"), (b"x-a", b"1"), (b"server", b"s")], False)
+@example([(b"via", b"1.0 a"), (b"te", b"x"), (b"Via", b"b"), (b"via", b"")], True)
+def test_to_client_agrees(hs: list[tuple[bytes, bytes]], websocket: bool) -> None:
+    from proxy import _headers, headers
+
+    for given_headers in (hs, tuple(hs)):
+        pure = headers.PURE_TO_CLIENT(given_headers, websocket)
+        assert _headers.to_client(given_headers, websocket) == pure, hs
+        assert _headers.to_client(given_headers, websocket=websocket) == pure, hs
+        if not websocket:
+            assert _headers.to_client(given_headers) == pure, hs
+
+
+@needs_c
+def test_to_client_takes_only_bytes_pairs() -> None:
+    from proxy import _headers
+
+    for bad in ([[b"a", b"b"]], [(b"a", "b")], [("a", b"b")], [(b"a",)], None):
+        with pytest.raises(TypeError):
+            _headers.to_client(bad)
+    with pytest.raises(TypeError):
+        _headers.to_client([], websockets=True)
