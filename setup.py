@@ -11,12 +11,14 @@ setup(
         Extension(
             "proxy._whole",
             ["proxy/_whole.c"],
+            depends=["proxy/_http_tokens.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
         ),
         Extension(
             "proxy._headers",
             ["proxy/_headers.c"],
+            depends=["proxy/_http_tokens.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
         ),

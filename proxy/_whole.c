@@ -13,6 +13,8 @@
 #include <limits.h>
 #include <string.h>
 
+#include "_http_tokens.h"
+
 /* byte classes, filled in module init */
 static unsigned char TOKEN[256];  /* RFC 9110 tchar */
 static unsigned char LINE[256];   /* a whole line's value: HTAB, SP-~, obs-text */
@@ -48,25 +50,10 @@ static int name_is(const unsigned char *name, Py_ssize_t len, const char *lit, P
 
 #define NAME_IS(p, n, lit) name_is((p), (n), lit, (Py_ssize_t)sizeof(lit) - 1)
 
-/* proxy.http1.comma_items(value) holds b"close": items split at ",", stripped of
- * bytes.strip()'s whitespace, compared lowercased */
+/* proxy.http1.comma_items(value) holds b"close" */
 static int has_close(const unsigned char *v, Py_ssize_t n)
 {
-    Py_ssize_t i = 0;
-    while (i <= n) {
-        Py_ssize_t j = i;
-        while (j < n && v[j] != ',')
-            j++;
-        Py_ssize_t a = i, b = j;
-        while (a < b && (v[a] == ' ' || (v[a] >= '\t' && v[a] <= '\r')))
-            a++;
-        while (b > a && (v[b - 1] == ' ' || (v[b - 1] >= '\t' && v[b - 1] <= '\r')))
-            b--;
-        if (NAME_IS(v + a, b - a, "close"))
-            return 1;
-        i = j + 1;
-    }
-    return 0;
+    return comma_list_has(v, n, (const unsigned char *)"close", 5);
 }
 
 static PyObject *lower_bytes(const unsigned char *p, Py_ssize_t n)

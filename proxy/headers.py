@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 from collections.abc import Sequence
+
+from proxy import accel
 
 Headers = list[tuple[bytes, bytes]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -136,11 +137,11 @@ def to_client(headers: Sequence[tuple[bytes, bytes]], websocket: bool = False) -
     return out
 
 
-PURE_TO_CLIENT = to_client
-if not os.environ.get("ORIGINPOOL_NO_EXTENSIONS"):
-    # the compiled twin (proxy/_headers.c), built by pip install where a compiler is found;
-    # ORIGINPOOL_NO_EXTENSIONS=1 keeps the function above, as for proxy.whole
+PURE = {"to_client": to_client, "to_origin": to_origin}
+if not accel.NO_EXTENSIONS:
+    # the compiled twins (proxy/_headers.c), built by pip install where a compiler is found;
+    # proxy.accel's switch keeps the functions above, as for proxy.whole
     with contextlib.suppress(ImportError):
-        from proxy._headers import to_client  # type: ignore[no-redef]
+        from proxy._headers import to_client, to_origin  # type: ignore[no-redef]
 
-COMPILED = to_client is not PURE_TO_CLIENT
+COMPILED = to_client is not PURE["to_client"]

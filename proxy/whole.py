@@ -1,15 +1,16 @@
 """Whole-message shortcuts of the fast codecs: the common request head, the common response
-and the common outgoing request head, each decided in one call.
+and the common outgoing request head, each decided in one call, and the response head.
 
-Why a module of its own: these three functions are the per-request work that no layer above
-can drop, and they are pure (bytes in, fields or bytes out, no state), so they can sit beside
-a compiled twin with the same behaviour, as aiohttp's and yarl's accelerators do. The C
-module ``proxy._whole`` implements the same functions; it is used when it was built and
-``ORIGINPOOL_NO_EXTENSIONS`` is unset or empty, and this file is the fallback, the reference
-and the spec. ``tests/test_whole.py`` holds the two to the same results on random and hostile
-inputs, and the codecs' differential tests (which hold these shortcuts to h11) run on both.
+Why a module of its own: these functions are the per-request work that no layer above can
+drop, and they are pure (bytes in, fields or bytes out, no state), so they can sit beside a
+compiled twin with the same behaviour, as aiohttp's and yarl's accelerators do. The C module
+``proxy._whole`` implements the same functions; it is used when it was built and
+:mod:`proxy.accel` allows it (``ORIGINPOOL_NO_EXTENSIONS`` unset), and this file is the
+fallback, the reference and the spec. ``tests/test_whole.py`` holds the two to the same
+results on random and hostile inputs, and the codecs' differential tests (which hold these
+shortcuts to h11) run on both.
 
-Each function answers only the common case and returns None for anything else, errors
+Each shortcut answers only the common case and returns None for anything else, errors
 included: the codecs' general paths then decide with their full rules. So a shortcut can be
 narrower than the general path, never different from it.
 """
@@ -17,12 +18,12 @@ narrower than the general path, never different from it.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Sequence
 from itertools import chain
 from typing import Final
 
+from proxy import accel
 from proxy.http1 import WHOLE_FIELD, WHOLE_LINES, WHOLE_TOKEN, Headers, comma_items
 
 # -- requests in (server side) ----------------------------------------------------------------
@@ -184,7 +185,7 @@ PURE: Final = {
     "response_head": response_head,
 }
 
-if not os.environ.get("ORIGINPOOL_NO_EXTENSIONS"):
+if not accel.NO_EXTENSIONS:
     # not built (no compiler at install): the pure functions serve
     with contextlib.suppress(ImportError):
         from proxy._whole import (  # type: ignore[no-redef]

@@ -11,6 +11,7 @@ from pool import netns
 from proxy import headers, whole
 from tests.http_origin import TestOrigin
 
+MODULES = (whole, headers)  # the modules with compiled twins, each with PURE and COMPILED
 RANGE = (40000, 40127)  # 128 ports: exhaustion in milliseconds, still a real search
 R = RANGE[1] - RANGE[0] + 1
 
@@ -22,20 +23,18 @@ def whole_impl(request: pytest.FixtureRequest) -> Iterator[str]:
     Module scope, so hypothesis tests can use it; callers look the functions up on
     ``proxy.whole`` and ``proxy.headers`` per call.
     """
-    saved = {name: getattr(whole, name) for name in whole.PURE}
-    saved_to_client = headers.to_client
+    saved = {(module, name): getattr(module, name) for module in MODULES for name in module.PURE}
     if request.param == "compiled" and not (whole.COMPILED and headers.COMPILED):
         pytest.skip("the accelerator is not built (or ORIGINPOOL_NO_EXTENSIONS is set)")
     if request.param == "pure":
-        for name, fn in whole.PURE.items():
-            setattr(whole, name, fn)
-        headers.to_client = headers.PURE_TO_CLIENT
+        for module in MODULES:
+            for name, fn in module.PURE.items():
+                setattr(module, name, fn)
     try:
         yield request.param
     finally:
-        for name, fn in saved.items():
-            setattr(whole, name, fn)
-        headers.to_client = saved_to_client
+        for (module, name), fn in saved.items():
+            setattr(module, name, fn)
 
 
 @pytest.fixture

@@ -328,7 +328,7 @@ def test_to_client_agrees(hs: list[tuple[bytes, bytes]], websocket: bool) -> Non
     from proxy import _headers, headers
 
     for given_headers in (hs, tuple(hs)):
-        pure = headers.PURE_TO_CLIENT(given_headers, websocket)
+        pure = headers.PURE["to_client"](given_headers, websocket)
         assert _headers.to_client(given_headers, websocket) == pure, hs
         assert _headers.to_client(given_headers, websocket=websocket) == pure, hs
         if not websocket:
@@ -344,3 +344,66 @@ def test_to_client_takes_only_bytes_pairs() -> None:
             _headers.to_client(bad)
     with pytest.raises(TypeError):
         _headers.to_client([], websockets=True)
+
+
+def _forwarded(trusted: bool) -> dict[str, object]:
+    return {
+        "client_ip": b"192.0.2.7",
+        "scheme": b"https",
+        "trusted_peer": trusted,
+        "host": b"app.example",
+        "request_id": b"0123456789abcdef0123456789abcdef",
+    }
+
+
+REQUEST_NAMES = [
+    *RESPONSE_NAMES, b"host", b"Host", b"expect", b"x-request-id", b"x-forwarded-for",
+    b"x-forwarded-proto", b"x-forwarded-host", b"X-Forwarded-For", b"cookie",
+]  # fmt: skip
+request_headers = st.lists(
+    st.tuples(
+        st.one_of(*[st.sampled_from(REQUEST_NAMES)] * 4, st.binary(max_size=4)),
+        st.one_of(*[st.sampled_from(CONNECTION_VALUES)] * 3, st.binary(max_size=8)),
+    ),
+    max_size=8,
+)
+
+
+@needs_c
+@SETTINGS
+@given(request_headers, st.booleans(), st.booleans())
+@example(
+    [(b"connection", b"Cookie, host"), (b"cookie", b"a"), (b"x-forwarded-proto", b""),
+     (b"x-forwarded-proto", b"http"), (b"x-forwarded-for", b"10.0.0.1"), (b"host", b"evil")],
+    True, False,
+)  # fmt: skip
+@example([(b"x-forwarded-host", b"a"), (b"x-forwarded-for", b"b"), (b"via", b"c")], False, True)
+@example([(b"x-forwarded-proto", b"a"), (b"x-forwarded-proto", b"b")], True, False)
+@example([(b"x-forwarded-host", b"a"), (b"x-forwarded-host", b"b")], True, False)
+def test_to_origin_agrees(hs: list[tuple[bytes, bytes]], trusted: bool, websocket: bool) -> None:
+    from proxy import _headers, headers
+
+    kw = _forwarded(trusted)
+    for given_headers in (hs, tuple(hs)):
+        pure = headers.PURE["to_origin"](given_headers, websocket=websocket, **kw)
+        assert _headers.to_origin(given_headers, websocket=websocket, **kw) == pure, hs
+        if not websocket:
+            assert _headers.to_origin(given_headers, **kw) == pure, hs
+
+
+@needs_c
+def test_to_origin_takes_only_bytes_and_its_keywords() -> None:
+    from proxy import _headers
+
+    kw = _forwarded(False)
+    for bad in ([[b"a", b"b"]], [(b"a", "b")], None):
+        with pytest.raises(TypeError):
+            _headers.to_origin(bad, **kw)
+    with pytest.raises(TypeError):
+        _headers.to_origin([], **{**kw, "client_ip": "192.0.2.7"})
+    with pytest.raises(TypeError):
+        _headers.to_origin([], **kw, websockets=True)
+    with pytest.raises(TypeError):
+        _headers.to_origin([], **{k: v for k, v in kw.items() if k != "host"})
+    with pytest.raises(TypeError):
+        _headers.to_origin([], b"positional", **kw)
