@@ -9,18 +9,12 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "proxy._whole",
-            ["proxy/_whole.c"],
+            name,
+            [f"{name.replace('.', '/')}.c"],
             depends=["proxy/_http_tokens.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
-        ),
-        Extension(
-            "proxy._headers",
-            ["proxy/_headers.c"],
-            depends=["proxy/_http_tokens.h"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-            optional=True,
-        ),
+        )
+        for name in ("proxy._whole", "proxy._headers")
     ]
 )

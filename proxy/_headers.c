@@ -92,6 +92,35 @@ static PyObject *join_comma(PyObject *parts)
     return out;
 }
 
+static int append_pair(PyObject *out, PyObject *name, PyObject *value)
+{
+    PyObject *pair = PyTuple_Pack(2, name, value);
+    if (pair == NULL)
+        return -1;
+    int rc = PyList_Append(out, pair);
+    Py_DECREF(pair);
+    return rc;
+}
+
+static int append_joined(PyObject *out, PyObject *name, PyObject *parts)
+{
+    PyObject *joined = join_comma(parts);
+    if (joined == NULL)
+        return -1;
+    int rc = append_pair(out, name, joined);
+    Py_DECREF(joined);
+    return rc;
+}
+
+/* proxy.headers._WEBSOCKET's pairs appended: the upgrade stays asked for on this hop */
+static int extend_websocket(PyObject *out)
+{
+    for (Py_ssize_t w = 0; w < PyTuple_GET_SIZE(WEBSOCKET); w++)
+        if (PyList_Append(out, PyTuple_GET_ITEM(WEBSOCKET, w)) < 0)
+            return -1;
+    return 0;
+}
+
 static PyObject *to_client(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
                            PyObject *kwnames)
 {
@@ -113,7 +142,7 @@ static PyObject *to_client(PyObject *module, PyObject *const *args, Py_ssize_t n
         return NULL;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
-    PyObject *out = NULL, *vias = NULL, *joined = NULL, *pair = NULL;
+    PyObject *out = NULL, *vias = NULL;
     Py_ssize_t connections = check_pairs(items, count, "to_client: headers must be (bytes, bytes) tuples");
     if (connections < 0)
         goto fail;
@@ -134,29 +163,15 @@ static PyObject *to_client(PyObject *module, PyObject *const *args, Py_ssize_t n
             && PyList_Append(out, item) < 0)
             goto fail;
     }
-    if (PyList_Append(vias, VIA) < 0)
+    if (PyList_Append(vias, VIA) < 0 || append_joined(out, VIA_NAME, vias) < 0
+        || (websocket && extend_websocket(out) < 0))
         goto fail;
-    joined = join_comma(vias);
-    if (joined == NULL)
-        goto fail;
-    pair = PyTuple_Pack(2, VIA_NAME, joined);
-    if (pair == NULL || PyList_Append(out, pair) < 0)
-        goto fail;
-    if (websocket) {
-        for (Py_ssize_t w = 0; w < PyTuple_GET_SIZE(WEBSOCKET); w++)
-            if (PyList_Append(out, PyTuple_GET_ITEM(WEBSOCKET, w)) < 0)
-                goto fail;
-    }
     Py_DECREF(vias);
-    Py_DECREF(joined);
-    Py_DECREF(pair);
     Py_DECREF(seq);
     return out;
 fail:
     Py_XDECREF(out);
     Py_XDECREF(vias);
-    Py_XDECREF(joined);
-    Py_XDECREF(pair);
     Py_DECREF(seq);
     return NULL;
 }
@@ -168,26 +183,6 @@ static int request_dropped(PyObject *name)
            || IS(name, "proxy-authorization") || IS(name, "te") || IS(name, "trailer")
            || IS(name, "transfer-encoding") || IS(name, "upgrade") || IS(name, "expect")
            || IS(name, "host") || IS(name, "x-request-id");
-}
-
-static int append_pair(PyObject *out, PyObject *name, PyObject *value)
-{
-    PyObject *pair = PyTuple_Pack(2, name, value);
-    if (pair == NULL)
-        return -1;
-    int rc = PyList_Append(out, pair);
-    Py_DECREF(pair);
-    return rc;
-}
-
-static int append_joined(PyObject *out, PyObject *name, PyObject *parts)
-{
-    PyObject *joined = join_comma(parts);
-    if (joined == NULL)
-        return -1;
-    int rc = append_pair(out, name, joined);
-    Py_DECREF(joined);
-    return rc;
 }
 
 static const char *const TO_ORIGIN_KW[] = {"client_ip", "scheme", "trusted_peer", "host",
@@ -293,11 +288,8 @@ static PyObject *to_origin(PyObject *module, PyObject *const *args, Py_ssize_t n
         || PyList_Append(vias, VIA) < 0 || append_joined(out, VIA_NAME, vias) < 0
         || append_pair(out, XRID_NAME, request_id) < 0)
         goto fail;
-    if (websocket) {
-        for (Py_ssize_t w = 0; w < PyTuple_GET_SIZE(WEBSOCKET); w++)
-            if (PyList_Append(out, PyTuple_GET_ITEM(WEBSOCKET, w)) < 0)
-                goto fail;
-    }
+    if (websocket && extend_websocket(out) < 0)
+        goto fail;
     Py_DECREF(vias);
     Py_DECREF(forwarded);
     Py_DECREF(seq);

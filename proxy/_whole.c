@@ -293,6 +293,22 @@ none:
 
 /* -- request_head(method, target, headers) ------------------------------------------------ */
 
+/* "name: value\r\n" of a (bytes, bytes) tuple at q, where the caller counted room for it */
+static char *write_field(char *q, PyObject *pair)
+{
+    PyObject *name = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
+    Py_ssize_t nlen = PyBytes_GET_SIZE(name), vlen = PyBytes_GET_SIZE(value);
+    memcpy(q, PyBytes_AS_STRING(name), nlen);
+    q += nlen;
+    *q++ = ':';
+    *q++ = ' ';
+    memcpy(q, PyBytes_AS_STRING(value), vlen);
+    q += vlen;
+    *q++ = '\r';
+    *q++ = '\n';
+    return q;
+}
+
 static int is_token(const unsigned char *p, Py_ssize_t n)
 {
     if (n == 0)
@@ -381,16 +397,7 @@ static PyObject *request_head(PyObject *module, PyObject *const *args, Py_ssize_
         Py_ssize_t k = r < 0 ? host : r;
         if (r == host)
             continue;
-        PyObject *name = PyTuple_GET_ITEM(items[k], 0), *value = PyTuple_GET_ITEM(items[k], 1);
-        Py_ssize_t nlen = PyBytes_GET_SIZE(name), vlen = PyBytes_GET_SIZE(value);
-        memcpy(q, PyBytes_AS_STRING(name), nlen);
-        q += nlen;
-        *q++ = ':';
-        *q++ = ' ';
-        memcpy(q, PyBytes_AS_STRING(value), vlen);
-        q += vlen;
-        *q++ = '\r';
-        *q++ = '\n';
+        q = write_field(q, items[k]);
     }
     *q++ = '\r';
     *q++ = '\n';
@@ -448,16 +455,7 @@ static PyObject *response_head(PyObject *module, PyObject *const *args, Py_ssize
     *q++ = '\r';
     *q++ = '\n';
     for (Py_ssize_t k = 0; k < count; k++) {
-        PyObject *name = PyTuple_GET_ITEM(items[k], 0), *value = PyTuple_GET_ITEM(items[k], 1);
-        Py_ssize_t nlen = PyBytes_GET_SIZE(name), vlen = PyBytes_GET_SIZE(value);
-        memcpy(q, PyBytes_AS_STRING(name), nlen);
-        q += nlen;
-        *q++ = ':';
-        *q++ = ' ';
-        memcpy(q, PyBytes_AS_STRING(value), vlen);
-        q += vlen;
-        *q++ = '\r';
-        *q++ = '\n';
+        q = write_field(q, items[k]);
     }
     *q++ = '\r';
     *q++ = '\n';

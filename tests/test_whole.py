@@ -310,13 +310,20 @@ CONNECTION_VALUES = [
     b"keep-alive", b"close", b"x-a", b"X-A, server", b" , ,x-a ,", b"upgrade", b"", b",",
     b"\tX-a\t", b"content-length,via", b"server\x0b",
 ]  # fmt: skip
-response_headers = st.lists(
-    st.tuples(
-        st.one_of(*[st.sampled_from(RESPONSE_NAMES)] * 4, st.binary(max_size=4)),
-        st.one_of(*[st.sampled_from(CONNECTION_VALUES)] * 3, st.binary(max_size=8)),
-    ),
-    max_size=8,
-)
+
+
+def header_lists(names: list[bytes]) -> st.SearchStrategy[list[tuple[bytes, bytes]]]:
+    """Mostly the names a rewrite treats specially and Connection-like values, some noise."""
+    return st.lists(
+        st.tuples(
+            st.one_of(*[st.sampled_from(names)] * 4, st.binary(max_size=4)),
+            st.one_of(*[st.sampled_from(CONNECTION_VALUES)] * 3, st.binary(max_size=8)),
+        ),
+        max_size=8,
+    )
+
+
+response_headers = header_lists(RESPONSE_NAMES)
 
 
 @needs_c
@@ -360,13 +367,7 @@ REQUEST_NAMES = [
     *RESPONSE_NAMES, b"host", b"Host", b"expect", b"x-request-id", b"x-forwarded-for",
     b"x-forwarded-proto", b"x-forwarded-host", b"X-Forwarded-For", b"cookie",
 ]  # fmt: skip
-request_headers = st.lists(
-    st.tuples(
-        st.one_of(*[st.sampled_from(REQUEST_NAMES)] * 4, st.binary(max_size=4)),
-        st.one_of(*[st.sampled_from(CONNECTION_VALUES)] * 3, st.binary(max_size=8)),
-    ),
-    max_size=8,
-)
+request_headers = header_lists(REQUEST_NAMES)
 
 
 @needs_c
