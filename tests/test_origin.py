@@ -58,6 +58,19 @@ async def test_keepalive_reuse(origin):
     await pool.close()
 
 
+async def test_upstream_sockets_have_nodelay(origin):
+    """Set by the pool: asyncio's transport leaves TCP_NODELAY unset on a socket made with
+    proto 0 (uvloop sets it again), and without it small requests wait for Nagle."""
+    import socket
+
+    pool = make_pool()
+    conn = await pool.acquire(ORIGIN)
+    sock = conn.transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    pool.release(conn, reusable=False)
+    await pool.close()
+
+
 async def test_connection_close_is_not_reused(origin):
     pool = make_pool()
     await get(pool, ORIGIN, "/close")
