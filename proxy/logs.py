@@ -89,10 +89,11 @@ _log = structlog.get_logger("originpool.proxy")
 _UTC = datetime.UTC
 
 
-def access(fields: dict[str, Any]) -> None:
+def access(fields: dict[str, Any], event: str = "access") -> None:
     """One access line: the same JSON line structlog would render for
-    ``log.info("access", **fields)`` (fields, then event, level, timestamp), built with one
-    orjson call instead of the processor chain, because it runs once per request.
+    ``log.info(event, **fields)`` (fields, then event, level, timestamp), built with one
+    orjson call instead of the processor chain, because it runs once per request (``access``)
+    or once per WebSocket session (``websocket_session``).
     Other formats and levels go through structlog as usual.
 
     The timestamp and the contextvars are read once per event-loop turn, for every access
@@ -101,9 +102,9 @@ def access(fields: dict[str, Any]) -> None:
     """
     out = _stdout
     if not _access_json or out is None:
-        _log.info("access", **fields)
+        _log.info(event, **fields)
         return
-    fields["event"] = "access"
+    fields["event"] = event
     stamp = out.stamp
     if stamp is None:
         stamp = datetime.datetime.now(_UTC).isoformat().replace("+00:00", "Z")

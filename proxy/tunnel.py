@@ -35,6 +35,7 @@ import structlog
 
 from pool import turnwrite
 from pool.origin import Origin, UpstreamConnection
+from proxy import logs
 from proxy import websocket as ws
 
 if TYPE_CHECKING:
@@ -261,18 +262,20 @@ class Tunnel:
         proxy.sessions.discard(self)
         conn = self.conn
         host, path, rid = self.head
-        log.info(
+        logs.access(
+            {
+                "host": host,
+                "path": path,
+                "origin": str(self.origin),
+                "egress": conn.egress_ip if conn else None,
+                "duration_s": round(time.monotonic() - self.started, 3),
+                "bytes_to_origin": self.sent,
+                "bytes_to_client": self.received,
+                "closed_by": self.closed_by or "unknown",
+                "close_code": self.close_code,
+                "request_id": rid.decode("ascii"),
+            },
             "websocket_session",
-            host=host,
-            path=path,
-            origin=str(self.origin),
-            egress=conn.egress_ip if conn else None,
-            duration_s=round(time.monotonic() - self.started, 3),
-            bytes_to_origin=self.sent,
-            bytes_to_client=self.received,
-            closed_by=self.closed_by or "unknown",
-            close_code=self.close_code,
-            request_id=rid.decode("ascii"),
         )
         client.close()
         if conn is None:
