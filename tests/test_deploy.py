@@ -521,6 +521,11 @@ def test_dockerfile_key_instructions() -> None:
     (cmd,) = [a for k, a in steps if k == "CMD"]
     assert "/etc/originpool/originpool.toml" in cmd
     assert ("STOPSIGNAL", "SIGTERM") in steps
+    # the build stage compiles the accelerator and fails rather than ship without it
+    first, second = [i for i, k in enumerate(kinds) if k == "FROM"][:2]
+    build = steps[first:second]
+    assert any(k == "RUN" and "gcc" in a and "libc6-dev" in a for k, a in build)
+    assert any(k == "RUN" and "ORIGINPOOL_REQUIRE_EXTENSIONS=1 pip wheel" in a for k, a in build)
 
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     for k, a in steps:

@@ -10,6 +10,7 @@ SP/HTAB, CR and LF alone, NUL, VT, FF, DEL, obs-text, commas and case in Connect
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -408,3 +409,29 @@ def test_to_origin_takes_only_bytes_and_its_keywords() -> None:
         _headers.to_origin([], **{k: v for k, v in kw.items() if k != "host"})
     with pytest.raises(TypeError):
         _headers.to_origin([], b"positional", **kw)
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_a_failed_compile_is_an_error_only_when_required(tmp_path: Path, required: bool) -> None:
+    """Optional by default (no compiler: the pure twins serve); with
+    ORIGINPOOL_REQUIRE_EXTENSIONS=1, as the container build sets it, the build fails instead
+    of shipping the slower fallback. The compiler here is /bin/false: every compile fails."""
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path)
+    (tmp_path / "proxy").mkdir()
+    for source in (ROOT / "proxy").glob("_*.[ch]"):
+        shutil.copy(source, tmp_path / "proxy")
+    env = {**os.environ, "CC": "/bin/false", "LDSHARED": "/bin/false"}
+    env.pop("ORIGINPOOL_REQUIRE_EXTENSIONS", None)
+    if required:
+        env["ORIGINPOOL_REQUIRE_EXTENSIONS"] = "1"
+    build = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (build.returncode != 0) == required, build.stdout + build.stderr
+    assert not list((tmp_path / "proxy").glob("*.so"))
