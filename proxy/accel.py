@@ -13,3 +13,13 @@ import os
 from typing import Final
 
 NO_EXTENSIONS: Final = bool(os.environ.get("ORIGINPOOL_NO_EXTENSIONS"))
+
+
+def describe(compiled: bool) -> str:
+    """What the ``ready`` log line says, so an operator can tell a slow worker's cause:
+    ``compiled``, or which fallback is running and why."""
+    if compiled:
+        return "compiled"
+    if NO_EXTENSIONS:
+        return "pure Python (ORIGINPOOL_NO_EXTENSIONS is set)"
+    return "pure Python (the C modules were not built: install gcc and the Python headers)"

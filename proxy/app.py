@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import structlog
 
 from pool.origin import OriginPool
+from proxy import accel, logs, sdnotify, whole
 from proxy import config as cfg
-from proxy import logs, sdnotify
+from proxy import headers as hdrs
 from proxy.admin import Admin
 from proxy.routing import Route, Router
 from proxy.server import Listener, Proxy, Settings
@@ -163,6 +164,7 @@ class Worker:
             admin=f"{self.admin_address[0]}:{self.admin_address[1]}",
             egress=[str(e) for e in self.proxy.pool.egress.egresses],
             mode=self.proxy.pool.egress.mode,
+            accelerator=accel.describe(whole.COMPILED and hdrs.COMPILED),
         )
         if self.on_ready is not None:
             self.on_ready()

@@ -126,7 +126,8 @@ async def run(cmd: list[str]) -> subprocess.CompletedProcess:
 async def test_serve_proxies_with_curl_and_httpx_and_exits_0_on_sigterm(origins, tmp_path):
     proc = Proc(write_config(tmp_path))
     try:
-        await asyncio.to_thread(proc.wait_for, "ready")
+        ready = await asyncio.to_thread(proc.wait_for, "ready")
+        assert ready["accelerator"] == "compiled"  # pip install -e . built it
         if shutil.which("curl"):
             out = await run(
                 ["curl", "-sS", "-H", "Host: app.example", "http://127.0.0.1:8080/hello"]
