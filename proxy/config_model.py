@@ -1,0 +1,232 @@
+"""The parsed config's types: what :func:`proxy.config.parse` returns and the proxy runs on.
+
+Apart from the parser so that the reader, which builds these, and :mod:`proxy.config`,
+whose entry points return them, both import them from a module that imports neither: the
+types and their defaults are one place to read, and no import goes round in a circle.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pool.egress import Egress, EgressSet, Mode
+from pool.origin import Origin, PoolLimits, TLSConfig
+from pool.sockopt import KeepAlive
+
+Address = tuple[str, int]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Balance = Literal["round_robin", "least_conn"]
+LogFormat = Literal["json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+BALANCES: tuple[Balance, ...] = ("round_robin", "least_conn")
+LOG_FORMATS: tuple[LogFormat, ...] = ("json", "console")
+LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
+DEFAULT_ADMIN = "127.0.0.1:9090"
+DEFAULT_TRUSTED_PROXIES = ("127.0.0.1/32", "::1/128")
+MAX_WORKERS = 1024  # more than this is a typo (an extra digit), not a machine
+
+_POOL_DEFAULTS = PoolLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One downstream socket; TLS when both certificate and key are given (absolute paths)."""
+
+    address: Address
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclass(frozen=True, slots=True)
+class EgressConfig:
+    """Source addresses for upstream connections; empty means the kernel's default source.
+
+    ``allow_unassigned``: an address this host does not have at start is a warning, not an
+    error, for IPs that are added after the proxy starts (the pool keeps it down until then).
+    """
+
+    mode: Mode = "connectx"
+    addresses: tuple[Egress, ...] = ()
+    allow_unassigned: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteOrigin:
+    """An origin of a route and its share of the route's traffic."""
+
+    origin: Origin
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Requests whose Host is ``host`` (or under ``*.suffix``, or any for ``*``) and whose
+    path starts with the prefix.
+
+    ``host`` is lower-case without a trailing dot, because Host headers are matched
+    case-insensitively and ``example.`` names the same host as ``example``.
+    """
+
+    host: str
+    path_prefix: str
+    origins: tuple[RouteOrigin, ...]
+    balance: Balance = "round_robin"
+
+    @property
+    def wildcard(self) -> bool:
+        return self.host.startswith("*")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """``[pool]``: limits applied to each origin (see :class:`~pool.origin.PoolLimits`)."""
+
+    max_connections: int = _POOL_DEFAULTS.max_connections
+    max_idle: int = _POOL_DEFAULTS.max_idle
+    idle_timeout: float = _POOL_DEFAULTS.idle_timeout
+    max_lifetime: float | None = _POOL_DEFAULTS.max_lifetime
+    max_requests: int = _POOL_DEFAULTS.max_requests
+    queue_size: int = _POOL_DEFAULTS.queue_size
+    queue_timeout: float = _POOL_DEFAULTS.queue_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """``[timeouts]`` in seconds; ``websocket_idle`` None means no idle limit."""
+
+    connect: float = 5.0  # upstream TCP (and TLS handshake) connect
+    header: float = 10.0  # whole request head: slowloris gets 408
+    body_idle: float = 60.0  # no request body bytes for this long: 408
+    upstream_response: float = 60.0  # origin's response head: 504
+    drain: float = 30.0  # on shutdown, in-flight exchanges get this long
+    websocket_idle: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TCPKeepAliveSettings:
+    """``[tcp_keepalive]`` on client and origin sockets: a peer gone without FIN or RST is
+    found after idle + interval x probes seconds (2 min by default); ``idle`` None is off."""
+
+    idle: int | None = 60
+    interval: int = 10
+    probes: int = 6
+
+    def to_keepalive(self) -> KeepAlive | None:
+        return None if self.idle is None else KeepAlive(self.idle, self.interval, self.probes)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """``[limits]`` on downstream requests; ``max_body_bytes`` None means unlimited."""
+
+    max_header_bytes: int = 16384  # 431
+    max_request_line: int = 8192  # 414
+    max_body_bytes: int | None = None  # 413
+    # downstream connections per worker, all listeners; None ("auto"): as many as the
+    # worker's RLIMIT_NOFILE allows at two sockets each (proxy.app.FileBudget)
+    max_connections: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """``[proxy]``: worker processes, whose X-Forwarded-For to believe, the HTTP/1.1 parser."""
+
+    workers: int = 1
+    http_parser: str = "httptools"  # "h11": the strictness bar itself, ~4x slower per request
+    trusted_proxies: tuple[Network, ...] = tuple(
+        ipaddress.ip_network(n, strict=False) for n in DEFAULT_TRUSTED_PROXIES
+    )
+
+    def trusts(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted_proxies)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTLS:
+    """``[upstream_tls]``: verification of origins' certificates, on unless configured off."""
+
+    verify: bool = True
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """``[log]``: JSON for machines by default, console for people at a terminal."""
+
+    format: LogFormat = "json"
+    level: LogLevel = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A complete, valid configuration; built only by ``proxy.config``'s ``load`` / ``parse``."""
+
+    listen: tuple[Listener, ...]
+    routes: tuple[Route, ...]
+    admin: Address = ("127.0.0.1", 9090)
+    egress: EgressConfig = field(default_factory=EgressConfig)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    upstream_tls: UpstreamTLS = field(default_factory=UpstreamTLS)
+    log: LogSettings = field(default_factory=LogSettings)
+    tcp_keepalive: TCPKeepAliveSettings = field(default_factory=TCPKeepAliveSettings)
+    source: str = "<string>"
+
+    @property
+    def origins(self) -> tuple[Origin, ...]:
+        """Distinct origins over all routes, in order of first mention: one pool each."""
+        seen: dict[Origin, None] = {}
+        for route in self.routes:
+            for ro in route.origins:
+                seen.setdefault(ro.origin, None)
+        return tuple(seen)
+
+    def to_pool_limits(self) -> PoolLimits:
+        p = self.pool
+        return PoolLimits(
+            max_connections=p.max_connections,
+            max_idle=p.max_idle,
+            idle_timeout=p.idle_timeout,
+            max_lifetime=p.max_lifetime,
+            max_requests=p.max_requests,
+            queue_size=p.queue_size,
+            queue_timeout=p.queue_timeout,
+            connect_timeout=self.timeouts.connect,
+        )
+
+    def to_tls_config(self) -> TLSConfig:
+        return TLSConfig(verify=self.upstream_tls.verify, ca_file=self.upstream_tls.ca_file)
+
+    def to_egress_set(self, worker: int = 0) -> EgressSet:
+        """Worker ``worker`` of ``proxy.workers``: each prefers its own slice of the ports."""
+        share = (worker, max(1, self.proxy.workers))
+        return EgressSet(self.egress.addresses, self.egress.mode, share=share)
+
+    def summary(self) -> str:
+        """One line for ``check-config`` and the startup log."""
+        return ", ".join(
+            [
+                _count_of(len(self.listen), "listener"),
+                _count_of(len(self.routes), "route"),
+                _count_of(len(self.origins), "origin"),
+                _count_of(len(self.egress.addresses), "egress IP"),
+                f"mode {self.egress.mode}",
+            ]
+        )
+
+
+def _count_of(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
