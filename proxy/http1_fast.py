@@ -76,7 +76,6 @@ try:  # imported here, not by proxy.http1: the h11 path must keep working withou
 except ImportError:  # pragma: no cover - exercised only on installs without httptools
     httptools = None
 
-_TOKEN: Final = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 # RFC 9110 field-value: no control byte but HTAB (h11 refuses only NUL, CR, LF, VT, FF)
 _CTL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # the same on a whole raw head, whose CR and LF are checked apart (request line and names
@@ -86,7 +85,6 @@ _CTL_HEAD: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _REQUEST_LINE: Final = re.compile(
     rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+ [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\r\n"
 )
-_TARGET: Final = re.compile(rb"[\x21-\x7e]+")
 _DIGITS: Final = re.compile(rb"[0-9]+")
 _CHUNK_SIZE: Final = re.compile(CHUNK_SIZE)
 _VERSIONS: Final = frozenset((b"1.0", b"1.1"))
@@ -111,7 +109,7 @@ def _check_head(
     """
     if version not in _VERSIONS:
         raise ProtocolError(505, f"HTTP/{version.decode()} is not supported")
-    if not _TARGET.fullmatch(target):
+    if not whole.TARGET.fullmatch(target):
         raise ProtocolError(400, "illegal request target")
     hosts = 0
     chunked = False

@@ -103,25 +103,13 @@ except ImportError:  # pragma: no cover - exercised only on installs without htt
 
 MAX_INCOMPLETE: Final = CLIENT_MAX_INCOMPLETE  # what ClientSide's h11 buffers of one event
 
-_TOKEN_CHARS: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+# the grammar both paths share (token, target, field values, status line, framing names):
+# defined once, in proxy.whole, whose shortcuts must read bytes exactly as this module does
 # h11's field-value: visible bytes, obs-text and controls but NUL/VT/FF/CR/LF, with inner SP/HTAB
 _FIELD_CONTENT: Final = rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?"
-_TOKEN: Final = re.compile(_TOKEN_CHARS)
-# h11's field-value again, in a form sre runs faster: a visible byte at each end, SP/HTAB inside
-_VALUE_FAST: Final = rb"(?:[^\x00\s](?:[^\x00\n\r\x0b\x0c]*[^\x00\s])?)?"
-# request headers flattened to name LF value LF name LF value...
-_HEADERS: Final = re.compile(
-    _TOKEN_CHARS + b"\n" + _VALUE_FAST + b"(?:\n" + _TOKEN_CHARS + b"\n" + _VALUE_FAST + b")*"
-)
-_FIELD: Final = re.compile(b"(" + _TOKEN_CHARS + b"):[ \t]*(" + _FIELD_CONTENT + b")[ \t]*")
-_TARGET: Final = re.compile(rb"[\x21-\x7e]+")
-# h11's status line: the reason may be absent, empty, or any bytes but NUL/VT/FF/CR/LF
-_STATUS_LINE: Final = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([^\x00\n\r\x0b\x0c]*))?\r\n")
-_DIGITS: Final = re.compile(rb"[0-9]{1,20}")
+_FIELD: Final = re.compile(b"(" + whole.TOKEN_CHARS + b"):[ \t]*(" + _FIELD_CONTENT + b")[ \t]*")
 _BAD_EOL: Final = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")  # bare LF, or CR before a byte but LF
 _SYNTH: Final = b"HTTP/1.1 200 \r\n"  # what llhttp sees in place of the real status line
-_FRAMING: Final = frozenset((b"content-length", b"transfer-encoding", b"connection"))
-_SEND_FRAMING: Final = frozenset((*_FRAMING, b"upgrade"))
 _ORIGIN: Final = "bad response from origin: "
 
 # reading states
@@ -168,12 +156,12 @@ def _framing(headers: Headers) -> tuple[int, bool, bool]:
     chunked = False
     close = False
     for i, (name, value) in enumerate(headers):
-        if name not in _FRAMING:
+        if name not in whole.FRAMING:
             continue
         if name == b"content-length":
             if length >= 0:
                 raise _fail("more than one Content-Length")
-            if not _DIGITS.fullmatch(value):
+            if not whole.CONTENT_LENGTH.fullmatch(value):
                 raise _fail(f"bad Content-Length: {value[:40]!r}")
             length = int(value)
         elif name == b"transfer-encoding":
@@ -207,7 +195,7 @@ def _send_framing(
             if len(items) != 1:
                 raise SendError("conflicting Content-Length headers")
             value = items.pop()
-            if not _DIGITS.fullmatch(value):
+            if not whole.CONTENT_LENGTH.fullmatch(value):
                 raise SendError("bad Content-Length")
             if length:
                 if value != length:
@@ -292,20 +280,20 @@ class FastClientSide:
             return fast
         # h11 checks while building its Request event, before its state changes: a refused
         # head leaves this codec as it was
-        if not _TOKEN.fullmatch(method):
+        if not whole.TOKEN.fullmatch(method):
             raise SendError("illegal method characters")
-        if not _TARGET.fullmatch(target):
+        if not whole.TARGET.fullmatch(target):
             raise SendError("illegal target characters")
         # every name and value in one match: LF joins them (neither may hold one, as counted)
         flat = b"\n".join(chain.from_iterable(headers))
-        if flat.count(b"\n") != 2 * len(headers) - 1 or not _HEADERS.fullmatch(flat):
+        if flat.count(b"\n") != 2 * len(headers) - 1 or not whole.HEADERS.fullmatch(flat):
             raise SendError("illegal header name or value")
         lowered = [name.lower() for name, _ in headers]
         if lowered.count(b"host") != 1:
             raise SendError("HTTP/1.1 needs exactly one Host header")
         chunked = close = upgrade = False
         length = b""
-        if not _SEND_FRAMING.isdisjoint(lowered):
+        if not whole.SEND_FRAMING.isdisjoint(lowered):
             headers, length, chunked, close, upgrade = _send_framing(headers, lowered)
             lowered = [name.lower() for name, _ in headers]
         host = lowered.index(b"host")
@@ -485,7 +473,7 @@ class FastClientSide:
 
     def _response_head(self, head: bytes) -> ResponseHead:
         """One complete head (CRLFCRLF included): the event, and the state it leads to."""
-        m = _STATUS_LINE.match(head)
+        m = whole.STATUS_LINE.match(head)
         if m is None:
             line = head[: head.find(b"\r\n")]
             raise _fail(f"illegal status line: {line[:80]!r}")

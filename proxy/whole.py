@@ -71,10 +71,10 @@ def parse_request(data: bytes, max_line: int) -> tuple[bytes, bytes, bool, Heade
 # -- responses in (client side) ----------------------------------------------------------------
 
 # h11's status line: the reason may be absent, empty, or any bytes but NUL/VT/FF/CR/LF
-_STATUS_LINE: Final = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([^\x00\n\r\x0b\x0c]*))?\r\n")
+STATUS_LINE: Final = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([^\x00\n\r\x0b\x0c]*))?\r\n")
 _WHOLE_BLOCK: Final = re.compile(WHOLE_LINES + rb"\r\n")
-_DIGITS: Final = re.compile(rb"[0-9]{1,20}")
-_FRAMING: Final = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+CONTENT_LENGTH: Final = re.compile(rb"[0-9]{1,20}")
+FRAMING: Final = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 
 
 def parse_response(
@@ -91,7 +91,7 @@ def parse_response(
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return None
-    m = _STATUS_LINE.match(data)
+    m = STATUS_LINE.match(data)
     if m is None or not _WHOLE_BLOCK.fullmatch(data, m.end(), end + 4):
         return None
     version, code, reason = m.groups()
@@ -104,10 +104,10 @@ def parse_response(
     for name, value in WHOLE_FIELD.findall(data, m.end(), end + 2):
         name = name.lower()
         value = value.rstrip(b" \t")
-        if name in _FRAMING:
+        if name in FRAMING:
             if name == b"connection":
                 close = close or b"close" in comma_items(value)
-            elif name == b"content-length" and length < 0 and _DIGITS.fullmatch(value):
+            elif name == b"content-length" and length < 0 and CONTENT_LENGTH.fullmatch(value):
                 length = int(value)
             else:
                 return None  # chunked, a second Content-Length, a bad one
@@ -123,17 +123,17 @@ def parse_response(
 
 # -- requests out (client side) ----------------------------------------------------------------
 
-_TOKEN_CHARS: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
-_TOKEN: Final = re.compile(_TOKEN_CHARS)
-_TARGET: Final = re.compile(rb"[\x21-\x7e]+")
+TOKEN_CHARS: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+TOKEN: Final = re.compile(TOKEN_CHARS)
+TARGET: Final = re.compile(rb"[\x21-\x7e]+")
 # h11's field-value: a visible byte at each end, SP/HTAB and controls but NUL/VT/FF/CR/LF inside
-_VALUE: Final = rb"(?:[^\x00\s](?:[^\x00\n\r\x0b\x0c]*[^\x00\s])?)?"
+FIELD_VALUE: Final = rb"(?:[^\x00\s](?:[^\x00\n\r\x0b\x0c]*[^\x00\s])?)?"
 # headers flattened to name LF value LF name LF value...: every name and value in one match
-_HEADERS: Final = re.compile(
-    _TOKEN_CHARS + b"\n" + _VALUE + b"(?:\n" + _TOKEN_CHARS + b"\n" + _VALUE + b")*"
+HEADERS: Final = re.compile(
+    TOKEN_CHARS + b"\n" + FIELD_VALUE + b"(?:\n" + TOKEN_CHARS + b"\n" + FIELD_VALUE + b")*"
 )
 # names whose presence makes h11 reframe or refuse the request: the general path's job
-_SEND_FRAMING: Final = frozenset(
+SEND_FRAMING: Final = frozenset(
     (b"content-length", b"transfer-encoding", b"connection", b"upgrade")
 )
 
@@ -149,12 +149,12 @@ def request_head(
     refuses, is None: the codec's general path writes it or raises its error.
     """
     lowered = [name.lower() for name, _ in headers]
-    if not _SEND_FRAMING.isdisjoint(lowered) or lowered.count(b"host") != 1:
+    if not SEND_FRAMING.isdisjoint(lowered) or lowered.count(b"host") != 1:
         return None
-    if not _TOKEN.fullmatch(method) or not _TARGET.fullmatch(target):
+    if not TOKEN.fullmatch(method) or not TARGET.fullmatch(target):
         return None
     flat = b"\n".join(chain.from_iterable(headers))
-    if flat.count(b"\n") != 2 * len(headers) - 1 or not _HEADERS.fullmatch(flat):
+    if flat.count(b"\n") != 2 * len(headers) - 1 or not HEADERS.fullmatch(flat):
         return None
     host = lowered.index(b"host")
     if host:  # h11 writes Host first
