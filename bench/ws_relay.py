@@ -837,6 +837,16 @@ def report(summary: dict[str, Any]) -> None:
     print(f"load average after: {load}")
 
 
+def machine() -> dict[str, Any]:
+    """What a figure was measured on, written beside it (load average: how quiet it was)."""
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_after": os.getloadavg(),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds")
@@ -887,13 +897,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def machine() -> dict[str, Any]:
-    """What a figure was measured on, written beside it (load average: how quiet it was)."""
-    return {
-        "cpus": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "loadavg_after": os.getloadavg(),
-    }
