@@ -34,262 +34,76 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from pool import sockdiag
 from proxy.testbed import procs, scenario_report
-from proxy.testbed.procs import Child, ChildFailed, Space
-from proxy.testbed.run import (
+from proxy.testbed.kernel_view import (
+    KernelSample,
+    cpu_seconds,
+    established_to,
+    kernel_sample,
+    vars_of,
+)
+from proxy.testbed.options import (
     CLIENT_SOURCES_PER_SHARD,
     LISTEN,
     ROUTE_HOST,
     SESSIONS_PER_PROCESS,
-    ModeRun,
-    Options,
     client_port_window,
 )
+from proxy.testbed.procs import Child, ChildFailed, Space
+from proxy.testbed.run import ModeRun
+from proxy.testbed.scenario_options import (
+    CHURN_DURATION,
+    CHURN_LIFETIME,
+    CHURN_MIX,
+    FLAG,
+    NOT_BUILT,
+    ONLY_FOR,
+    SCENARIOS,
+    STORM_RATE,
+    STORM_TARGET,
+    STORM_WINDOW,
+    TW_REUSE,
+    flag,
+    resolve,
+    storm_sessions,
+    validate,
+)
 
-# name -> what it does (None: not built yet; the CLI refuses it with that sentence)
-SCENARIOS: dict[str, str | None] = {
-    "ramp": "sessions opened one after another until the wall, once per egress mode",
-    "churn": "sessions arrive at --rate and live --lifetime on average (Little's law)",
-    "storm": "ramp to --target, restart the origins, every client reconnects with backoff",
-    "faults": "with sessions held: reload, egress IP removed and re-added, origin killed, stop",
-}
-NOT_BUILT = "not built yet (registered in proxy/testbed/scenarios.py; see docs/testbed)"
+# the names the command line, faults and the ramp have always imported from here
+__all__ = [
+    "CHURN_DURATION",
+    "CHURN_LIFETIME",
+    "CHURN_MIX",
+    "FLAG",
+    "NOT_BUILT",
+    "ONLY_FOR",
+    "SAMPLE_EVERY",
+    "SCENARIOS",
+    "STORM_RATE",
+    "STORM_TARGET",
+    "STORM_WINDOW",
+    "TW_REUSE",
+    "KernelSample",
+    "ScenarioRun",
+    "StepRecord",
+    "cpu_seconds",
+    "established_to",
+    "flag",
+    "kernel_sample",
+    "resolve",
+    "storm_sessions",
+    "validate",
+    "vars_of",
+]
 
-CHURN_LIFETIME = 30.0
-CHURN_DURATION = 120.0
-CHURN_MIX = (1 / 3, 1 / 3, 1 / 3)  # close : fin : rst, as shares
-STORM_TARGET = 0.9
-STORM_RATE = 1000.0
-STORM_WINDOW = 60.0
-TW_REUSE = 0
 SAMPLE_EVERY = 1.0
-_NOT_OPEN = sockdiag.ALL_STATES & ~(1 << 1) & ~(1 << sockdiag.TCP_LISTEN)
-
-
-# -- options ---------------------------------------------------------------------------------
-
-
-def resolve(options: Options) -> None:
-    """Per-scenario defaults for what the user did not say (in place)."""
-    if options.scenario == "churn":
-        if options.lifetime is None:
-            options.lifetime = CHURN_LIFETIME
-        if options.rate is None:
-            # steady state rate x lifetime = the limit (Little's law): churn at the wall
-            options.rate = round(options.limit / options.lifetime, 3)
-        if options.duration is None:
-            options.duration = CHURN_DURATION
-        if options.mix is None:
-            options.mix = CHURN_MIX
-    elif options.scenario == "faults":
-        from proxy.testbed.faults import FAULTS_RATE, FAULTS_TARGET, RELOAD_HOLD
-
-        if options.target is None:
-            options.target = FAULTS_TARGET
-        if options.rate is None:
-            options.rate = FAULTS_RATE
-        if options.duration is None:
-            options.duration = STORM_WINDOW  # the clients' give-up: no reconnects here
-        if options.proxy_cmd and options.stop_signal is None:
-            options.stop_signal = "TERM"
-        if options.reload_hold is None:
-            options.reload_hold = RELOAD_HOLD
-    elif options.scenario == "storm":
-        if options.target is None:
-            options.target = STORM_TARGET
-        if options.rate is None:
-            options.rate = STORM_RATE
-        if options.duration is None:
-            options.duration = STORM_WINDOW
-        if options.storm_origins is None:
-            options.storm_origins = options.origins
-    if options.tw_reuse is None and options.scenario != "ramp":
-        options.tw_reuse = TW_REUSE
-
-
-# options that belong to one scenario only: given with another, they are refused
-ONLY_FOR = {
-    "sessions": ("ramp",),
-    "hold": ("ramp",),
-    "concurrency": ("ramp",),
-    "records_path": ("ramp",),
-    "lifetime": ("churn",),
-    "mix": ("churn",),
-    "target": ("storm", "faults"),
-    "storm_origins": ("storm",),
-    "rate": ("churn", "storm", "faults"),
-    "reload_signal": ("faults",),
-    "stop_signal": ("faults",),
-    "reload_hold": ("faults",),
-    "duration": ("churn", "storm"),
-    "tw_reuse": ("churn", "storm", "faults"),
-}
-FLAG = {
-    "records_path": "--records",
-    "storm_origins": "--storm-origins",
-    "tw_reuse": "--tw-reuse",
-    "reload_signal": "--reload-signal",
-    "stop_signal": "--stop-signal",
-    "reload_hold": "--reload-hold",
-}
-
-
-def flag(name: str) -> str:
-    return FLAG.get(name, "--" + name.replace("_", "-"))
-
-
-def validate(options: Options, given: set[str]) -> str | None:
-    """Nonsense refused before anything starts, naming the option (one sentence)."""
-    name = options.scenario
-    for option, scenarios in ONLY_FOR.items():
-        if option in given and name not in scenarios:
-            only = "/".join(scenarios)
-            return f"{flag(option)} does not apply to --scenario {name} (only {only})"
-    if name == "faults":
-        if options.egress < 2:
-            return "--scenario faults needs --egress 2 or more: it removes one egress IP"
-        if options.origins < 2:
-            return "--scenario faults needs --origins 2 or more: it kills one origin"
-        for option in ("reload_signal", "stop_signal", "reload_hold"):
-            if option in given and not options.proxy_cmd:
-                return (
-                    f"{flag(option)} applies to --proxy-cmd only (originpool reloads on SIGHUP "
-                    "and drains on SIGTERM)"
-                )
-        from proxy.testbed.faults import signal_number
-
-        for option in ("reload_signal", "stop_signal"):
-            value = getattr(options, option)
-            if value is not None:
-                try:
-                    signal_number(value)
-                except ValueError as e:
-                    return f"{flag(option)}: {e}"
-    if name == "ramp":
-        return None
-    if len(options.modes) != 1:
-        return f"--mode: --scenario {name} runs one egress mode (plain, bind or connectx)"
-    resolve(options)
-    assert options.rate is not None and options.duration is not None
-    if not options.rate > 0 or not options.duration > 0:
-        return "--rate and --duration must be positive"
-    if name == "churn":
-        assert options.lifetime is not None
-        if options.duration < 2 * options.lifetime:
-            return (
-                f"--duration {options.duration:g} is shorter than 2 x --lifetime "
-                f"{options.lifetime:g}: churn would end before it came near its steady state"
-            )
-        if options.rate * options.duration > 2_000_000:
-            return "--rate x --duration: at most 2,000,000 sessions per run"
-        if options.rate * options.lifetime > 256 * SESSIONS_PER_PROCESS:
-            return "--rate x --lifetime: more live sessions than 256 client processes hold"
-    if name == "faults":
-        assert options.target is not None
-        if not 0 < options.target <= 0.8:
-            return (
-                f"--target {options.target:g}: a share of the physical limit "
-                f"{options.limit:,}, more than 0 and at most 0.8 (the steps open new sessions)"
-            )
-        if storm_sessions(options) < 1:
-            return f"--target {options.target:g} of {options.limit:,} is not one session"
-    if name == "storm":
-        assert options.target is not None and options.storm_origins is not None
-        if not 0 < options.target <= 1:
-            return (
-                f"--target {options.target:g}: a share of the physical limit "
-                f"{options.limit:,}, more than 0 and at most 1"
-            )
-        if not 1 <= options.storm_origins <= options.origins:
-            return (
-                f"--storm-origins {options.storm_origins}: between 1 and --origins "
-                f"{options.origins}"
-            )
-        sessions = storm_sessions(options)
-        if sessions < 1:
-            return f"--target {options.target:g} of {options.limit:,} is not one session"
-        ramp = sessions / options.rate
-        if ramp > options.duration:
-            return (
-                f"--rate {options.rate:g}/s cannot reach --target {options.target:g} "
-                f"({sessions:,} sessions) in --duration {options.duration:g} s "
-                f"(it needs {ramp:.0f} s)"
-            )
-    return None
-
-
-def storm_sessions(options: Options) -> int:
-    assert options.target is not None
-    return int(options.target * options.limit)
-
-
-# -- the kernel's view -----------------------------------------------------------------------
-
-
-@dataclass
-class KernelSample:
-    """Non-established TCP sockets of the namespace, by which side of which leg holds them."""
-
-    time_wait: int = 0  # proxy -> origin sockets in TIME_WAIT (the proxy closed first)
-    other: int = 0  # proxy -> origin sockets in SYN_SENT, FIN_WAIT*, CLOSE_WAIT, LAST_ACK...
-    origin_time_wait: int = 0  # the origin's half of those connections (it closed first)
-    client_time_wait: int = 0  # client -> proxy sockets (the client closed first)
-    proxy_client_time_wait: int = 0  # the proxy's half towards clients (it closed first)
-    time_wait_by_source: Counter[str] = field(default_factory=Counter)
-
-
-def kernel_sample(origins: set[tuple[str, int]], listen: tuple[str, int]) -> KernelSample:
-    """One sock_diag dump of the states that are not ESTABLISHED or LISTEN: cheap even with
-    tens of thousands of held sessions, since those are filtered out in the kernel."""
-    out = KernelSample()
-    for s in sockdiag.dump(socket.AF_INET, socket.IPPROTO_TCP, _NOT_OPEN):
-        tw = s.state == sockdiag.TCP_TIME_WAIT
-        if (s.dst, s.dport) in origins:
-            if tw:
-                out.time_wait += 1
-                out.time_wait_by_source[s.src] += 1
-            else:
-                out.other += 1
-        elif (s.src, s.sport) in origins:
-            out.origin_time_wait += tw
-        elif (s.dst, s.dport) == listen:
-            out.client_time_wait += tw
-        elif (s.src, s.sport) == listen:
-            out.proxy_client_time_wait += tw
-    return out
-
-
-def established_to(addresses: set[tuple[str, int]]) -> int:
-    """Upstream connections to these origins now: the sessions an origin restart must drop."""
-    states = 1 << 1
-    return sum(
-        1
-        for s in sockdiag.dump(socket.AF_INET, socket.IPPROTO_TCP, states)
-        if (s.dst, s.dport) in addresses
-    )
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of live processes, from /proc/PID/stat."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / tick
 
 
 # -- one scenario ----------------------------------------------------------------------------
@@ -709,13 +523,3 @@ class ScenarioRun(ModeRun):
             "client_processes": len(self.clients),
         }
         return {"doc": doc, "detail": detail}
-
-
-def vars_of(sample: KernelSample) -> dict[str, Any]:
-    return {
-        "time_wait": sample.time_wait,
-        "other_states": sample.other,
-        "origin_time_wait": sample.origin_time_wait,
-        "client_time_wait": sample.client_time_wait,
-        "proxy_client_time_wait": sample.proxy_client_time_wait,
-    }
