@@ -8,6 +8,8 @@ and none of it depends on how a scenario runs.
 
 from __future__ import annotations
 
+from typing import Any
+
 from proxy.testbed.options import SESSIONS_PER_PROCESS, Options
 
 # name -> what it does (None: not built yet; the CLI refuses it with that sentence)
@@ -28,42 +30,34 @@ STORM_WINDOW = 60.0
 TW_REUSE = 0
 
 
+def _default(options: Options, **values: Any) -> None:
+    """Each of ``values`` where the user said nothing (the option is still None)."""
+    for name, value in values.items():
+        if getattr(options, name) is None:
+            setattr(options, name, value)
+
+
 def resolve(options: Options) -> None:
     """Per-scenario defaults for what the user did not say (in place)."""
     if options.scenario == "churn":
-        if options.lifetime is None:
-            options.lifetime = CHURN_LIFETIME
+        _default(options, lifetime=CHURN_LIFETIME)
         if options.rate is None:
             # steady state rate x lifetime = the limit (Little's law): churn at the wall
             options.rate = round(options.limit / options.lifetime, 3)
-        if options.duration is None:
-            options.duration = CHURN_DURATION
-        if options.mix is None:
-            options.mix = CHURN_MIX
+        _default(options, duration=CHURN_DURATION, mix=CHURN_MIX)
     elif options.scenario == "faults":
         from proxy.testbed.faults import FAULTS_RATE, FAULTS_TARGET, RELOAD_HOLD
 
-        if options.target is None:
-            options.target = FAULTS_TARGET
-        if options.rate is None:
-            options.rate = FAULTS_RATE
-        if options.duration is None:
-            options.duration = STORM_WINDOW  # the clients' give-up: no reconnects here
-        if options.proxy_cmd and options.stop_signal is None:
-            options.stop_signal = "TERM"
-        if options.reload_hold is None:
-            options.reload_hold = RELOAD_HOLD
+        # duration: the clients' give-up, no reconnects here
+        _default(options, target=FAULTS_TARGET, rate=FAULTS_RATE, duration=STORM_WINDOW)
+        if options.proxy_cmd:
+            _default(options, stop_signal="TERM")
+        _default(options, reload_hold=RELOAD_HOLD)
     elif options.scenario == "storm":
-        if options.target is None:
-            options.target = STORM_TARGET
-        if options.rate is None:
-            options.rate = STORM_RATE
-        if options.duration is None:
-            options.duration = STORM_WINDOW
-        if options.storm_origins is None:
-            options.storm_origins = options.origins
-    if options.tw_reuse is None and options.scenario != "ramp":
-        options.tw_reuse = TW_REUSE
+        _default(options, target=STORM_TARGET, rate=STORM_RATE, duration=STORM_WINDOW)
+        _default(options, storm_origins=options.origins)
+    if options.scenario != "ramp":
+        _default(options, tw_reuse=TW_REUSE)
 
 
 # options that belong to one scenario only: given with another, they are refused
