@@ -8,8 +8,10 @@ Why it is built this way:
   all. ``originpool check-config FILE`` prints them and exits 2; nothing starts.
 * **No silent defaults.** Unknown keys anywhere are errors (with a "did you mean" from
   :mod:`difflib`): a misspelt ``max_idel`` that quietly fell back to the default would be
-  found only in production. (Settings a demonstration mode ignores, egress addresses in
-  ``plain`` and windows in ``bind``, are accepted: comparing modes changes one line.)
+  found only in production. Egress addresses with ``mode = "plain"``, which would ignore
+  them, are refused the same way; windows in ``bind`` are accepted (comparing modes
+  changes one line). What this host says (egress IPs not assigned here) is asked of the
+  ``[egress]`` section even when the rest has problems, and told with them.
 * **Failures that would only surface at startup or at the first request surface here**:
   certificate/key pairs and CA bundles are loaded, listener addresses that would collide on
   bind are reported, origins the egress addresses cannot reach are reported.
@@ -44,6 +46,7 @@ from proxy.config_model import (
     _POOL_DEFAULTS,
     BALANCES,
     DEFAULT_ADMIN,
+    DEFAULT_PID_FILE,
     DEFAULT_TRUSTED_PROXIES,
     LOG_FORMATS,
     LOG_LEVELS,
@@ -114,6 +117,7 @@ __all__ = [
     "ADMIN_KEYS",
     "BALANCES",
     "DEFAULT_ADMIN",
+    "DEFAULT_PID_FILE",
     "DEFAULT_TRUSTED_PROXIES",
     "EGRESS_KEYS",
     "HTTP_PARSERS",
@@ -189,8 +193,11 @@ class ConfigError(ValueError):
     one per line, ready to print.
     """
 
-    def __init__(self, problems: Sequence[str]) -> None:
+    def __init__(self, problems: Sequence[str], egress: EgressConfig | None = None) -> None:
         self.problems: list[str] = list(problems)
+        # the [egress] section, when it was read although the document failed: what
+        # load_on_host still asks the host about, so every problem comes out in one run
+        self.egress = egress
         super().__init__("\n".join(self.problems))
 
     def __str__(self) -> str:
@@ -219,11 +226,33 @@ def load_on_host(path: str | os.PathLike[str]) -> tuple[Config, tuple[str, ...]]
     """:func:`load`, then what this host says about it (:class:`EgressPresence`): what
     ``check-config`` and ``serve`` use. Returns the config and its warnings; raises
     :class:`ConfigError` with the host's errors when there are any."""
-    config = load(path)
+    try:
+        config = load(path)
+    except ConfigError as e:
+        if e.egress is None:
+            raise
+        # the document's problems and the host's in one answer (issue 18): fixing a typo
+        # must not reveal a missing address only on the next run
+        found = EgressPresence().check_egress(e.egress, os.fspath(path))
+        raise ConfigError(_by_address(e.problems + list(found.errors))) from None
     report = EgressPresence().check(config)
     if report.errors:
         raise ConfigError(report.errors)
     return config, report.warnings
+
+
+_ADDRESS_KEY = re.compile(r": egress\.addresses\[(\d+)\]: ")
+
+
+def _by_address(problems: list[str]) -> list[str]:
+    """The problems with those about ``egress.addresses[i]`` put in ``i`` order among the
+    places they hold, so the document's and the host's answers about one array read as one."""
+    at = [(i, m) for i, p in enumerate(problems) if (m := _ADDRESS_KEY.search(p)) is not None]
+    ordered = sorted((int(m[1]), i) for i, m in at)
+    out = list(problems)
+    for (slot, _m), (_index, source) in zip(at, ordered, strict=True):
+        out[slot] = problems[source]
+    return out
 
 
 def parse(
@@ -247,7 +276,7 @@ def from_dict(
     reader = _Reader(source, Path(base_dir) if base_dir is not None else Path.cwd())
     config = reader.read(data)
     if reader.problems or config is None:
-        raise ConfigError(reader.problems or [f"{source}: invalid"])
+        raise ConfigError(reader.problems or [f"{source}: invalid"], reader.egress_read)
     return config
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pool.connectx import is_local_address
-from proxy.config_model import Config
+from proxy.config_model import Config, EgressConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +41,11 @@ class EgressPresence:
         self._is_local = is_local
 
     def check(self, config: Config) -> HostReport:
-        egress = config.egress
+        return self.check_egress(config.egress, config.source)
+
+    def check_egress(self, egress: EgressConfig, source: str) -> HostReport:
+        """The check on the ``[egress]`` section alone: also asked of a config that failed
+        to parse elsewhere, so ``check-config`` names every problem in one run."""
         if egress.mode == "plain":
             return HostReport()  # the addresses are not used at all
         errors: list[str] = []
@@ -55,7 +59,7 @@ class EgressPresence:
                 reason = f"{address.ip} cannot be used here: {e.strerror or e}"
             if present:
                 continue
-            where = f"{config.source}: egress.addresses[{i}]"
+            where = f"{source}: egress.addresses[{i}]"
             if egress.allow_unassigned:
                 warnings.append(
                     f"{where}: warning: {reason}; allow_unassigned = true: the pool keeps it "

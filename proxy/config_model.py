@@ -27,6 +27,8 @@ LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 DEFAULT_ADMIN = "127.0.0.1:9090"
 DEFAULT_TRUSTED_PROXIES = ("127.0.0.1/32", "::1/128")
 MAX_WORKERS = 1024  # more than this is a typo (an extra digit), not a machine
+# where nginx users look (/run/nginx.pid); `originpool reload` and `stop` read it
+DEFAULT_PID_FILE = "/run/originpool.pid"
 
 _POOL_DEFAULTS = PoolLimits()
 
@@ -136,13 +138,22 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
-    """``[proxy]``: worker processes, whose X-Forwarded-For to believe, the HTTP/1.1 parser."""
+    """``[proxy]``: worker processes, whose X-Forwarded-For to believe, the HTTP/1.1 parser,
+    the pid file. ``pid_file`` is None when the config leaves it out: the default path is
+    then used, and a start that cannot write it only warns (a non-root container has no
+    writable /run), while a path the operator set must be writable or nothing starts."""
 
     workers: int = 1
+    pid_file: str | None = None
     http_parser: str = "httptools"  # "h11": the strictness bar itself, ~4x slower per request
     trusted_proxies: tuple[Network, ...] = tuple(
         ipaddress.ip_network(n, strict=False) for n in DEFAULT_TRUSTED_PROXIES
     )
+
+    @property
+    def pid_path(self) -> str:
+        """The pid file ``serve`` writes and ``reload``/``stop`` read."""
+        return self.pid_file or DEFAULT_PID_FILE
 
     def trusts(self, ip: str) -> bool:
         try:

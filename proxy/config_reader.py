@@ -129,7 +129,7 @@ LOG_FIELDS: dict[str, tuple[Check, Any]] = {
     "format": (_choice(LOG_FORMATS), "json"),
     "level": (_choice(LOG_LEVELS), "info"),
 }
-PROXY_KEYS = ("workers", "trusted_proxies", "http_parser")
+PROXY_KEYS = ("workers", "trusted_proxies", "http_parser", "pid_file")
 HTTP_PARSERS = ("httptools", "h11")
 UPSTREAM_TLS_KEYS = ("verify", "ca_file")
 
@@ -146,6 +146,9 @@ class _Reader:
         self.source = source
         self.base_dir = base_dir
         self.problems: list[str] = []
+        # the [egress] section as read, even when the document has problems elsewhere: the
+        # host's checks of it are then still asked (see proxy.config.load_on_host)
+        self.egress_read: EgressConfig | None = None
 
     def problem(self, path: str, reason: str) -> None:
         self.problems.append(f"{self.source}: {path}: {reason}")
@@ -218,6 +221,18 @@ class _Reader:
 
         return check
 
+    def new_file(self, what: str) -> Check:
+        """A path the proxy writes (relative to the config's directory), made absolute: the
+        file need not exist yet, and whether it can be written is the host's answer at start."""
+
+        def check(value: Any) -> str:
+            text = _string(value, f"the path of {what}")
+            if not text.strip() or "\x00" in text or text.endswith("/"):
+                raise _Invalid(f"must be the path of {what}, got {_show(value)}")
+            return os.path.normpath(self.base_dir / text)
+
+        return check
+
     # -- the document ---------------------------------------------------------------------
 
     def read(self, data: Mapping[str, Any]) -> Config | None:
@@ -225,7 +240,7 @@ class _Reader:
             return None
         listen = self.listeners(data)
         admin = self.admin(data, listen)
-        egress = self.egress(data)
+        egress = self.egress_read = self.egress(data)
         routes = self.routes(data, egress)
         pool = PoolSettings(**self.fields(data, "pool", POOL_FIELDS))
         timeouts = Timeouts(**self.fields(data, "timeouts", TIMEOUT_FIELDS))
@@ -357,8 +372,15 @@ class _Reader:
             seen[ip] = i
             parsed.append(egress)
         allow = self.field(table, "egress", "allow_unassigned", _boolean, False)
-        # 'plain' ignores the addresses and 'bind' the windows: accepted on purpose, so a
-        # side-by-side run (the testbed) changes the mode line and nothing else
+        if mode == "plain" and items:
+            # the addresses would be silently ignored: the operator meant one or the other
+            self.problem(
+                "egress.addresses",
+                'set while egress.mode = "plain", which uses only the kernel\'s default '
+                "source and would ignore them: remove egress.addresses, or set egress.mode "
+                'to "connectx" (or "bind") to use them',
+            )
+        # 'bind' ignores the windows: accepted, so a side-by-side run changes one line
         return EgressConfig(mode, tuple(parsed), allow)
 
     def routes(self, data: Mapping[str, Any], egress: EgressConfig) -> list[Route]:
@@ -486,7 +508,13 @@ class _Reader:
                     networks.append(ipaddress.ip_network(item.strip(), strict=False))
                 except ValueError as e:
                     self.problem(path, str(e))
-        return ProxySettings(workers=workers, trusted_proxies=tuple(networks), http_parser=parser)
+        pid_file = self.field(table, "proxy", "pid_file", self.new_file("the pid file"), None)
+        return ProxySettings(
+            workers=workers,
+            trusted_proxies=tuple(networks),
+            http_parser=parser,
+            pid_file=pid_file,
+        )
 
     def upstream_tls(self, data: Mapping[str, Any]) -> UpstreamTLS:
         table = self.section(data, "upstream_tls", UPSTREAM_TLS_KEYS)

@@ -23,6 +23,7 @@ from proxy.app import build_router
 from proxy.config import (
     Config,
     ConfigError,
+    EgressConfig,
     EgressPresence,
     HostReport,
     from_dict,
@@ -661,10 +662,16 @@ def test_duplicate_egress_ips():
     assert "must be a string" in found[2]
 
 
-def test_egress_settings_the_mode_would_ignore_are_accepted():
+def test_plain_mode_with_addresses_is_refused_naming_both_keys():
+    """plain would silently ignore the addresses (issue 18): one of the two is a mistake."""
+    problem = only(MINIMAL + '[egress]\nmode = "plain"\naddresses = ["127.0.1.1"]\n')
+    assert problem.startswith('t.toml: egress.addresses: set while egress.mode = "plain"')
+    assert "remove egress.addresses, or set egress.mode" in problem
+    assert parse(MINIMAL + '[egress]\nmode = "plain"\naddresses = []\n').egress.mode == "plain"
+
+
+def test_bind_windows_are_accepted():
     """Comparing modes side by side changes the mode line only (the testbed does)."""
-    plain = parse(MINIMAL + '[egress]\nmode = "plain"\naddresses = ["127.0.1.1"]\n')
-    assert plain.egress.mode == "plain" and len(plain.egress.addresses) == 1
     bind = parse(MINIMAL + '[egress]\nmode = "bind"\naddresses = ["127.0.1.1:4000-4100"]\n')
     assert bind.egress.addresses[0].window == (4000, 4100)
     assert parse(MINIMAL + '[egress]\nmode = "bind"\naddresses = ["127.0.1.1"]\n')
@@ -783,8 +790,9 @@ def test_allow_unassigned_turns_it_into_a_warning():
 
 
 def test_presence_is_not_asked_in_plain_mode_and_errors_are_problems():
-    plain = THREE.replace("[egress]\n", '[egress]\nmode = "plain"\n')
-    assert presence(plain, {"10.99.99.99"}) == HostReport()
+    egress = parse(THREE).egress
+    plain = EgressConfig("plain", egress.addresses, egress.allow_unassigned)
+    assert EgressPresence(lambda ip: False).check_egress(plain, "t.toml") == HostReport()
 
     def broken(ip: str) -> bool:
         raise OSError(97, "Address family not supported by protocol")
