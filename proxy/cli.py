@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pool import __version__
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reverse proxy for HTTP/1.1 and WebSocket whose origin-connection pool "
         "spreads upstream connections across egress IPs and shared source ports.",
     )
-    parser.add_argument("--version", action="version", version=f"originpool {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
@@ -75,6 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(testbed)
     testbed.set_defaults(func=_run_testbed)
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the installed distribution's version, as pip and bug reports see it.
+
+    Looked up only when asked: importing importlib.metadata costs ~75 ms, which every other
+    command (``serve`` included) would otherwise pay at start. A checkout run without an
+    install (``python -m proxy.cli``) has no metadata, and says the source's version.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "print the installed version and exit")
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("originpool")
+        except PackageNotFoundError:
+            found = f"{__version__} (not installed)"
+        print(f"originpool {found}")  # stdout, as argparse's own version action prints
+        parser.exit()
 
 
 def _run_demo(args: argparse.Namespace) -> int:
