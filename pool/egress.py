@@ -14,7 +14,9 @@ destination ``(ip, port)`` it:
   and raises :class:`EgressExhausted` naming every egress tried only when none had room, or
   :class:`EgressUnavailable` when the only reason was that the IPs are not on this host;
 * marks an IP that the host no longer has down with backoff and tries it again later, so
-  re-adding it brings it back without a restart.
+  re-adding it brings it back without a restart; when the kernel's address announcements
+  are watched (:mod:`pool.addrwatch`), an IP is down exactly while it is missing instead:
+  from start when the host lacks it, at once when it is removed, up again when it is added.
 
 "Not on this host" and "no port left" share an errno (EADDRNOTAVAIL) and must never be
 confused: an operator told "add egress IPs" when one was deleted goes the wrong way. The
@@ -198,6 +200,25 @@ class EgressUnavailable(EgressExhausted):
         return f"{NOT_ON_HOST_TEXT}: no egress IP left to reach {format_address(destination)}"
 
 
+class EgressLost(ConnectionAbortedError):
+    """An established upstream connection whose source address the host no longer has.
+
+    Replies to it can never be delivered, so the pool aborts it rather than let an exchange
+    wait for a response that cannot come; the proxy may retry the request elsewhere. A
+    ``ConnectionAbortedError`` (ECONNABORTED) naming the connection's 4-tuple and the reason.
+    """
+
+    def __init__(self, egress: str, local: Address, destination: Destination, why: str) -> None:
+        super().__init__(
+            errno.ECONNABORTED,
+            f"egress IP {egress} {why}: connection {format_address(local)} -> "
+            f"{format_address(destination)} aborted",
+        )
+        self.egress = egress
+        self.local = local
+        self.destination = destination
+
+
 class FreePorts:
     """Ports known free for one busy pair: O(1) random pick, removal and return."""
 
@@ -363,6 +384,10 @@ class EgressSet:
         self._clock = clock
         self._pairs: dict[tuple[Egress, Destination], _Pair] = {}
         self._down: dict[Egress, tuple[float, float]] = {}  # egress -> (until, current backoff)
+        # missing from the host by the kernel's word: down until it says the IP is back. Only
+        # while the address announcements are watched (else nothing would bring it back)
+        self._absent: set[Egress] = set()
+        self.watched = False
         self._rr = 0
         if not (0 <= share[0] < share[1]):
             raise ValueError(f"share must be (index, count) with 0 <= index < count: {share}")
@@ -406,8 +431,23 @@ class EgressSet:
         return dict(out)
 
     def is_down(self, egress: Egress) -> bool:
+        if egress in self._absent:
+            return True
         state = self._down.get(egress)
         return state is not None and self._clock() < state[0]
+
+    def set_present(self, egress: Egress, present: bool) -> bool:
+        """The kernel's word on ``egress`` (see :mod:`pool.addrwatch`); True if it changed
+        what the pool does with it (the caller logs: it knows what else the change cost)."""
+        if present:
+            was_down = egress in self._absent or egress in self._down
+            self._absent.discard(egress)
+            self._down.pop(egress, None)
+            return was_down
+        if egress in self._absent:
+            return False
+        self._absent.add(egress)
+        return True
 
     # -- selection ------------------------------------------------------------------------
 
@@ -559,18 +599,22 @@ class EgressSet:
         In connectx mode the port comes, in order of preference, from this worker's slice
         via the kernel (while the slice is less than busy_threshold full), from the slice via
         the free-port record (busy: flat latency), or from the whole window via the kernel
-        (slice full: overflow into room other workers left). ``timeout`` bounds the whole
-        call, retries on refused recorded ports included.
+        (slice full: overflow into room other workers left). The slice also counts as full
+        when the kernel finds no port in it although this worker holds fewer than its size:
+        other workers' overflow took the rest, and the free ports left are in their slices,
+        so a worker must never refuse before the whole window is used. ``timeout`` bounds
+        the whole call, retries on refused recorded ports included.
         """
         sliced = self.share[1] > 1
         own_window = (own.start, own.stop - 1) if sliced and len(own) else egress.window
         local = (egress.ip or ("::" if family == socket.AF_INET6 else "0.0.0.0"), 0)
         misses = 0
+        spill = False  # the slice has no port left, whoever holds them: the whole window
         try:
             async with asyncio.timeout(timeout):
                 while True:
                     port: int | None = None
-                    room = pair.in_slice < own_capacity
+                    room = pair.in_slice < own_capacity and not spill
                     window = own_window if room else egress.window
                     busy = pair.in_slice >= own_capacity * self.busy_threshold
                     if self.mode == "connectx" and room and busy and misses < _RECORD_MISSES:
@@ -606,6 +650,15 @@ class EgressSet:
                             # the port's fault, and parking it would hide it for a minute
                             pair.parked.append((self._clock() + _PARK_SECONDS, port))
                             misses += 1
+                            continue
+                        if (
+                            room
+                            and sliced
+                            and self.mode == "connectx"
+                            and e.errno == errno.EADDRNOTAVAIL
+                            and getattr(e, "stage", None) == "connect"
+                        ):
+                            spill = True  # one more try, over the whole window
                             continue
                         raise
                     except BaseException:
@@ -645,6 +698,8 @@ class EgressSet:
         _until, current = self._down.get(egress, (0.0, self._backoff[0] / 2))
         delay = min(current * 2, self._backoff[1])
         self._down[egress] = (self._clock() + delay, delay)
+        if self.watched:
+            self._absent.add(egress)  # the watch announces its return: no probing needed
         log.warning(
             "egress_down",
             egress=str(egress),
@@ -683,6 +738,7 @@ __all__ = [
     "MODES",
     "Egress",
     "EgressExhausted",
+    "EgressLost",
     "EgressSet",
     "EgressUnavailable",
     "FreePorts",
