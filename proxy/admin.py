@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Callable
 from urllib.parse import parse_qs
 
 import structlog
 
 from pool import metrics as pool_metrics
-from proxy import http1
+from proxy import binding, http1
 from proxy.server import LATENCY_BUCKETS, Proxy
 
 log = structlog.get_logger("originpool.admin")
@@ -131,8 +132,12 @@ class Admin:
             return (503, "text/plain", "draining\n")
         return (200, "text/plain", "ready\n")
 
-    async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._serve, host, port)
+    async def start(self, where: tuple[str, int] | socket.socket) -> None:
+        """``where``: the socket :mod:`proxy.binding` bound before the workers forked, or an
+        address to bind here (a failure is a BindError naming ``admin``)."""
+        if not isinstance(where, socket.socket):
+            where = binding.listening_socket("admin", where)
+        self.server = await asyncio.start_server(self._serve, sock=where)
 
     async def close(self) -> None:
         if self.server is not None:

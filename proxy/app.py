@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import resource
+import select
 import signal
 import ssl
 import sys
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import structlog
 
 from pool.origin import OriginPool
-from proxy import accel, logs, sdnotify, whole
+from proxy import accel, binding, logs, sdnotify, whole
 from proxy import config as cfg
 from proxy import headers as hdrs
 from proxy.admin import Admin
@@ -128,7 +129,7 @@ class Worker:
         self,
         config: cfg.Config,
         path: str | None,
-        reuse_port: bool = False,
+        sockets: binding.WorkerSockets,
         index: int = 0,
         on_ready: Callable[[], object] | None = None,
     ) -> None:
@@ -136,24 +137,21 @@ class Worker:
         self.on_ready = on_ready  # systemd READY=1 when alone, a byte to the master otherwise
         self.config = config
         self.path = path
-        self.reuse_port = reuse_port
+        self.sockets = sockets  # bound before the fork: see proxy.binding
         self.proxy = Proxy(build_router(config), build_pool(config, index), build_settings(config))
         self.admin = Admin(self.proxy)
         self.stopped = asyncio.Event()
         self._old_pools: list[OriginPool] = []
 
     async def start(self) -> None:
-        for spec in self.config.listen:
-            listener = Listener(
-                self.proxy, spec.address, _server_tls(spec), reuse_port=self.reuse_port
-            )
+        for spec, sock in zip(self.config.listen, self.sockets.listen, strict=True):
+            listener = Listener(self.proxy, sock, _server_tls(spec))
             self.proxy.listeners.append(listener)
             listener.start()
         # worker 0 answers on the admin address, worker i on its port + i: one scrape target
         # per worker, so /metrics is never a random worker's partial view
-        admin_host, admin_port = self.config.admin
-        self.admin_address = (admin_host, admin_port + self.index if admin_port else 0)
-        await self.admin.start(*self.admin_address)
+        self.admin_address = self.sockets.admin.getsockname()[:2]
+        await self.admin.start(self.sockets.admin)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -227,11 +225,11 @@ class Worker:
 async def run_worker(
     config: cfg.Config,
     path: str | None,
+    sockets: binding.WorkerSockets,
     index: int = 0,
     on_ready: Callable[[], object] | None = None,
 ) -> int:
-    workers = config.proxy.workers
-    worker = Worker(config, path, reuse_port=workers > 1, index=index, on_ready=on_ready)
+    worker = Worker(config, path, sockets, index=index, on_ready=on_ready)
     await worker.start()
     await worker.stopped.wait()
     return 0
@@ -240,6 +238,7 @@ async def run_worker(
 def _run_one(
     config: cfg.Config,
     path: str | None,
+    sockets: binding.WorkerSockets,
     index: int,
     on_ready: Callable[[], object] | None = None,
 ) -> int:
@@ -251,7 +250,31 @@ def _run_one(
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    return runner(run_worker(config, path, index, on_ready))
+    return runner(run_worker(config, path, sockets, index, on_ready))
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for an exception that ended a worker: what a worker_failed line and the
+    master's worker_died / workers_keep_dying lines name."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _run_logged(
+    config: cfg.Config,
+    path: str | None,
+    sockets: binding.WorkerSockets,
+    index: int,
+    on_ready: Callable[[], object] | None = None,
+) -> tuple[int, str | None]:
+    """A worker's run, its exit code and, if it failed, the reason, logged first as a
+    ``worker_failed`` line (with the traceback) so a worker never dies unexplained."""
+    try:
+        return _run_one(config, path, sockets, index, on_ready), None
+    except Exception as e:
+        reason = failure_reason(e)
+        log.error("worker_failed", error=reason, exc_info=e)
+        return 1, reason
 
 
 def raise_open_files() -> tuple[int, int]:
@@ -284,9 +307,19 @@ def serve(path: str, log_format: str | None = None) -> int:
     soft, _hard = raise_open_files()
     for event, fields in startup_warnings(config, soft):
         log.warning(event, **fields)
+    try:
+        bound = binding.bind_all(
+            [spec.address for spec in config.listen], config.admin, max(1, config.proxy.workers)
+        )
+    except binding.BindError as e:
+        print(str(e), file=sys.stderr)  # one line, before any worker exists: exit 1
+        return 1
     if config.proxy.workers <= 1:
-        return _run_one(config, path, 0, on_ready=lambda: sdnotify.notify("READY=1"))
-    return Master(config, path).run()
+        code, _reason = _run_logged(
+            config, path, bound.for_worker(0), 0, on_ready=lambda: sdnotify.notify("READY=1")
+        )
+        return code
+    return Master(config, path, bound).run()
 
 
 class Master:
@@ -297,21 +330,28 @@ class Master:
     the kernel (which refuses duplicate 4-tuples across processes) and each worker's
     free-port record learns the ports other workers hold from EADDRNOTAVAIL, so the
     capacity to one destination stays E x R. The master only forks, forwards signals,
-    restarts a worker that died and tells systemd when every worker is ready; it never
-    listens and runs no event loop.
+    restarts a worker that died and tells systemd when every worker is ready. It binds every
+    listening socket before the first fork (:mod:`proxy.binding`) and keeps them for the
+    workers it restarts, but never accepts and runs no event loop.
     """
 
     RESTART_WINDOW = 10.0  # seconds; more than 5 deaths in it and the master gives up
 
-    def __init__(self, config: cfg.Config, path: str) -> None:
+    def __init__(self, config: cfg.Config, path: str, bound: binding.Bound) -> None:
         self.config = config
         self.path = path
+        self.bound = bound  # every worker's sockets, bound before the first fork
         self.children: dict[int, int] = {}  # pid -> worker index
         self.stopping = False
         self.deaths: list[float] = []
         # each worker writes one byte here once its listeners accept; systemd hears READY=1
         # from the master (its main process) when every first-generation worker has
         self._ready_r, self._ready_w = os.pipe()
+        # a worker that fails writes "index reason\n" here before it exits (one write of at
+        # most PIPE_BUF bytes: atomic), so worker_died can say why
+        self._why_r, self._why_w = os.pipe()
+        os.set_blocking(self._why_r, False)
+        self.reasons: dict[int, str] = {}
 
     def _spawn(self, index: int) -> None:
         pid = os.fork()
@@ -320,11 +360,20 @@ class Master:
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
             os.close(self._ready_r)
+            os.close(self._why_r)
             ready_w = self._ready_w
             try:
-                code = _run_one(
-                    self.config, self.path, index, on_ready=lambda: os.write(ready_w, b".")
+                self.bound.keep_only(index)
+                code, reason = _run_logged(
+                    self.config,
+                    self.path,
+                    self.bound.for_worker(index),
+                    index,
+                    on_ready=lambda: os.write(ready_w, b"."),
                 )
+                if reason is not None:
+                    line = f"{index} {reason}".encode("utf-8", "replace")
+                    os.write(self._why_w, line[: select.PIPE_BUF - 1] + b"\n")
             finally:
                 logs.flush()  # os._exit skips atexit: the last lines must not be lost
                 os._exit(code)
@@ -337,6 +386,9 @@ class Master:
 
     def _on_stop(self, signum: int, _frame: object) -> None:
         self.stopping = True
+        # the master's copies go first: a draining worker's closed socket then leaves the
+        # kernel's SO_REUSEPORT group for good instead of queueing connections nobody takes
+        self.bound.close()
         sdnotify.notify("STOPPING=1")
         self._forward(signal.SIGTERM)
 
@@ -361,6 +413,21 @@ class Master:
             return
         self._forward(signal.SIGHUP)
 
+    def _reason(self, index: int, status: int) -> str:
+        """Why worker ``index`` ended: the reason it wrote (see _spawn), else the signal
+        that killed it, else its exit code."""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self._why_r, select.PIPE_BUF):
+                for line in chunk.decode("utf-8", "replace").splitlines():
+                    who, _, why = line.partition(" ")
+                    if who.isdigit():
+                        self.reasons[int(who)] = why
+        if index in self.reasons:
+            return self.reasons.pop(index)
+        if os.WIFSIGNALED(status):
+            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        return f"exited with status {os.waitstatus_to_exitcode(status)} without a reason"
+
     def run(self) -> int:
         structlog.contextvars.bind_contextvars(worker="master", pid=os.getpid())
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -382,15 +449,18 @@ class Master:
             if self.stopping:
                 worst = max(worst, code if code > 0 else 0)
                 continue
-            log.error("worker_died", worker=index, pid=pid, exit=code)
+            reason = self._reason(index, status)
+            log.error("worker_died", worker=index, pid=pid, exit=code, reason=reason)
             now = time.monotonic()
             self.deaths = [t for t in self.deaths if now - t < self.RESTART_WINDOW] + [now]
             if len(self.deaths) > 5:
-                log.error("workers_keep_dying", action="stopping")
+                log.error("workers_keep_dying", action="stopping", last_reason=reason)
                 self.stopping = True
+                self.bound.close()
                 self._forward(signal.SIGTERM)
                 worst = 1
                 continue
             self._spawn(index)
+        self.bound.close()
         log.info("master_stopped")
         return worst

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from pool.sockopt import KeepAlive, detect_dead_peer
+from proxy import binding
 from proxy.exchange import errno_name
 
 if TYPE_CHECKING:
@@ -31,25 +32,23 @@ class Listener:
     def __init__(
         self,
         proxy: Proxy,
-        address: tuple[str, int],
+        where: tuple[str, int] | socket.socket,
         ssl_context: ssl.SSLContext | None = None,
-        reuse_port: bool = False,
-        backlog: int = 4096,
+        what: str = "listen",
     ) -> None:
+        """``where``: a socket :mod:`proxy.binding` bound before the workers forked (what
+        ``serve`` passes), or an address to bind here (tests; a failure is a BindError)."""
         self.proxy = proxy
         self.ssl = ssl_context
         self.scheme = b"https" if ssl_context is not None else b"http"
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if isinstance(where, socket.socket):
+            self.sock = where
+        else:
+            self.sock = binding.listening_socket(what, where)
         # set once here, inherited by every accepted socket (the kernel clones the listener's
         # options into each connection): five setsockopt calls fewer per connection
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.set_keepalive(proxy.settings.tcp_keepalive)
-        self.sock.bind(address)
-        self.sock.listen(backlog)
         self.sock.setblocking(False)
         self.address = self.sock.getsockname()
         self._accepting = False
