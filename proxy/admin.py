@@ -14,15 +14,17 @@ proxy. See :mod:`pool.census` for the JSON keys.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
 import structlog
 
 from pool import metrics as pool_metrics
 from proxy import binding, http1
+from proxy import metrics_sum
 from proxy.server import LATENCY_BUCKETS, Proxy
 
 log = structlog.get_logger("originpool.admin")
@@ -84,7 +86,8 @@ def render_metrics(proxy: Proxy) -> str:
 
 
 _YES, _NO = ("1", "true", "yes", ""), ("0", "false", "no")
-Handler = Callable[[dict[str, list[str]]], tuple[int, str, str]]
+Answer = tuple[int, str, str]
+Handler = Callable[[dict[str, list[str]]], Answer | Awaitable[Answer]]
 
 
 def ports_json(proxy: Proxy, everything: bool = False) -> str:
@@ -115,17 +118,35 @@ class Admin:
         self.routes: dict[str, Handler] = {
             "/healthz": lambda _q: (200, "text/plain", "ok\n"),
             "/readyz": lambda _q: self._ready(),
-            "/metrics": lambda _q: (
-                200,
-                "text/plain; version=0.0.4",
-                render_metrics(self.proxy),
-            ),
+            "/metrics": self._metrics,
             "/ports": lambda q: _ports(self.proxy, q),
         }
         # a census of 10,000 sockets takes ~60 ms, and origin names resolve with blocking
         # getaddrinfo: off the loop that relays traffic
         self.threaded = {"/ports"}
         self.server: asyncio.base_events.Server | None = None
+        # (index, admin address) of the sibling workers whose /metrics this one sums: set on
+        # worker 0 only (see proxy.metrics_sum), empty everywhere else
+        self.peers: list[tuple[int, tuple[str, int]]] = []
+
+    async def _metrics(self, query: dict[str, list[str]]) -> Answer:
+        """The whole proxy's metrics on worker 0 (its siblings' summed in), this worker's
+        own with ``?scope=worker`` and on every other worker."""
+        ctype = "text/plain; version=0.0.4"
+        scope = query.get("scope", ["proxy"])[-1]
+        if scope not in ("proxy", "worker"):
+            return (400, "text/plain", f"scope must be proxy or worker, not {scope!r}\n")
+        own = render_metrics(self.proxy)
+        if scope == "worker" or not self.peers:
+            return (200, ctype, own)
+        others, missing = await metrics_sum.scrape(self.peers)
+        for index, reason in sorted(missing.items()):
+            log.warning("metrics_worker_missing", worker=index, error=reason)
+        families = metrics_sum.merge([(0, metrics_sum.parse(own)), *others])
+        families["originpool_metrics_workers"] = metrics_sum.workers_family(
+            1 + len(others), len(missing)
+        )
+        return (200, ctype, metrics_sum.render(families.values()))
 
     def _ready(self) -> tuple[int, str, str]:
         if self.proxy.draining:
@@ -164,9 +185,12 @@ class Admin:
                     else:
                         try:
                             if path in self.threaded:
-                                status, ctype, body = await asyncio.to_thread(handler, query)
+                                answer = await asyncio.to_thread(handler, query)
                             else:
-                                status, ctype, body = handler(query)
+                                answer = handler(query)
+                            if inspect.isawaitable(answer):
+                                answer = await answer
+                            status, ctype, body = answer
                         except Exception as e:  # an admin page must not kill the listener
                             log.exception("admin_error", path=path)
                             status, ctype, body = 500, "text/plain", f"{e}\n"

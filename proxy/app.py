@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import structlog
 
 from pool.origin import OriginPool
-from proxy import accel, binding, logs, sdnotify, whole
+from proxy import accel, binding, logs, pidfile, sdnotify, whole
 from proxy import config as cfg
 from proxy import headers as hdrs
 from proxy.admin import Admin
+from proxy.metrics_sum import siblings
 from proxy.routing import Route, Router
 from proxy.server import Listener, Proxy, Settings
 
@@ -148,10 +149,12 @@ class Worker:
             listener = Listener(self.proxy, sock, _server_tls(spec))
             self.proxy.listeners.append(listener)
             listener.start()
-        # worker 0 answers on the admin address, worker i on its port + i: one scrape target
-        # per worker, so /metrics is never a random worker's partial view
+        # worker 0 answers on the admin address, worker i on its port + i; worker 0's
+        # /metrics is the sum over all of them, each port's ?scope=worker its own
         self.admin_address = self.sockets.admin.getsockname()[:2]
         await self.admin.start(self.sockets.admin)
+        if self.index == 0:  # the admin port's /metrics is the whole proxy's: proxy.metrics_sum
+            self.admin.peers = siblings(self.config.admin, self.config.proxy.workers)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -314,12 +317,37 @@ def serve(path: str, log_format: str | None = None) -> int:
     except binding.BindError as e:
         print(str(e), file=sys.stderr)  # one line, before any worker exists: exit 1
         return 1
-    if config.proxy.workers <= 1:
-        code, _reason = _run_logged(
-            config, path, bound.for_worker(0), 0, on_ready=lambda: sdnotify.notify("READY=1")
-        )
-        return code
-    return Master(config, path, bound).run()
+    try:
+        pid_path = claim_pid_file(config)
+    except pidfile.PidFileError as e:
+        print(f"originpool serve: {e}", file=sys.stderr)  # a pid_file the config names
+        return 2
+    try:
+        if config.proxy.workers <= 1:
+            code, _reason = _run_logged(
+                config, path, bound.for_worker(0), 0, on_ready=lambda: sdnotify.notify("READY=1")
+            )
+            return code
+        return Master(config, path, bound).run()
+    finally:  # workers leave through os._exit: only the process that wrote it gets here
+        if pid_path is not None:
+            pidfile.remove(pid_path)
+
+
+def claim_pid_file(config: cfg.Config) -> str | None:
+    """Write this process's PID where ``originpool reload``/``stop`` look; the path, or None
+    when the default path cannot be written (logged: a non-root container has no writable
+    /run, and the proxy still serves). A path the config names must be writable:
+    :class:`~proxy.pidfile.PidFileError` then, and nothing starts."""
+    path = config.proxy.pid_path
+    try:
+        pidfile.write(path)
+    except pidfile.PidFileError as e:
+        if config.proxy.pid_file is not None:
+            raise
+        log.warning("pid_file_unwritable", path=path, errno=e.errno, error=e.reason)
+        return None
+    return path
 
 
 class Master:

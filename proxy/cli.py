@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pool import __version__
 
@@ -25,12 +26,18 @@ def build_parser() -> argparse.ArgumentParser:
         "spreads upstream connections across egress IPs and shared source ports.",
     )
     parser.add_argument("--version", action=_VersionAction)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # required: a bare `originpool` is a usage error (exit 2), as argparse makes any other
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = sub.add_parser(
         "demo",
         help="show connectx against plain and bind-before-connect in a throwaway namespace (root)",
     )
-    demo.add_argument("--ports", type=int, default=200, help="size of the namespace's port range")
+    demo.add_argument(
+        "--ports",
+        type=int,
+        default=200,
+        help="size of the namespace's port range (checked against what the demo can hold)",
+    )
     demo.set_defaults(func=_run_demo)
     ports = sub.add_parser(
         "ports",
@@ -38,10 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--all for every (source IP, destination) pair in this namespace (no root needed)",
     )
     which = ports.add_mutually_exclusive_group()
-    which.add_argument(
-        "--config",
-        metavar="FILE",
-        help="the proxy's TOML config, whose egress IPs and origins make the pairs shown "
+    _config_arguments(
+        which,
+        "the proxy's TOML config, whose egress IPs and origins make the pairs shown "
         f"(default {DEFAULT_CONFIG}, where the deploy files put it)",
     )
     which.add_argument(
@@ -59,12 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         help="validate a config file: exit 0 if valid, else print every problem and exit 2",
     )
-    check.add_argument("file", metavar="FILE", help="the TOML config file")
+    _config_arguments(check, f"the TOML config file (default {DEFAULT_CONFIG})")
     check.set_defaults(func=_run_check_config)
     serve = sub.add_parser("serve", help="run the proxy (SIGTERM drains, SIGHUP reloads)")
-    serve.add_argument("--config", required=True, metavar="FILE", help="the TOML config file")
+    _config_arguments(serve, "the TOML config file (required)")
     serve.add_argument("--log-format", choices=("json", "console"), help="override [log] format")
     serve.set_defaults(func=_run_serve)
+    for name, what in (
+        ("reload", "check the config, then SIGHUP the running proxy (its [proxy] pid_file)"),
+        ("stop", "SIGTERM the running proxy (its [proxy] pid_file): it drains, then exits"),
+    ):
+        control = sub.add_parser(name, help=what)
+        _config_arguments(
+            control,
+            f"the proxy's TOML config, which names its pid_file (default {DEFAULT_CONFIG})",
+        )
+        control.add_argument(
+            "--pid-file", metavar="PATH", help="this pid file instead of the config's"
+        )
+        control.set_defaults(func=_run_reload if name == "reload" else _run_stop)
     testbed = sub.add_parser(
         "testbed",
         help="the WebSocket origin scenario end to end: how many sessions each egress mode "
@@ -98,6 +117,29 @@ class _VersionAction(argparse.Action):
             found = f"{__version__} (not installed)"
         print(f"originpool {found}")  # stdout, as argparse's own version action prints
         parser.exit()
+
+
+class _Arguments(Protocol):
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action: ...
+
+
+def _config_arguments(parser: _Arguments, help_text: str) -> None:
+    """``FILE`` and ``--config FILE``, both, wherever a config is read: operators type the
+    form one subcommand taught them into the next (issue 18); :func:`_one_config` joins them."""
+    parser.add_argument("file", nargs="?", metavar="FILE", help=help_text)
+    parser.add_argument("--config", metavar="FILE", help="the same as FILE")
+
+
+def _one_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``args.config`` becomes the one file given (or None); two different ones are refused."""
+    if not hasattr(args, "file"):
+        return
+    given = {name for name in (args.file, args.config) if name is not None}
+    if len(given) > 1:
+        parser.error(f"FILE {args.file!r} and --config {args.config!r} differ: give one")
+    args.config = given.pop() if given else None
+    if args.command == "serve" and args.config is None:
+        parser.error("serve needs the config: originpool serve --config FILE (or FILE)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -178,14 +220,61 @@ def _run_check_config(args: argparse.Namespace) -> int:
     from proxy.config import ConfigError, load_on_host
 
     try:
-        config, warnings = load_on_host(args.file)
+        config, warnings = load_on_host(args.config or DEFAULT_CONFIG)
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return 2
     for warning in warnings:
         print(warning, file=sys.stderr)
-    print(f"{args.file}: ok ({config.summary()})")
+    print(f"{args.config or DEFAULT_CONFIG}: ok ({config.summary()})")
+    return 0
+
+
+def _run_reload(args: argparse.Namespace) -> int:
+    """check-config's answer first: a config the proxy would refuse is not sent to it (its
+    workers would log reload_rejected and keep the old one, and the operator would not see
+    why); then SIGHUP to the PID in the pid file."""
+    from proxy.config import ConfigError, load_on_host
+
+    path = args.config or DEFAULT_CONFIG
+    try:
+        config, warnings = load_on_host(path)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        print("originpool reload: not sent: the proxy keeps its config", file=sys.stderr)
+        return 2
+    for warning in warnings:
+        print(warning, file=sys.stderr)
+    return _signal("reload", args.pid_file or config.proxy.pid_path, signal.SIGHUP)
+
+
+def _run_stop(args: argparse.Namespace) -> int:
+    """Stopping must not need a valid config: only its ``[proxy] pid_file`` is read."""
+    path = args.pid_file
+    if path is None:
+        from proxy.config import ConfigError, pid_file_of
+
+        try:
+            path = pid_file_of(args.config or DEFAULT_CONFIG)
+        except ConfigError as e:
+            for problem in e.problems:
+                print(problem, file=sys.stderr)
+            print("originpool stop: --pid-file PATH names the file without it", file=sys.stderr)
+            return 2
+    return _signal("stop", path, signal.SIGTERM)
+
+
+def _signal(command: str, path: str, sig: signal.Signals) -> int:
+    from proxy import pidfile
+
+    try:
+        pid = pidfile.send(path, sig)
+    except pidfile.PidFileError as e:
+        print(f"originpool {command}: {e}", file=sys.stderr)
+        return 1
+    print(f"originpool {command}: sent {sig.name} to PID {pid} ({path})")
     return 0
 
 
@@ -204,9 +293,7 @@ def _run_testbed(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+    _one_config(parser, args)
     return int(args.func(args))
 
 

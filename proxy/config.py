@@ -183,6 +183,7 @@ __all__ = [
     "load_on_host",
     "parse",
     "parse_address",
+    "pid_file_of",
 ]
 
 
@@ -209,17 +210,39 @@ class ConfigError(ValueError):
 
 def load(path: str | os.PathLike[str]) -> Config:
     """Read and validate the file at ``path``; raises :class:`ConfigError` (never OSError)."""
+    return parse(_read_text(path), os.fspath(path), base_dir=Path(path).resolve().parent)
+
+
+def _read_text(path: str | os.PathLike[str]) -> str:
     source = os.fspath(path)
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
         raise ConfigError([f"{source}: cannot read: {e.strerror or e}"]) from None
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise ConfigError([f"{source}: line {line}: not UTF-8 text, as TOML requires"]) from None
-    return parse(text, source, base_dir=Path(path).resolve().parent)
+
+
+def pid_file_of(path: str | os.PathLike[str]) -> str:
+    """The ``[proxy] pid_file`` of the config at ``path`` (the default when unset), reading
+    nothing else: ``originpool stop`` must work while the rest of the file is being edited
+    and does not yet validate. :class:`ConfigError` if the file or that key is unusable."""
+    source = os.fspath(path)
+    text = _read_text(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{source}: {_syntax_problem(str(e), text)}"]) from None
+    reader = _Reader(source, Path(path).resolve().parent)
+    table = data.get("proxy")
+    table = table if isinstance(table, Mapping) else {}
+    found = reader.field(table, "proxy", "pid_file", reader.new_file("the pid file"), None)
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return found or DEFAULT_PID_FILE
 
 
 def load_on_host(path: str | os.PathLike[str]) -> tuple[Config, tuple[str, ...]]:

@@ -8,6 +8,7 @@ prints how many connections each got and how the kernel refused the next one.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import sys
 from collections.abc import Callable
@@ -16,6 +17,28 @@ from pool import connectx, netns
 
 EGRESS = ["127.0.1.1", "127.0.1.2"]
 DESTS = [("127.0.2.1", 9000), ("127.0.2.2", 9000)]
+FIRST_PORT = 40000  # the namespace's range starts here, so it can hold 25,536 ports at most
+RESERVE_FILES = 64  # listeners, the interpreter's own files
+
+
+def ports_problem(ports: int, nofile: int | None = None) -> str | None:
+    """Why ``--ports`` cannot run, or None. Checked before the namespace is made: the
+    kernel answers a range past 65535 with a bare EINVAL from a /proc write, and a range
+    whose connections need more files than this process may open ends in EMFILE, which
+    the table would show as if the kernel's ports had run out."""
+    top = 65535 - FIRST_PORT + 1
+    if not 1 <= ports <= top:
+        return f"--ports must be 1..{top:,} (the range starts at {FIRST_PORT}), got {ports}"
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    held = len(EGRESS) * len(DESTS) * ports  # connectx's fill: every pair gets the range
+    if held + RESERVE_FILES > nofile:
+        most = (nofile - RESERVE_FILES) // (len(EGRESS) * len(DESTS))
+        return (
+            f"--ports {ports:,} needs {held:,} open sockets + {RESERVE_FILES} and this process "
+            f"may open {nofile:,} (RLIMIT_NOFILE): at most --ports {most:,} here"
+        )
+    return None
 
 
 def _fill_pair(
@@ -46,11 +69,11 @@ def _release(held: list[socket.socket]) -> None:
 
 def run(ports: int = 200) -> int:
     """Run the three fills and print the table; needs root for the namespace."""
-    reason = netns.can_create()
+    reason = ports_problem(ports) or netns.can_create()
     if reason:
         print(f"originpool demo: {reason}", file=sys.stderr)
         return 2
-    netns.unshare_process((40000, 40000 + ports - 1))
+    netns.unshare_process((FIRST_PORT, FIRST_PORT + ports - 1))
     listeners = []
     for dst in DESTS:
         ls = socket.socket()

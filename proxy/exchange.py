@@ -135,6 +135,13 @@ class Exchange:
         route = self._route()
         if route is None:
             return
+        if self.websocket:
+            # an invalid client handshake is answered here: no origin ever sees it as one
+            try:
+                ws.check_request(self.head.headers, self.head.method, self.head.http_version)
+            except ws.HandshakeError as e:
+                self.respond_error(e.status, e.reason, e.headers)
+                return
         if self.head.has_body:
             # a body already known bad (it came in the same read as the head) is answered
             # here: the origin is never contacted, as with nginx and HAProxy
@@ -371,11 +378,18 @@ class Exchange:
                 if event.informational:
                     if event.status == 101 and self.websocket:
                         flush()
+                        try:  # believed only as a valid answer: else no tunnel, a 502
+                            ws.check_response(self.head.headers, event.headers)
+                        except ws.HandshakeError as e:
+                            self._upstream_failed(e)
+                            return
                         self._switch(event)
                         return
                     if event.status == 100:
                         continue  # we sent our own 100 Continue, if it was asked for
-                    out.append(self.client.http.informational(event.status, event.headers))
+                    out.append(
+                        self.client.http.informational(event.status, event.headers, event.reason)
+                    )
                     continue
                 try:
                     out.append(self._final_head(event))
@@ -570,8 +584,11 @@ class Exchange:
         self.finished = True
         assert self.conn is not None
         self.egress_ip = self.conn.egress_ip  # the access line names it, as for any response
+        # the origin's own head, reason phrase included; only the hop-by-hop pair is this hop's
         self.client.write(
-            self.client.http.informational(101, hdrs.to_client(event.headers, websocket=True))
+            self.client.http.informational(
+                101, hdrs.to_client(event.headers, websocket=True), event.reason
+            )
         )
         self._record(101)
         conn, self.conn = self.conn, None

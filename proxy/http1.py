@@ -86,6 +86,7 @@ CLIENT_MAX_INCOMPLETE: Final = 16384
 
 STATUS_REASONS = {
     100: "Continue",
+    101: "Switching Protocols",
     200: "OK",
     400: "Bad Request",
     404: "Not Found",
@@ -94,6 +95,7 @@ STATUS_REASONS = {
     414: "URI Too Long",
     417: "Expectation Failed",
     421: "Misdirected Request",
+    426: "Upgrade Required",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
@@ -349,8 +351,11 @@ class ServerSide:
 
     # -- output --------------------------------------------------------------------------------
 
-    def informational(self, status: int, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
-        reason = STATUS_REASONS.get(status, "").encode()
+    def informational(
+        self, status: int, headers: Sequence[tuple[bytes, bytes]] = (), reason: bytes = b""
+    ) -> bytes:
+        """A 1xx head; ``reason``: the origin's own phrase, relayed as it came."""
+        reason = reason or STATUS_REASONS.get(status, "").encode()
         return self._h.send(
             h11.InformationalResponse(status_code=status, headers=list(headers), reason=reason)
         )

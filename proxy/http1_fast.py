@@ -518,10 +518,12 @@ class FastServerSide(FastRequestParser):
 
     # -- output ----------------------------------------------------------------------------------
 
-    def informational(self, status: int, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+    def informational(
+        self, status: int, headers: Sequence[tuple[bytes, bytes]] = (), reason: bytes = b""
+    ) -> bytes:
         if self._fallback is not None:
-            return self._fallback.informational(status, headers)
-        reason = STATUS_REASONS.get(status, "").encode()
+            return self._fallback.informational(status, headers, reason)
+        reason = reason or STATUS_REASONS.get(status, "").encode()
         return whole.response_head(status, reason, headers)
 
     def response_head(self, status: int, headers: Headers, reason: bytes = b"") -> bytes:

@@ -85,8 +85,8 @@ class Tunnel:
         self.conn: UpstreamConnection | None = conn
         self.origin = origin
         self.head = head  # (host, path, request id): what the session's log line names
-        self.c2o = ws.FrameTracker()  # frame boundaries client -> origin
-        self.o2c = ws.FrameTracker()
+        self.c2o = ws.ClientFrames()  # frame boundaries client -> origin
+        self.o2c = ws.OriginFrames()
         self.client_eof = False
         self.origin_eof = False
         self.closed_by: str | None = None
@@ -203,9 +203,12 @@ class Tunnel:
 
     def _origin_failed(self, reason: str) -> None:
         """The client must learn it from a Close 1011, not from a bare TCP close."""
+        # the log names a code only when a Close frame carried it: never the proxy's own
+        # Close that could not be sent (mid-frame, or a stream that is no WebSocket)
+        self.closed_by, self.close_code = "origin", None
         if self.o2c.at_boundary and not self.client.closed:
             self.client.write(ws.close_frame(ws.INTERNAL_ERROR, "origin failed", to_origin=False))
-        self.closed_by, self.close_code = "origin", int(ws.INTERNAL_ERROR)
+            self.close_code = int(ws.INTERNAL_ERROR)
         log.warning(
             "websocket_origin_failed",
             origin=str(self.origin),
@@ -231,10 +234,11 @@ class Tunnel:
         if quiet < limit:
             self.client.ex_timer.arm(limit - quiet, self._idle_check)
             return
+        self.closed_by, self.close_code = "proxy", None
         if self.o2c.at_boundary and not self.client.closed:
             self.client.write(ws.close_frame(ws.GOING_AWAY, "idle timeout", to_origin=False))
+            self.close_code = int(ws.GOING_AWAY)
         self._tell_origin(ws.GOING_AWAY, "idle timeout")
-        self.closed_by, self.close_code = "proxy", int(ws.GOING_AWAY)
         self._end()
 
     def shutdown(self) -> None:
@@ -243,10 +247,10 @@ class Tunnel:
             return
         if self.o2c.at_boundary and not self.client.closed:
             self.client.write(ws.close_frame(ws.GOING_AWAY, "proxy shutting down", to_origin=False))
+            self.close_code = self.close_code or int(ws.GOING_AWAY)
         self._tell_origin(ws.GOING_AWAY, "proxy shutting down")
         self.stopping = True
         self.closed_by = self.closed_by or "proxy"
-        self.close_code = self.close_code or int(ws.GOING_AWAY)
 
     def _end(self) -> None:
         """The session is over: log it, close the client, and close the origin connection
