@@ -23,8 +23,7 @@ from urllib.parse import parse_qs
 import structlog
 
 from pool import metrics as pool_metrics
-from proxy import binding, http1
-from proxy import metrics_sum
+from proxy import binding, http1, metrics_sum
 from proxy.server import LATENCY_BUCKETS, Proxy
 
 log = structlog.get_logger("originpool.admin")
