@@ -115,7 +115,7 @@ class Exchange:
         self.egress_ip: str | list[str] | None = None
         self._timer = client.ex_timer
         self._task: asyncio.Task[None] | None = None
-        self.websocket = ws.is_upgrade(head.headers, head.method)
+        self.websocket = ws.is_upgrade(head.headers)
         self.host = ""  # the routing name and the authority forwarded: set by _route()
         self.authority = b""
         self.path = head.target.decode("latin-1")

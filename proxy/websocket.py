@@ -60,12 +60,17 @@ class HandshakeError(ProtocolError):
         self.headers = list(headers)
 
 
-def is_upgrade(headers: Headers, method: bytes) -> bool:
+def is_upgrade(headers: Headers) -> bool:
     """The request asks for a WebSocket upgrade: Upgrade names ``websocket`` and Connection
     ``upgrade`` (RFC 6455 §4.1), whatever the method: one that is no valid handshake (not a
     GET, say) must be refused by :func:`check_request`, not relayed as a plain request."""
+    for n, _ in headers:  # this runs for every request: one compare per header, no Upgrade
+        if n == b"upgrade":
+            break
+    else:
+        return False
     upgrade = connection = False
-    for n, v in headers:  # one pass: this runs for every request
+    for n, v in headers:
         if n == b"upgrade":
             upgrade = upgrade or b"websocket" in comma_items(v)
         elif n == b"connection":

@@ -59,7 +59,6 @@ def test_close_frames_are_masked_toward_the_origin_only():
 
 def test_upgrade_detection():
     h = [(b"upgrade", b"websocket"), (b"connection", b"keep-alive, Upgrade")]
-    assert is_upgrade(h, b"GET")
-    assert is_upgrade(h, b"POST")  # asks for one: check_request refuses it (400), not relayed
-    assert not is_upgrade([(b"upgrade", b"websockets"), (b"connection", b"upgrade")], b"GET")
-    assert not is_upgrade([(b"upgrade", b"websocket")], b"GET")
+    assert is_upgrade(h)  # any method: check_request refuses a POST (400), never relayed
+    assert not is_upgrade([(b"upgrade", b"websockets"), (b"connection", b"upgrade")])
+    assert not is_upgrade([(b"upgrade", b"websocket")])
