@@ -141,38 +141,63 @@ def check_request(headers: Headers, method: bytes, http_version: bytes) -> None:
         )
 
 
+def _shown(values: list[bytes] | None) -> str:
+    """Header values for a log line: the origin's bytes, quoted and cut short."""
+    if not values:
+        return "none"
+    return repr(b", ".join(values)[:80])[1:]
+
+
 def check_response(request: Headers, response: Headers) -> None:
     """Raise :class:`HandshakeError` (502) unless the origin's 101 answers the handshake the
     proxy forwarded as RFC 6455 §4.1 requires of a client before it treats the connection
     as upgraded: Upgrade ``websocket``, Connection naming ``upgrade``, one
     Sec-WebSocket-Accept matching the key sent, and extensions and a subprotocol only from
-    those offered. ``request`` is the client's request headers (forwarded as they are)."""
+    those offered. ``request`` is the client's request headers (forwarded as they are).
+    The error names the check and what the origin sent instead."""
     sent = _fields(request)
     got = _fields(response)
-    if comma_items(b",".join(got.get(b"upgrade", []))) != [b"websocket"]:
-        raise HandshakeError(502, "upgrade", "the origin's 101 has no Upgrade: websocket")
-    if b"upgrade" not in comma_items(b",".join(got.get(b"connection", []))):
-        raise HandshakeError(502, "connection", "the origin's 101 has no Connection: upgrade")
+    upgrade = got.get(b"upgrade")
+    if comma_items(b",".join(upgrade or [])) != [b"websocket"]:
+        raise HandshakeError(
+            502, "upgrade", f"the origin's 101 has Upgrade {_shown(upgrade)}, not websocket"
+        )
+    connection = got.get(b"connection")
+    if b"upgrade" not in comma_items(b",".join(connection or [])):
+        raise HandshakeError(
+            502,
+            "connection",
+            f"the origin's 101 has Connection {_shown(connection)}, without upgrade",
+        )
     accepts = got.get(b"sec-websocket-accept", [])
     key = sent.get(b"sec-websocket-key", [b""])[0]
     if len(accepts) != 1 or accepts[0].strip() != accept_for(key.strip()):
         raise HandshakeError(
-            502, "accept", "the origin's 101 has no Sec-WebSocket-Accept for the key sent"
+            502,
+            "accept",
+            f"the origin's 101 has Sec-WebSocket-Accept {_shown(accepts)}, "
+            "not the one answering the key sent",
         )
     extensions = got.get(b"sec-websocket-extensions")
     if extensions is not None:
         offered = _extension_names(sent.get(b"sec-websocket-extensions", []))
         if not _extension_names(extensions) <= offered or not _list(extensions):
             raise HandshakeError(
-                502, "extensions", "the origin's 101 names an extension that was not offered"
+                502,
+                "extensions",
+                f"the origin's 101 has Sec-WebSocket-Extensions {_shown(extensions)}, "
+                f"offered {_shown(sent.get(b'sec-websocket-extensions'))}",
             )
     protocols = got.get(b"sec-websocket-protocol")
     if protocols is not None:
         chosen = _list(protocols)
-        offered = _list(sent.get(b"sec-websocket-protocol", []))
-        if len(chosen) != 1 or chosen[0] not in offered:
+        offered_protocols = _list(sent.get(b"sec-websocket-protocol", []))
+        if len(chosen) != 1 or chosen[0] not in offered_protocols:
             raise HandshakeError(
-                502, "protocol", "the origin's 101 names a subprotocol that was not offered"
+                502,
+                "protocol",
+                f"the origin's 101 has Sec-WebSocket-Protocol {_shown(protocols)}, "
+                f"offered {_shown(sent.get(b'sec-websocket-protocol'))}",
             )
 
 
