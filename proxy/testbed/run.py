@@ -392,7 +392,8 @@ class ModeRun:
             metrics = Counter()
             for i, admin in enumerate(self.admins):  # every worker's own view, summed
                 try:
-                    text = http_get(admin, "/metrics", self._admin_port + i % 100)
+                    # each worker's own: worker 0's plain /metrics is already the sum
+                    text = http_get(admin, "/metrics?scope=worker", self._admin_port + i % 100)
                 except OSError as e:
                     self.ui.say(f"(admin /metrics of {admin[0]}:{admin[1]} unavailable: {e})")
                     return per_egress, None
