@@ -230,10 +230,21 @@ def build_run(
     workers: int,
     concurrency: int,
     client_processes: int,
+    lost_close_codes: dict[str, int] | None = None,
+    per_egress_end: dict[str, int] | None = None,
+    proxy_session_ends: dict[str, int] | None = None,
+    proxy_worker_deaths: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """One run's figures under the keys the issue promises (and a few more)."""
+    """One run's figures under the keys the issue promises (and a few more).
+
+    ``held`` in: the sessions the clients opened and verified once (an echo at open).
+    ``held`` out: what :func:`held_at_end` makes of it, the sessions still alive and
+    verified by the final echo, never more than the kernel's census at the end shows.
+    """
     size = port_range[1] - port_range[0] + 1
     limit = egress * size * origins
+    opened = held
+    held, unbacked = held_at_end(opened, lost, per_egress_end)
     failures = Counter(o for o in merged.outcome if o != OK)
     first = first_client_failure(merged, limit)
     bands = latency_bands(merged, limit)
@@ -243,8 +254,8 @@ def build_run(
         if first_proxy_error:
             first_error += f"; proxy: {describe_proxy_error(first_proxy_error)}"
     rss_per = None
-    if rss_before is not None and rss_held is not None and held:
-        rss_per = round((rss_held - rss_before) / held)
+    if rss_before is not None and rss_held is not None and opened - lost:
+        rss_per = round((rss_held - rss_before) / (opened - lost))
     return {
         "mode": mode,
         "egress": egress,
@@ -255,10 +266,17 @@ def build_run(
         "attempted": len(merged),
         "held": held,
         "held_pct": round(100 * held / limit, 2) if limit else None,
+        "held_means": HELD_MEANS,
+        "opened": opened,
+        "verified_at_end": opened - lost,
+        "unbacked": unbacked,
         "failed": sum(failures.values()),
         "failures": dict(failures),
         "lost": lost,
         "lost_reasons": lost_reasons,
+        "lost_close_codes": lost_close_codes or {},
+        "proxy_session_ends": proxy_session_ends or {},
+        "proxy_worker_deaths": proxy_worker_deaths or [],
         "first_error": first_error,
         "first_failure_client": first,
         "first_failure_proxy": first_proxy_error,
@@ -270,6 +288,7 @@ def build_run(
         ),
         "per_egress": per_egress,
         "per_egress_metrics": per_egress_metrics,
+        "per_egress_at_end": per_egress_end,
         "proxy_rss_bytes_per_session": rss_per,
         "proxy_rss_before_bytes": rss_before,
         "proxy_rss_held_bytes": rss_held,
@@ -284,6 +303,28 @@ def build_run(
         "client_processes": client_processes,
         "curve": _thin(held_curve(merged)),
     }
+
+
+HELD_MEANS = (
+    "sessions alive at the end: answered the final echo, and no more than the kernel's "
+    "census of upstream connections at the end shows"
+)
+
+
+def held_at_end(
+    opened: int, lost: int, census_end: dict[str, int] | None
+) -> tuple[int, int | None]:
+    """(held, unbacked): the sessions that answered the final echo, capped by the census.
+
+    A session that answered has an upstream connection behind it, so the census can only
+    show fewer when something else answered for the origin: those are ``unbacked`` and not
+    held. No census (None): the echo's word alone, and ``unbacked`` unknown.
+    """
+    verified = max(0, opened - lost)
+    if census_end is None:
+        return verified, None
+    upstream = sum(census_end.values())
+    return min(verified, upstream), max(0, verified - upstream)
 
 
 def _thin(curve: list[int], points: int = 400) -> list[list[int]]:
@@ -327,7 +368,16 @@ def table_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
             "physical limit E x R x K",
             f"{run['egress']} x {run['port_range_size']:,} x {run['origins']} = {limit:,}",
         ),
-        ("sessions held", f"{run['held']:,} ({run['held_pct']:.1f}% of the limit)"),
+        (
+            "sessions held",
+            f"{run['held']:,} ({run['held_pct']:.1f}% of the limit): alive at the end, each "
+            "answered the final echo"
+            + (
+                f", census {sum(run['per_egress_at_end'].values()):,} upstream"
+                if run.get("per_egress_at_end") is not None
+                else ""
+            ),
+        ),
         ("attempted / failed", f"{run['attempted']:,} / {run['failed']:,}" + _failures(run)),
     ]
     first = run.get("first_failure_client")
@@ -363,12 +413,22 @@ def table_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
     )
     rate = run["attempted"] / run["ramp_seconds"] if run["ramp_seconds"] else 0
     rows.append(("ramp time", f"{run['ramp_seconds']:.1f} s ({rate:,.0f} attempts/s)"))
+    opened = run.get("opened", run["held"])
     rows.append(
         (
-            "lost during hold",
-            f"{run['lost']:,} of {run['held']:,} (hold {run['hold_seconds']:g} s)",
+            "lost after opening",
+            f"{run['lost']:,} of {opened:,} opened (hold {run['hold_seconds']:g} s)"
+            + _lost_detail(run),
         )
     )
+    if run.get("unbacked"):
+        rows.append(
+            (
+                "answered without an upstream",
+                f"{run['unbacked']:,}: more echoes than the kernel's census of upstream "
+                "connections; not counted held",
+            )
+        )
     bands = run["handshake_median_ms"]
     ratio = run["handshake_ratio_90_100_vs_0_50"]
     rows.append(
@@ -379,6 +439,28 @@ def table_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
         )
     )
     return rows
+
+
+def _lost_detail(run: dict[str, Any]) -> str:
+    """Who ended the lost sessions: the client's Close codes, the proxy's session lines."""
+    parts: list[str] = []
+    codes = run.get("lost_close_codes") or {}
+    if codes:
+        parts.append(
+            "client saw "
+            + ", ".join(
+                f"{'no Close frame' if k == 'none' else 'Close ' + k}: {v:,}"
+                for k, v in sorted(codes.items(), key=lambda kv: -kv[1])
+            )
+        )
+    ends = run.get("proxy_session_ends") or {}
+    if ends:
+        top = sorted(ends.items(), key=lambda kv: -kv[1])[:4]
+        parts.append("proxy says closed by " + ", ".join(f"{k}: {v:,}" for k, v in top))
+    deaths = run.get("proxy_worker_deaths") or []
+    if deaths:
+        parts.append(f"{len(deaths)} proxy worker(s) died")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _failures(run: dict[str, Any]) -> str:
@@ -444,7 +526,8 @@ def plot(runs: Sequence[dict[str, Any]], path: str) -> None:
         ys = [p[1] for p in run["curve"]]
         # later lines thinner: where two modes hold the same, both stay visible
         width = max(1.5, 2 * (len(good) - i))
-        left.plot(xs, ys, label=f"{run['mode']}: {run['held']:,} held", linewidth=width)
+        label = f"{run['mode']}: {run['held']:,} held at the end (alive, echo verified)"
+        left.plot(xs, ys, label=label, linewidth=width)
         limits.add(run["limit"])
     for limit in sorted(limits):
         left.axhline(limit, color="black", linestyle="--", linewidth=1)
@@ -456,7 +539,7 @@ def plot(runs: Sequence[dict[str, Any]], path: str) -> None:
             fontsize=9,
         )
     left.set_xlabel("sessions attempted")
-    left.set_ylabel("sessions held")
+    left.set_ylabel("sessions opened (echo verified at open)")
     left.set_title("WebSocket sessions held through the proxy")
     left.set_ylim(bottom=0, top=max(limits, default=1) * 1.12)
     left.grid(alpha=0.3)

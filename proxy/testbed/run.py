@@ -121,6 +121,10 @@ class ModeRun:
     clients: list[Child] = field(default_factory=list)
     first_proxy_error: dict[str, Any] | None = None
     proxy_errors: Counter[str] = field(default_factory=Counter)
+    # who ended the sessions the proxy relayed ("origin 1011", "client 1000", ...), from its
+    # websocket_session lines, and the workers its master reported dead: which side closed
+    session_ends: Counter[str] = field(default_factory=Counter)
+    worker_deaths: list[dict[str, Any]] = field(default_factory=list)
     admins: list[tuple[str, int]] = field(default_factory=list)
     _admin_port: int = 0
     t0: float = field(default_factory=time.monotonic)  # the whole run's start: one time line
@@ -166,6 +170,9 @@ class ModeRun:
             per_egress, per_egress_metrics = self.sample_egress()
             self.hold(opts.hold)
             results = self.check()
+            # the kernel's word at the end, while every verified session is still open: a run
+            # may not call more sessions held than it shows upstream connections
+            per_egress_end, _ = self.sample_egress(metrics=False)
             t_end = time.monotonic() - self.t0
             self.proxy.note_family()
             cpu = cpu_seconds(sorted(self.proxy.family))
@@ -187,6 +194,12 @@ class ModeRun:
             held=sum(r["held"] for r in results),
             lost=sum(r["lost"] for r in results),
             lost_reasons=dict(sum((Counter(r["lost_reasons"]) for r in results), Counter())),
+            lost_close_codes=dict(
+                sum((Counter(r.get("lost_close_codes") or {}) for r in results), Counter())
+            ),
+            per_egress_end=per_egress_end,
+            proxy_session_ends=dict(self.session_ends),
+            proxy_worker_deaths=self.worker_deaths,
             first_proxy_error=self.first_proxy_error,
             proxy_errors=dict(self.proxy_errors),
             per_egress=per_egress,
@@ -212,14 +225,19 @@ class ModeRun:
         self._next_sample = now + 1.0
         kernel = kernel_sample(set(self.options.origin_addresses()), LISTEN)
         failures: Counter[str] = Counter()
+        ended: Counter[str] = Counter()
         for line in state.values():
             failures.update(line.get("failures") or {})
+            ended.update(line.get("ended") or {})
         new = failures - self._failures_seen
         self._failures_seen = failures
         self.timeline.append(
             {
                 "t": round(now - self.t0, 3),
-                "live": sum(int(line.get("held", 0)) for line in state.values()),
+                # sessions verified and not ended since, as the clients know them
+                "live": sum(_alive(line) for line in state.values()),
+                "opened": sum(int(line.get("held", 0)) for line in state.values()),
+                "ended": dict(ended),
                 "failures": dict(new),
                 "time_wait": kernel.time_wait,
                 "other_states": kernel.other,
@@ -292,7 +310,12 @@ class ModeRun:
         if child is not self.proxy:
             return
         event = line.get("event")
-        if event == "upstream_error":
+        if event == "websocket_session":
+            code = line.get("close_code")
+            self.session_ends[f"{line.get('closed_by', 'unknown')} {code or '-'}"] += 1
+        elif event == "worker_died":
+            self.worker_deaths.append({k: line.get(k) for k in ("worker", "pid", "exit")})
+        elif event == "upstream_error":
             self.proxy_errors[str(line.get("errno"))] += 1
             if self.first_proxy_error is None:
                 self.first_proxy_error = {
@@ -358,7 +381,7 @@ class ModeRun:
                 self.ui.ramp_update(
                     self.mode,
                     sum(s.get("attempted", 0) for s in state.values()),
-                    sum(s.get("held", 0) for s in state.values()),
+                    sum(_alive(s) for s in state.values()),
                     sum(s.get("failed", 0) for s in state.values()),
                 )
             self._check_alive(done)
@@ -380,16 +403,16 @@ class ModeRun:
 
     # -- at the peak -------------------------------------------------------------------------
 
-    def sample_egress(self) -> tuple[dict[str, int], dict[str, int] | None]:
+    def sample_egress(self, metrics: bool = True) -> tuple[dict[str, int], dict[str, int] | None]:
         """Upstream connections per source IP: the kernel's census (any proxy), and the
         proxy's own /metrics gauge (originpool only) to compare with."""
         from pool import census
 
         destinations = {f"{h}:{p}" for h, p in self.options.origin_addresses()}
         per_egress = report.per_egress_from_census(census.take_census(("tcp",)), destinations)
-        metrics: Counter[str] | None = None
-        if self.admins and self._admin_port:
-            metrics = Counter()
+        gauges: Counter[str] | None = None
+        if metrics and self.admins and self._admin_port:
+            gauges = Counter()
             for i, admin in enumerate(self.admins):  # every worker's own view, summed
                 try:
                     # each worker's own: worker 0's plain /metrics is already the sum
@@ -397,8 +420,8 @@ class ModeRun:
                 except OSError as e:
                     self.ui.say(f"(admin /metrics of {admin[0]}:{admin[1]} unavailable: {e})")
                     return per_egress, None
-                metrics.update(report.parse_live_per_egress(text))
-        return per_egress, None if metrics is None else dict(sorted(metrics.items()))
+                gauges.update(report.parse_live_per_egress(text))
+        return per_egress, None if gauges is None else dict(sorted(gauges.items()))
 
     def hold(self, seconds: float) -> None:
         """The hold is the measurement (do sessions survive idle?), not a synchronisation;
@@ -416,6 +439,11 @@ class ModeRun:
         for client in self.clients:
             results.append(self.children.wait_for(client, "result", wait, self.on_line)[0])
         return results
+
+
+def _alive(line: dict[str, Any]) -> int:
+    """A client's live sessions from its report (older clients said only "held")."""
+    return int(line.get("alive", line.get("held", 0)))
 
 
 def not_root() -> bool:

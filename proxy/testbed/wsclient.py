@@ -105,6 +105,7 @@ class Session(asyncio.Protocol):
         "close_code",
         "closed",
         "conn",
+        "error",
         "handshake",
         "message",
         "on_end",
@@ -121,6 +122,7 @@ class Session(asyncio.Protocol):
         self.closed = False
         # the peer's Close code, if it sent one: what a client learns of why it was dropped
         self.close_code: int | None = None
+        self.error: str | None = None  # why this side aborted it, if it did
         # called once the connection is gone: the scenario clients count and reconnect there
         self.on_end: Callable[[Session], None] | None = None
 
@@ -168,6 +170,7 @@ class Session(asyncio.Protocol):
             elif self.conn is not None:
                 self._frames(data)
         except (RemoteProtocolError, LocalProtocolError):
+            self.error = "protocol_error"
             self._resolve("protocol_error")
             self.abort()
 
@@ -276,6 +279,9 @@ class LoadClient:
     failures: Counter[str] = field(default_factory=Counter)
     first_failure: dict[str, Any] | None = None
     ramp_seconds: float = 0.0
+    # held sessions that have ended since (the peer's Close code, or "none": a bare FIN/RST):
+    # "held" counts sessions verified once, "alive" the ones not known to have ended since
+    ended: Counter[str] = field(default_factory=Counter)
     _next: int = 0
     _port_next: list[int] = field(default_factory=list)
 
@@ -324,10 +330,13 @@ class LoadClient:
 
     def counts(self) -> dict[str, Any]:
         limit = self.options.limit
+        alive = len(self.held) - sum(self.ended.values())
         return {
             "attempted": len(self.attempts),
             "held": len(self.held),
-            "utilisation": round(len(self.held) / limit, 4) if limit else None,
+            "alive": alive,
+            "ended": dict(self.ended),
+            "utilisation": round(alive / limit, 4) if limit else None,
             "failed": sum(self.failures.values()),
             "failures": dict(self.failures),
         }
@@ -365,6 +374,7 @@ class LoadClient:
             outcome = "timeout"
         if outcome == OK and session is not None:
             self.held.append(session)
+            session.on_end = self._ended
         else:
             if session is not None:
                 session.abort()
@@ -382,6 +392,10 @@ class LoadClient:
         finished = time.monotonic()
         self.attempts.append(Attempt(started, finished, outcome, handshake_ms, held_before))
         return outcome
+
+    def _ended(self, session: Session) -> None:
+        """A held session's connection is gone: by the peer's Close (its code) or without."""
+        self.ended[_how_ended(session)] += 1
 
     async def _connect(self, index: int) -> Session:
         loop = asyncio.get_running_loop()
@@ -418,8 +432,15 @@ class LoadClient:
     # -- hold and check ----------------------------------------------------------------------
 
     async def check(self, batch: int = 1000) -> dict[str, Any]:
-        """A final echo on every held session: the ones that do not answer were lost."""
+        """A final echo on every held session: the ones that do not answer were lost.
+
+        ``verified`` is what answered: the sessions alive at the end, the only ones a run may
+        call held. ``lost_close_codes`` says who ended the lost ones: a Close code is the
+        peer's word (1001: the proxy going away, 1011: the origin failed), ``none`` a bare
+        FIN or RST.
+        """
         lost: Counter[str] = Counter()
+        codes: Counter[str] = Counter()
         for first in range(0, len(self.held), batch):
             chunk = self.held[first : first + batch]
             texts = [f"final {first + i}" for i in range(len(chunk))]
@@ -431,7 +452,16 @@ class LoadClient:
                     lost["timeout"] += 1
                 elif waiter.result() != text:
                     lost[waiter.result() if waiter.result() == "closed" else "bad_echo"] += 1
-        return {"lost": sum(lost.values()), "lost_reasons": dict(lost)}
+            for session, waiter, text in zip(chunk, waiters, texts, strict=True):
+                if waiter.cancelled() or waiter.result() != text:
+                    codes[_how_ended(session)] += 1
+        n_lost = sum(lost.values())
+        return {
+            "lost": n_lost,
+            "lost_reasons": dict(lost),
+            "lost_close_codes": dict(codes),
+            "verified": len(self.held) - n_lost,
+        }
 
     def result(self, checked: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -448,6 +478,14 @@ class LoadClient:
         for session in self.held:
             session.abort()
         self.held.clear()
+
+
+def _how_ended(session: Session) -> str:
+    """The peer's Close code, this side's own reason (``protocol_error``: bytes that were not
+    WebSocket frames), or ``none``: a bare FIN or RST, or no answer at all."""
+    if session.close_code is not None:
+        return str(session.close_code)
+    return session.error or "none"
 
 
 def _emit_line(report: dict[str, Any]) -> None:
