@@ -21,8 +21,8 @@ import structlog
 
 from pool.egress import EgressExhausted
 from pool.origin import Origin, PoolError, UpstreamConnection
+from proxy import access, http1, request_id
 from proxy import headers as hdrs
-from proxy import http1, logs, request_id
 from proxy import websocket as ws
 from proxy.routing import Route
 from proxy.target import resolve
@@ -519,23 +519,21 @@ class Exchange:
         self.respond_error(status, _UPSTREAM_REASONS.get(status, "upstream failure"), extra)
 
     def _record(self, status: int) -> None:
-        seconds = time.monotonic() - self.started
-        route = self.route.name if self.route else "-"
-        self.proxy.stats.observe(route, status, seconds)
-        logs.access(
-            {
-                "method": self.head.method.decode("latin-1"),
-                "host": self.host,
-                "path": self.path,
-                "status": status,
-                "bytes": self.received,
-                "bytes_in": self.sent,
-                "duration_ms": round(seconds * 1000, 3),
-                "origin": str(self.origin) if self.origin else None,
-                "egress": self.egress_ip,
-                "client": self.client.peer[0],
-                "request_id": self.request_id.decode("ascii"),
-            }
+        """The count and the access line, through the one function refusals use too."""
+        access.response(
+            self.proxy.stats,
+            self.route.name if self.route else access.NONE,
+            time.monotonic() - self.started,
+            method=self.head.method.decode("latin-1"),
+            host=self.host,
+            path=self.path,
+            status=status,
+            body_bytes=self.received,
+            bytes_in=self.sent,
+            origin=str(self.origin) if self.origin else None,
+            egress=self.egress_ip,
+            client=self.client.peer[0],
+            request_id=self.request_id.decode("ascii"),
         )
 
     def _log_upstream_error(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -26,8 +27,8 @@ import structlog
 from pool import turnwrite
 from pool.origin import Origin, OriginPool
 from pool.sockopt import KeepAlive
+from proxy import access, http1, http1_fast, request_id
 from proxy import headers as hdrs
-from proxy import http1, http1_fast, request_id
 from proxy.exchange import Exchange
 from proxy.http1_fast_client import FastClientSide
 from proxy.listener import Listener
@@ -123,6 +124,7 @@ class Downstream(asyncio.Protocol):
     __slots__ = (
         "_got_bytes",
         "_timer",
+        "began",
         "client_ip",
         "closed",
         "deferred",
@@ -156,6 +158,7 @@ class Downstream(asyncio.Protocol):
         self._timer = Timer()
         self.ex_timer = Timer()  # the current exchange's: one pending loop timer per connection
         self._got_bytes = False
+        self.began = 0.0  # monotonic time of the current request's first byte
         self.lingering = False
         self.deferred: tuple[int, str] | None = None  # a later message's error, see fail()
         self.held = b""  # see pool.turnwrite
@@ -182,7 +185,9 @@ class Downstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.lingering:
             return  # after an error response: read and drop until EOF or LINGER
-        self._got_bytes = True
+        if not self._got_bytes:
+            self._got_bytes = True
+            self.began = time.monotonic()  # a refusal's duration_ms counts from here
         ex = self.exchange
         if ex is not None and ex.tunnel:
             ex.tunnel_to_origin(data)
@@ -333,7 +338,32 @@ class Downstream(asyncio.Protocol):
                 return
             ex.respond_error(status, reason, extra)
             return
-        self.answer_error(status, reason, extra, request_id.new())
+        self.refuse(status, reason, extra)
+
+    def refuse(self, status: int, reason: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """Answer a request no exchange holds (its head was too large, malformed, or too
+        slow to come) and count it and log its access line like any response, as nginx
+        does: method, host and path are "-", for nothing of them was parsed."""
+        if self.closed or self.lingering:
+            return  # no answer goes out: nothing to count
+        rid = request_id.new()
+        body_bytes = self.answer_error(status, reason, extra, rid)
+        began = self.began if self._got_bytes else time.monotonic()
+        access.response(
+            self.proxy.stats,
+            access.NONE,
+            time.monotonic() - began,
+            method=access.NONE,
+            host=access.NONE,
+            path=access.NONE,
+            status=status,
+            body_bytes=body_bytes,
+            bytes_in=0,
+            origin=None,
+            egress=None,
+            client=self.peer[0],
+            request_id=rid.decode("ascii"),
+        )
 
     def answer_error(
         self, status: int, reason: str, extra: Sequence[tuple[bytes, bytes]], rid: bytes
