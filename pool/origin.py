@@ -12,6 +12,11 @@ transport and forwards events to whichever handler the proxy attached for the cu
 exchange. While idle, no handler is attached and *any* event (data, EOF, reset) means the
 origin is done with it: it is dropped at once, so a request is never written into a socket
 the origin already closed.
+
+With :meth:`OriginPool.watch_egress` the pool also follows the host's addresses
+(:mod:`pool.addrwatch`): when an egress IP is removed, every connection from it (idle,
+mid-exchange or a WebSocket lease) is aborted at once, since no reply to that source can
+arrive any more, and its handler learns why (:class:`pool.egress.EgressLost`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from urllib.parse import urlsplit
 import structlog
 
 from pool import turnwrite
-from pool.egress import EgressExhausted, EgressSet, Slot
+from pool.addrwatch import AddressEvent, AddressWatch, reconcile
+from pool.egress import Egress, EgressExhausted, EgressLost, EgressSet, Slot
 from pool.sockopt import KeepAlive, detect_dead_peer, reset_on_close
 
 log = structlog.get_logger("originpool.origin")
@@ -199,6 +205,7 @@ class UpstreamConnection(asyncio.Protocol):
         "held",
         "idle_since",
         "leased",
+        "lost",
         "origin",
         "pool",
         "requests",
@@ -219,6 +226,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = now
         self.fd = -1
         self.held = b""  # see pool.turnwrite
+        self.lost: EgressLost | None = None  # set when the pool aborts it: its egress IP left
 
     # -- asyncio.Protocol: forwarded to the handler, or fatal while idle -------------------
 
@@ -246,7 +254,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.slot.release()
         self.pool._lost(self)
         if self.handler is not None:
-            self.handler.connection_lost(exc)
+            self.handler.connection_lost(exc or self.lost)
 
     def pause_writing(self) -> None:
         if self.handler is not None:
@@ -376,6 +384,10 @@ class OriginPool:
         self._ssl: ssl.SSLContext | None = None
         self._origins: dict[Origin, _OriginState] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        # every open connection, idle, checked out or leased: what an egress IP's removal
+        # must reach (a set entry per connection; scanned only when an address goes)
+        self._conns: set[UpstreamConnection] = set()
+        self._watch: AddressWatch | None = None
 
     def _state(self, origin: Origin) -> _OriginState:
         state = self._origins.get(origin)
@@ -494,6 +506,9 @@ class OriginPool:
 
     async def close(self) -> None:
         """Close idle connections and fail waiters; checked-out ones close with their owners."""
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -581,6 +596,7 @@ class OriginPool:
 
     def _lost(self, conn: UpstreamConnection) -> None:
         """The transport is gone: an idle one leaves the idle set now, not at checkout."""
+        self._conns.discard(conn)
         state = self._origins.get(conn.origin)
         if state is not None and conn in state.idle:
             state.idle.remove(conn)
@@ -632,4 +648,49 @@ class OriginPool:
             slot.release()
             raise
         state.opened += 1
+        self._conns.add(conn)
         return conn
+
+    # -- the host's addresses ----------------------------------------------------------------
+
+    def watch_egress(self) -> None:
+        """Follow the kernel's address announcements from now on (needs a running loop).
+
+        An egress IP the host lacks is down from this call on (not after a failed connect),
+        comes back when it is added, and its removal aborts its connections at once. Where
+        netlink is refused, the pool keeps the connect-time detection alone, and says so.
+        """
+        if self._watch is not None:
+            return
+        watch = AddressWatch(self._addresses_changed)
+        try:
+            watch.start()  # subscribed before the first check: no change falls in between
+        except OSError as e:
+            log.warning("address_watch_unavailable", error=str(e), fallback="connect-time only")
+            return
+        self._watch = watch
+        self.egress.watched = True
+        self._addresses_changed(None)
+
+    def _addresses_changed(self, events: list[AddressEvent] | None) -> None:
+        """Announcements arrived (None: the first check, []: some were lost)."""
+        why = "address removed from the host" if events is not None else "not on the host"
+        gone, back = reconcile(self.egress)
+        for egress in gone:
+            self._egress_gone(egress, why)
+        for egress in back:
+            log.info("egress_up", egress=str(egress), reason="address added to the host")
+
+    def _egress_gone(self, egress: Egress, why: str) -> None:
+        """Abort every connection from ``egress``: one egress_down line says what it cost."""
+        aborted = {"idle": 0, "in_flight": 0, "sessions": 0}
+        for conn in [c for c in self._conns if c.slot.egress == egress]:
+            if conn.handler is None:
+                aborted["idle"] += 1
+            elif getattr(conn.handler, "tunnel", False):
+                aborted["sessions"] += 1
+            else:
+                aborted["in_flight"] += 1
+            conn.lost = EgressLost(str(egress), conn.local, conn.slot.destination, why)
+            conn.reset()  # RST, not FIN: no orphan retransmitting from a source that is gone
+        log.warning("egress_down", egress=str(egress), errno="EADDRNOTAVAIL", reason=why, **aborted)

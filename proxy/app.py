@@ -106,12 +106,15 @@ def build_settings(config: cfg.Config) -> Settings:
 
 
 def build_pool(config: cfg.Config, worker: int = 0) -> OriginPool:
-    return OriginPool(
+    """The worker's pool, following the host's addresses (called on its running loop)."""
+    pool = OriginPool(
         config.to_egress_set(worker),
         config.to_pool_limits(),
         config.to_tls_config(),
         keepalive=config.tcp_keepalive.to_keepalive(),
     )
+    pool.watch_egress()
+    return pool
 
 
 def _server_tls(listener: cfg.Listener) -> ssl.SSLContext | None:

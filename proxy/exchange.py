@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from pool.egress import EgressExhausted
+from pool.egress import EgressExhausted, EgressLost
 from pool.origin import Origin, PoolError, UpstreamConnection
 from proxy import access, http1, request_id
 from proxy import headers as hdrs
@@ -49,6 +49,10 @@ _UPSTREAM_REASONS = {
     503: "no capacity to reach the origin right now; retry shortly",
     504: "the origin did not answer in time",
 }
+
+
+# methods a retry cannot make worse (RFC 9110 9.2.2)
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 
 
 def errno_name(exc: BaseException) -> str:
@@ -419,9 +423,12 @@ class Exchange:
     def _upstream_failed(self, exc: BaseException) -> None:
         if self.finished:
             return
+        lost = self.conn.lost if self.conn is not None else None
+        if lost is not None:
+            exc = lost  # the pool aborted it: its egress IP left the host, the origin did not
         if self._may_retry(exc):
-            # a kept-alive connection the origin closed as we reused it: nothing was
-            # processed, and a bodiless request can go again on a fresh connection
+            # see _may_retry: a fresh connection (from an egress IP still on the host) gets
+            # the request again, once
             self._retried = True
             self._release(False)
             self.upstream = self.proxy.client_codec()
@@ -439,20 +446,35 @@ class Exchange:
         self._fail_upstream(exc.status if isinstance(exc, http1.ProtocolError) else classify(exc))
 
     def _may_retry(self, exc: BaseException) -> bool:
-        return (
-            self.reused
-            and not self._retried
-            and not self.response_started
-            and not self.head.has_body
-            and self.request_done
-            and self.received == 0
-            and isinstance(exc, ConnectionError)
-        )
+        """Once, before any response byte, when the connection failed rather than the origin
+        answering, and the request can go again without harm (nginx's proxy_next_upstream
+        error and its non_idempotent rule; HAProxy's retry-on conn-failure/empty-response).
+
+        The failure: the connection reset or closed on a reused keep-alive connection (the
+        origin may have closed it as we wrote), or the pool aborted the connection because
+        its egress IP left the host (fresh or reused: the reply could never arrive). A
+        response timeout is not retried: the origin may still be working on it.
+
+        Harmless: no body byte has gone to the origin yet (the body still waits in the
+        client's parser, so it can be sent again), and either the method is idempotent
+        (RFC 9110 9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) or the request is not yet
+        complete at the origin (a body it has not started on), so it cannot have acted.
+        A POST without a body, or any request whose body has partly gone, is not retried.
+        """
+        if self._retried or self.response_started or self.received or self.sent:
+            return False
+        if not isinstance(exc, ConnectionError):
+            return False
+        if not (self.reused or isinstance(exc, EgressLost)):
+            return False
+        pending_body = self.head.has_body and not self.request_done
+        return self.head.method in _IDEMPOTENT or pending_body
 
     async def _retry(self) -> None:
         assert self.origin is not None
+        pool = self.proxy.pool
         try:
-            conn = await self.proxy.pool.acquire(self.origin)
+            conn = await (pool.lease(self.origin) if self.websocket else pool.acquire(self.origin))
         except (OSError, ssl.SSLError) as e:
             self._log_upstream_error(self.origin, e, None)
             self._fail_upstream(classify(e))
@@ -460,7 +482,13 @@ class Exchange:
         if self.client.closed or self.finished:
             conn.pool.release(conn, reusable=True)
             return
-        self._attach(conn, resend=True)
+        if self.request_done:
+            self._attach(conn, resend=True)  # the whole request again: head and end
+            return
+        self._attach(conn)  # the head; the body follows from the client's parser
+        if self.ready:
+            self.client.resume_reading()
+            self.client.process()
 
     def _finish(self) -> None:
         self._disarm()

@@ -373,14 +373,13 @@ def test_serve_with_allow_unassigned_warns_503s_and_takes_the_ip_when_added(
             assert "egress IP not on this host" in error["error"] and "127.0.1.9" in error["error"]
             assert "no source port left" not in error["error"]
             metrics = httpx.get("http://127.0.0.1:9090/metrics").text
-            assert (
-                'originpool_egress_failover_total{egress="127.0.1.9",reason="not_on_host"} 1'
-                in (metrics)
-            )
+            # known down from the start (the kernel's address list, pool.addrwatch): not tried
+            assert 'originpool_egress_down{egress="127.0.1.9"} 1' in metrics
+            assert "originpool_egress_failover_total" not in metrics
             assert "originpool_egress_exhausted_total 0" in metrics
 
             ns32.ip("addr", "add", "127.0.1.9/32", "dev", "lo")  # no reload, no restart
-            # down for the first backoff (1 s): requests meanwhile are refused without a try
+            # up once the worker has read the kernel's announcement: until then, refused
             deadline = time.monotonic() + 15
             got = c.get("/")
             while got.status_code != 200 and time.monotonic() < deadline:
