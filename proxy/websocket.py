@@ -36,14 +36,16 @@ INTERNAL_ERROR = CloseReason.INTERNAL_ERROR  # 1011: the origin failed
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 VERSION = b"13"  # the only version RFC 6455 defines, and the only one relayed
-_HANDSHAKE = (
-    b"sec-websocket-key",
-    b"sec-websocket-version",
-    b"sec-websocket-protocol",
-    b"sec-websocket-extensions",
-    b"sec-websocket-accept",
-    b"upgrade",
-    b"connection",
+_HANDSHAKE = frozenset(
+    (
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-protocol",
+        b"sec-websocket-extensions",
+        b"sec-websocket-accept",
+        b"upgrade",
+        b"connection",
+    )
 )
 
 
@@ -85,10 +87,17 @@ def _fields(headers: Headers) -> dict[bytes, list[bytes]]:
     found: dict[bytes, list[bytes]] = {}
     for n, v in headers:
         if n in _HANDSHAKE:
-            found.setdefault(n, []).append(v)
-    for listed in {t for v in found.get(b"connection", ()) for t in comma_items(v)}:
-        if listed in _HANDSHAKE and listed not in (b"connection", b"upgrade"):
-            found.pop(listed, None)
+            if n in found:
+                found[n].append(v)
+            else:
+                found[n] = [v]
+    connection = found.get(b"connection")
+    if connection is not None:
+        listed = b",".join(connection).lower()
+        if b"sec-" in listed:  # rare: the usual Connection names only upgrade
+            for name in comma_items(listed):
+                if name.startswith(b"sec-websocket-"):
+                    found.pop(name, None)
     return found
 
 
@@ -158,12 +167,12 @@ def check_response(request: Headers, response: Headers) -> None:
     sent = _fields(request)
     got = _fields(response)
     upgrade = got.get(b"upgrade")
-    if comma_items(b",".join(upgrade or [])) != [b"websocket"]:
+    if upgrade != [b"websocket"] and comma_items(b",".join(upgrade or [])) != [b"websocket"]:
         raise HandshakeError(
             502, "upgrade", f"the origin's 101 has Upgrade {_shown(upgrade)}, not websocket"
         )
     connection = got.get(b"connection")
-    if b"upgrade" not in comma_items(b",".join(connection or [])):
+    if connection != [b"Upgrade"] and b"upgrade" not in comma_items(b",".join(connection or [])):
         raise HandshakeError(
             502,
             "connection",
