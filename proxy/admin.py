@@ -139,13 +139,10 @@ class Admin:
         if scope == "worker" or not self.peers:
             return (200, ctype, own)
         others, missing = await metrics_sum.scrape(self.peers)
+        body = await asyncio.to_thread(metrics_sum.total, own, others, missing)
         for index, reason in sorted(missing.items()):
             log.warning("metrics_worker_missing", worker=index, error=reason)
-        families = metrics_sum.merge([(0, metrics_sum.parse(own)), *others])
-        families["originpool_metrics_workers"] = metrics_sum.workers_family(
-            1 + len(others), len(missing)
-        )
-        return (200, ctype, metrics_sum.render(families.values()))
+        return (200, ctype, body)
 
     def _ready(self) -> tuple[int, str, str]:
         if self.proxy.draining:

@@ -173,24 +173,36 @@ async def fetch(address: tuple[str, int], path: str = "/metrics?scope=worker") -
 
 async def scrape(
     peers: Sequence[tuple[int, tuple[str, int]]], timeout: float = SCRAPE_TIMEOUT
-) -> tuple[list[tuple[int, dict[str, Family]]], dict[int, str]]:
-    """Every sibling's exposition at once, within ``timeout`` altogether: ``(index, its
-    families)`` of those that answered, and ``{index: reason}`` of those that did not."""
+) -> tuple[list[tuple[int, str]], dict[int, str]]:
+    """Every sibling's exposition at once, within ``timeout`` altogether: ``(index, text)``
+    of those that answered, and ``{index: reason}`` of those that did not."""
 
     async def one(address: tuple[str, int]) -> str:
         return await asyncio.wait_for(fetch(address), timeout)
 
     results = await asyncio.gather(*(one(a) for _i, a in peers), return_exceptions=True)
-    texts: list[tuple[int, dict[str, Family]]] = []
+    texts: list[tuple[int, str]] = []
     missing: dict[int, str] = {}
     for (index, _address), result in zip(peers, results, strict=True):
         if isinstance(result, BaseException):
             if not isinstance(result, OSError | ValueError | TimeoutError | EOFError):
                 raise result
             missing[index] = f"{type(result).__name__}: {result}"
-            continue
+        else:
+            texts.append((index, result))
+    return texts, missing
+
+
+def total(own: str, others: Sequence[tuple[int, str]], missing: dict[int, str]) -> str:
+    """Worker 0's exposition and its siblings' summed into the proxy's; a sibling whose text
+    does not parse joins ``missing`` (updated in place). CPU only, ~1 ms per worker of a few
+    hundred lines: the admin listener runs it off the event loop that relays traffic."""
+    parsed = [(0, parse(own))]
+    for index, text in others:
         try:
-            texts.append((index, parse(result)))
+            parsed.append((index, parse(text)))
         except ExpositionError as e:
             missing[index] = f"ExpositionError: {e}"
-    return texts, missing
+    families = merge(parsed)
+    families["originpool_metrics_workers"] = workers_family(len(parsed), len(missing))
+    return render(families.values())

@@ -95,6 +95,17 @@ def test_a_garbled_exposition_is_refused_naming_the_line(line):
         parse("# TYPE originpool_x counter\n" + line + "\n")
 
 
+def test_a_sibling_whose_page_does_not_parse_is_counted_missing_not_summed():
+    own = exposition(3, 2, 0.25, 1, 3, 0.5)
+    missing: dict[int, str] = {2: "TimeoutError: "}
+    text = metrics_sum.total(own, [(1, own), (3, "garbage here\n")], missing)
+    assert sorted(missing) == [2, 3] and missing[3].startswith("ExpositionError: line 1")
+    summed = samples_of(text)
+    assert summed[("originpool_requests_total", 'route="r",status="200"')][1] == 6
+    assert summed[("originpool_metrics_workers", 'state="summed"')] == ("gauge", 2)
+    assert summed[("originpool_metrics_workers", 'state="missing"')] == ("gauge", 2)
+
+
 def test_siblings_are_the_admin_port_plus_i_on_loopback():
     assert metrics_sum.siblings(("127.0.0.1", 9090), 3) == [
         (1, ("127.0.0.1", 9091)),
