@@ -287,18 +287,19 @@ async def test_installed_proxy_serves_with_the_compiled_accelerator(venv, origin
 
 def test_installed_testbed_runs_from_an_unrelated_directory(venv: Path, tmp_path: Path) -> None:
     """The smallest ramp that still reaches the wall: E=2, K=2, R=100, so connectx holds 400
-    of 450 attempts and refuses the rest with the kernel's EADDRNOTAVAIL."""
+    of 450 attempts and refuses the rest with the kernel's EADDRNOTAVAIL; its plot too, so
+    the dependencies the wheel declares are the ones the testbed needs."""
     reason = netns.can_create()
     if reason:
         pytest.skip(reason)
-    figures = tmp_path / "testbed.json"
+    figures, plot = tmp_path / "testbed.json", tmp_path / "testbed.png"
     run = _run(
         [
             str(venv / "bin" / "originpool"),
             "testbed",
             *("--mode", "connectx", "--egress", "2", "--origins", "2"),
             *("--port-range", "40000-40099", "--sessions", "450", "--hold", "1"),
-            *("--progress", "json", "--json", str(figures)),
+            *("--progress", "json", "--json", str(figures), "--plot", str(plot)),
         ],
         timeout=120,
         cwd=tmp_path,
@@ -310,3 +311,4 @@ def test_installed_testbed_runs_from_an_unrelated_directory(venv: Path, tmp_path
     assert connectx["held"] >= 0.995 * 400 and connectx["lost"] == 0
     assert connectx["failures_before_limit"] == 0
     assert "EADDRNOTAVAIL" in connectx["first_error"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib came with the wheel
