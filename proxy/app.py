@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -213,6 +213,7 @@ class Worker:
             return
         for warning in warnings:
             log.warning("config_warning", problem=warning)
+        new = keep_bound(self.config, new, warn=self.config.proxy.workers <= 1)
         self.proxy.router = build_router(new)
         self.proxy.settings = build_settings(new)
         for listener in self.proxy.listeners:
@@ -257,6 +258,27 @@ def _run_one(
     except ImportError:
         runner = asyncio.run
     return runner(run_worker(config, path, sockets, index, on_ready))
+
+
+def keep_bound(old: cfg.Config, new: cfg.Config, warn: bool) -> cfg.Config:
+    """A reloaded config with the listening addresses the sockets were bound to. They are
+    bound once, before the fork, and a worker restarted after a reload must serve on the
+    sockets the master holds; a changed ``[listen]`` or ``[admin]`` needs a restart, and
+    ``warn`` says so once (the master's line, or the lone worker's)."""
+
+    def addresses(c: cfg.Config) -> tuple[object, ...]:
+        return (*(spec.address for spec in c.listen), c.admin)
+
+    if addresses(new) == addresses(old):
+        return new
+    if warn:
+        log.warning(
+            "reload_kept_listeners",
+            why="[listen] and [admin] are bound at start: restart to change them",
+            listen=[binding.host_port(spec.address) for spec in old.listen],
+            admin=binding.host_port(old.admin),
+        )
+    return replace(new, listen=old.listen, admin=old.admin)
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -438,10 +460,11 @@ class Master:
     def _on_reload(self, signum: int, _frame: object) -> None:
         try:
             # workers forked later get the new one too
-            self.config, _warnings = cfg.load_on_host(self.path)
+            new, _warnings = cfg.load_on_host(self.path)
         except cfg.ConfigError as e:
             log.error("reload_rejected", problems=e.problems)
             return
+        self.config = keep_bound(self.config, new, warn=True)
         self._forward(signal.SIGHUP)
 
     def _reason(self, index: int, status: int) -> str:

@@ -175,3 +175,26 @@ def test_a_worker_that_dies_at_start_says_why(ns, tmp_path):
         assert proc.p.wait(timeout=20) == 1
     finally:
         proc.stop()
+
+
+def test_a_worker_restarted_after_a_reload_serves_the_sockets_bound_at_start(ns, tmp_path):
+    """A reload that adds a listener cannot bind it (the master bound everything at start):
+    one warning says so, and a worker restarted afterwards comes up on the sockets the
+    master holds instead of dying on a listener it has no socket for."""
+    config = write_config(tmp_path, 2)
+    proc = Proc(config)
+    try:
+        proc.wait_for("ready", 20, 2)
+        more = '[[listen]]\naddress = "127.0.0.1:8082"\n[admin]'
+        config.write_text(config.read_text().replace("[admin]", more))
+        os.kill(proc.p.pid, signal.SIGHUP)
+        proc.wait_for("reloaded", 20, 2)  # both workers: the master has the new config
+        pid = next(ln["pid"] for ln in proc.lines if ln.get("event") == "ready")
+        os.kill(pid, signal.SIGKILL)  # a worker this test's serve started, by its PID
+        again = proc.wait_for("ready", 20, 3)
+        assert again["listen"] == ["127.0.0.1:8080", "127.0.0.1:8081"], again
+        assert not [ln for ln in proc.lines if ln.get("event") == "worker_failed"]
+        kept = proc.wait_for("reload_kept_listeners")
+        assert kept["listen"] == ["127.0.0.1:8080", "127.0.0.1:8081"], kept
+    finally:
+        assert proc.stop() == 0

@@ -32,6 +32,10 @@ import pytest
 import pool
 from pool import netns
 
+# the first test to need the wheel pays for the build and for pip fetching every dependency
+# (numpy and matplotlib among them) over the CI's network: more than the suite's 300 s may go
+pytestmark = pytest.mark.timeout(900)
+
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 VERSION = PROJECT["version"]
