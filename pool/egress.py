@@ -211,7 +211,7 @@ class EgressLost(ConnectionAbortedError):
     def __init__(self, egress: str, local: Address, destination: Destination, why: str) -> None:
         super().__init__(
             errno.ECONNABORTED,
-            f"egress IP {egress} {why}: connection {format_address(local)} -> "
+            f"egress IP {egress} gone ({why}): connection {format_address(local)} -> "
             f"{format_address(destination)} aborted",
         )
         self.egress = egress

@@ -36,7 +36,10 @@ HELP = {
         "are all held)."
     ),
     "originpool_egress_live_connections": "Upstream connections held, by egress IP.",
-    "originpool_egress_down": "1 while an egress IP is marked down (not on the host).",
+    "originpool_egress_down": (
+        "1 while an egress IP is down: not on the host (from the kernel's address "
+        "announcements: 1 until the address is back), or in its backoff after a failed connect."
+    ),
     "originpool_pair_utilisation_max": "Fullest (egress IP, destination) pair, 0..1.",
     "originpool_origin_active_connections": "Checked-out upstream connections, by origin.",
     "originpool_origin_idle_connections": "Idle keep-alive upstream connections, by origin.",

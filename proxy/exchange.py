@@ -429,6 +429,14 @@ class Exchange:
         if self._may_retry(exc):
             # see _may_retry: a fresh connection (from an egress IP still on the host) gets
             # the request again, once
+            log.info(
+                "upstream_retry",
+                request_id=self.request_id.decode("ascii"),
+                origin=str(self.origin) if self.origin else None,
+                egress=self.conn.egress_ip if self.conn is not None else None,
+                errno=errno_name(exc),
+                error=str(exc),
+            )
             self._retried = True
             self._release(False)
             self.upstream = self.proxy.client_codec()

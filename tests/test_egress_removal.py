@@ -76,6 +76,7 @@ class PeerOrigin:
         self.tasks: set[asyncio.Task[None]] = set()
         self.gates: dict[bytes, tuple[int, asyncio.Event]] = {}
         self.held = 0
+        self.heads: list[tuple[str, bytes]] = []  # (peer, method) of every request head
 
     async def start(self, *addresses: tuple[str, int]) -> None:
         for host, port in addresses:
@@ -96,7 +97,13 @@ class PeerOrigin:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                path = head.split(b" ", 2)[1]
+                method, path = head.split(b" ", 2)[:2]
+                self.heads.append((peer, method))
+                length = 0
+                for line in head.lower().split(b"\r\n"):
+                    if line.startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await reader.readexactly(length)
                 if path.startswith((b"/gate/", b"/hold/")):
                     want = int(path.rsplit(b"/", 1)[1])
                     seen, event = self.gates.get(path, (0, asyncio.Event()))
@@ -107,7 +114,7 @@ class PeerOrigin:
                     if path.startswith(b"/hold/") and peer == GONE:
                         self.held += 1
                         await asyncio.Event().wait()
-                body = peer.encode()
+                body = b" ".join((peer.encode(), body)) if body else peer.encode()
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -226,7 +233,11 @@ async def test_removed_ip_with_pooled_connections_requests_and_sessions(space, o
             assert (down["idle"], down["in_flight"], down["sessions"]) == (8, 8, 2)
             failed = [e for e in logs if e["event"] == "websocket_origin_failed"]
             assert len(failed) == 2
-            assert all(f"egress IP {GONE} address removed" in e["reason"] for e in failed)
+            gone = f"egress IP {GONE} gone (address removed from the host)"
+            assert all(gone in e["reason"] for e in failed)
+            retried = [e for e in logs if e["event"] == "upstream_retry"]
+            assert len(retried) == 8 and all(e["egress"] == GONE for e in retried)
+            assert all(e["errno"] == "ECONNABORTED" and gone in e["error"] for e in retried)
             assert egress.live_by_egress()[GONE] == 0
 
             # down while missing, whatever the time (the backoff would have lapsed)
@@ -272,6 +283,39 @@ async def test_an_ip_missing_at_start_is_down_until_the_kernel_announces_it(spac
             )
             assert sorted(r.text for r in got) == [KEEP, LATER]
     finally:
+        listener.close()
+        await proxy.pool.close()
+
+
+async def test_a_body_not_yet_sent_follows_its_request_to_a_fresh_connection(
+    space, origins
+) -> None:
+    """A POST whose head went out through the removed IP, its body not yet: the origin cannot
+    have acted on it, so it goes again (head now, body as the client sends it)."""
+    egress = EgressSet([KEEP, GONE])
+    proxy, listener = make_proxy(egress)
+    proxy.pool.watch_egress()
+    clients = []
+    try:
+        for _ in range(2):  # two fresh connections to one destination: one per egress IP
+            reader, writer = await asyncio.open_connection(*listener.address)
+            writer.write(b"POST /post HTTP/1.1\r\nHost: busy.test\r\nContent-Length: 5\r\n\r\n")
+            clients.append((reader, writer))
+        await until(lambda: len(origins.heads) == 2)
+        assert sorted(peer for peer, _m in origins.heads) == [KEEP, GONE]
+        with capture_logs() as logs:
+            space.ip("addr", "del", f"{GONE}/24", "dev", "eg0")
+            await until(lambda: len(origins.heads) == 3)  # the head again, through KEEP
+        assert origins.heads[2] == (KEEP, b"POST")
+        assert [e["egress"] for e in logs if e["event"] == "upstream_retry"] == [GONE]
+        for reader, writer in clients:
+            writer.write(b"hello")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert await reader.readexactly(len(KEEP) + 6) == f"{KEEP} hello".encode()
+    finally:
+        for _reader, writer in clients:
+            writer.close()
         listener.close()
         await proxy.pool.close()
 
