@@ -99,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 class _VersionAction(argparse.Action):
     """``--version``: the installed distribution's version, as pip and bug reports see it.
 
-    Looked up only when asked: importing importlib.metadata costs ~75 ms, which every other
-    command (``serve`` included) would otherwise pay at start. A checkout run without an
-    install (``python -m proxy.cli``) has no metadata, and says the source's version.
+    Looked up only when asked: importing importlib.metadata and reading the distribution
+    cost 40-55 ms after the CLI's own imports, which every other command (``serve``
+    included) would otherwise pay at start. A checkout run without an install
+    (``python -m proxy.cli``) has no metadata, and says the source's version.
     """
 
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
