@@ -237,6 +237,12 @@ BAD_101 = {
     "no-accept": (b"", UP + CONN, "accept"),
     "empty-accept": (b"", UP + CONN + b"Sec-WebSocket-Accept:\r\n", "accept"),
     "accept-twice": (b"", UP + CONN + ACC + ACC, "accept"),
+    # Connection names it: hop-by-hop, so the client would never get it (RFC 9110 §7.6.1)
+    "accept-hop-by-hop": (
+        b"",
+        UP + b"Connection: Upgrade, Sec-WebSocket-Accept\r\n" + ACC,
+        "accept",
+    ),
     "wrong-accept": (
         b"",
         UP + CONN + b"Sec-WebSocket-Accept: " + accept_for(b"x" * 24) + b"\r\n",
@@ -374,6 +380,11 @@ BAD_REQUEST = {
     "key-15-bytes": (upgrade(key=base64.b64encode(b"x" * 15)), 400, None),
     "key-17-bytes": (upgrade(key=base64.b64encode(b"x" * 17)), 400, None),
     "key-twice": (upgrade(b"Sec-WebSocket-Key: " + KEY + b"\r\n"), 400, None),
+    "key-hop-by-hop": (  # Connection names it: the origin would never get it
+        upgrade().replace(b"Connection: Upgrade", b"Connection: Upgrade, Sec-WebSocket-Key"),
+        400,
+        None,
+    ),
     "no-version": (upgrade().replace(b"Sec-WebSocket-Version: 13\r\n", b""), 400, None),
     "version-8": (upgrade(version=b"8"), 426, (b"sec-websocket-version", b"13")),
     "version-list": (upgrade(version=b"13, 8"), 426, (b"sec-websocket-version", b"13")),
