@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 from wsproto.frame_protocol import FrameProtocol
 
@@ -446,6 +448,24 @@ def test_the_tracker_reports_no_close_it_did_not_see(tracker, stream):
         t.feed(stream[i : i + 1])
     t.feed(close_bytes(1000, client=tracker is ClientFrames))  # a real Close after: too late
     assert t.lost and not t.at_boundary
+    assert not t.closed and t.close_code is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tracker=st.sampled_from([FrameTracker, ClientFrames, OriginFrames]),
+    text=st.binary(max_size=2000).map(lambda b: bytes(c & 0x7F for c in b)),
+    cuts=st.lists(st.integers(min_value=1, max_value=64), max_size=20),
+)
+def test_ascii_never_holds_a_close_the_tracker_reports(tracker, text, cuts):
+    """HTTP heads are ASCII, and no ASCII byte has the FIN bit a Close frame needs: however
+    an HTTP message falls into a tunnel, and however it is split, no Close code comes of it."""
+    t = tracker()
+    pos = 0
+    for cut in cuts:
+        t.feed(text[pos : pos + cut])
+        pos += cut
+    t.feed(text[pos:])
     assert not t.closed and t.close_code is None
 
 
