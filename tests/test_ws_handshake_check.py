@@ -367,6 +367,13 @@ async def test_a_valid_101_opens_a_tunnel_with_the_origins_head(rig, answer, cas
     for name in (b"sec-websocket-protocol", b"sec-websocket-extensions"):
         sent = re.search(rb"(?im)^" + name + rb":[ \t]*(.*?)\r$", lines)
         assert header(head, name) == ([sent[1]] if sent else [])
+    # nothing the origin did not send, but this hop's Connection/Upgrade pair and Via
+    names = sorted(n.lower() for n in re.findall(rb"(?m)^([^:\r\n]+):", head))
+    theirs = [n.lower() for n in re.findall(rb"(?m)^([^:\r\n]+):", lines)]
+    hop = (b"connection", b"upgrade")
+    assert names == sorted([*(n for n in theirs if n not in hop), *hop, b"via"]), head
+    assert header(head, b"connection") == [b"upgrade"]
+    assert header(head, b"upgrade") == [b"websocket"]
     frame = FrameProtocol(client=True, extensions=[]).send_data(b"hello", fin=True)
     writer.write(frame)
     await until(lambda: rig.a.received().endswith(frame), "the frame at A")
