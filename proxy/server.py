@@ -158,7 +158,7 @@ class Downstream(asyncio.Protocol):
         self._timer = Timer()
         self.ex_timer = Timer()  # the current exchange's: one pending loop timer per connection
         self._got_bytes = False
-        self.began = 0.0  # monotonic time of the current request's first byte
+        self.began = 0.0  # monotonic time of the first read of a head not whole in one
         self.lingering = False
         self.deferred: tuple[int, str] | None = None  # a later message's error, see fail()
         self.held = b""  # see pool.turnwrite
@@ -185,9 +185,7 @@ class Downstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.lingering:
             return  # after an error response: read and drop until EOF or LINGER
-        if not self._got_bytes:
-            self._got_bytes = True
-            self.began = time.monotonic()  # a refusal's duration_ms counts from here
+        self._got_bytes = True
         ex = self.exchange
         if ex is not None and ex.tunnel:
             ex.tunnel_to_origin(data)
@@ -198,6 +196,10 @@ class Downstream(asyncio.Protocol):
                 self._begin(head)
                 self.process()
                 return
+        if ex is None and not self.began:
+            # a head not whole in one read: a refusal's duration_ms counts from here (a
+            # whole one starts its exchange at once, which keeps its own clock)
+            self.began = time.monotonic()
         try:
             self.http.feed(data)
         except http1.ProtocolError as e:
@@ -310,6 +312,7 @@ class Downstream(asyncio.Protocol):
             self.fail(*deferred)
             return
         self._got_bytes = False
+        self.began = 0.0
         self._arm(self.proxy.settings.header_timeout, self._header_timeout)
         self.resume_reading()
         self.process()
@@ -348,11 +351,11 @@ class Downstream(asyncio.Protocol):
             return  # no answer goes out: nothing to count
         rid = request_id.new()
         body_bytes = self.answer_error(status, reason, extra, rid)
-        began = self.began if self._got_bytes else time.monotonic()
+        now = time.monotonic()
         access.response(
             self.proxy.stats,
             access.NONE,
-            time.monotonic() - began,
+            now - (self.began or now),
             method=access.NONE,
             host=access.NONE,
             path=access.NONE,
