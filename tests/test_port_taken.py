@@ -218,3 +218,38 @@ def test_a_lone_worker_that_fails_at_start_logs_why_and_exits_1(ns):
     assert code == 1 and reason is not None and reason.startswith("ValueError: "), reason
     failed = [line for line in logs if line["event"] == "worker_failed"]
     assert [line["error"] for line in failed] == [reason]
+
+
+def test_connections_queued_on_a_worker_that_dies_are_answered_by_its_successor(ns, tmp_path):
+    """The master holds every worker's sockets, so the connections waiting in a dead
+    worker's accept queue are taken by the worker restarted in its place; a socket the
+    worker had bound itself died with it and reset them."""
+    proc = Proc(write_config(tmp_path, 2))
+    try:
+        proc.wait_for("ready", 20, 2)
+        stuck = next(
+            ln["pid"] for ln in proc.lines if ln.get("event") == "ready" and ln["worker"] == 1
+        )
+        os.kill(stuck, signal.SIGSTOP)  # worker 1 stops accepting; its queue fills
+        clients = []
+        for i in range(40):  # many source addresses: the kernel's hash spreads them
+            sock = socket.socket()
+            sock.bind((f"127.3.0.{i + 1}", 0))
+            sock.connect(("127.0.0.1", 8080))  # the kernel completes the handshake itself
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: nowhere.test\r\nConnection: close\r\n\r\n")
+            clients.append(sock)
+        os.kill(stuck, signal.SIGKILL)  # by its PID; SIGKILL ends a stopped process too
+        answers = []
+        for sock in clients:
+            sock.settimeout(20)
+            try:
+                answers.append(sock.recv(12))
+            except OSError as e:
+                answers.append(type(e).__name__.encode())
+            finally:
+                sock.close()
+        assert answers == [b"HTTP/1.1 421"] * 40, answers
+        restarted = proc.wait_for("ready", 20, 3)
+        assert restarted["worker"] == 1
+    finally:
+        assert proc.stop() == 0
