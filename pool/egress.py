@@ -384,10 +384,11 @@ class EgressSet:
         self._clock = clock
         self._pairs: dict[tuple[Egress, Destination], _Pair] = {}
         self._down: dict[Egress, tuple[float, float]] = {}  # egress -> (until, current backoff)
-        # missing from the host by the kernel's word: down until it says the IP is back. Only
-        # while the address announcements are watched (else nothing would bring it back)
+        # missing from the host by the kernel's word (pool.addrwatch alone writes it): down
+        # until the kernel announces the IP back. A connect that finds an IP gone only starts
+        # a backoff: were it to mark the IP absent, the announcement that follows would find
+        # nothing new and the IP's pooled connections would never be reset
         self._absent: set[Egress] = set()
-        self.watched = False
         self._rr = 0
         if not (0 <= share[0] < share[1]):
             raise ValueError(f"share must be (index, count) with 0 <= index < count: {share}")
@@ -698,8 +699,6 @@ class EgressSet:
         _until, current = self._down.get(egress, (0.0, self._backoff[0] / 2))
         delay = min(current * 2, self._backoff[1])
         self._down[egress] = (self._clock() + delay, delay)
-        if self.watched:
-            self._absent.add(egress)  # the watch announces its return: no probing needed
         log.warning(
             "egress_down",
             egress=str(egress),

@@ -669,7 +669,6 @@ class OriginPool:
             log.warning("address_watch_unavailable", error=str(e), fallback="connect-time only")
             return
         self._watch = watch
-        self.egress.watched = True
         self._addresses_changed(None)
 
     def _addresses_changed(self, events: list[AddressEvent] | None) -> None:

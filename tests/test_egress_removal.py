@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -316,6 +317,38 @@ async def test_a_body_not_yet_sent_follows_its_request_to_a_fresh_connection(
     finally:
         for _reader, writer in clients:
             writer.close()
+        listener.close()
+        await proxy.pool.close()
+
+
+async def test_a_connect_that_finds_the_ip_gone_first_still_lets_the_watch_reset(
+    space, origins
+) -> None:
+    """Under load a connect can meet the missing IP before the worker reads the kernel's
+    announcement: that connect's failover must not hide the removal from the watch, whose
+    reset of the pooled connections is what keeps later requests from hanging."""
+    egress = EgressSet([KEEP, GONE])
+    proxy, listener = make_proxy(egress)
+    proxy.pool.watch_egress()
+    url = f"http://127.0.0.1:{listener.address[1]}"
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            got = await asyncio.gather(
+                *(client.get("/gate/race/4", headers={"host": "idle.test"}) for _ in range(4))
+            )
+            assert sorted(r.text for r in got) == [KEEP, KEEP, GONE, GONE]
+            with capture_logs() as logs:
+                # the loop is not run between the removal and the connect below: the
+                # announcement waits in the netlink socket while the connect fails over
+                space.ip("addr", "del", f"{GONE}/24", "dev", "eg0")
+                gone = egress.egresses[1]
+                egress._mark_down(gone, HTTP_BACK, errno.EADDRNOTAVAIL)  # what connect() does
+                await until(lambda: egress.live_by_egress()[GONE] == 0)
+            down = [e for e in logs if e["event"] == "egress_down"]
+            assert [e.get("idle") for e in down] == [None, 2]  # the connect's, then the watch's
+            egress._clock = lambda: 1e9  # far past any backoff: down by the kernel's word
+            assert down_metric(egress, GONE) == 1
+    finally:
         listener.close()
         await proxy.pool.close()
 
