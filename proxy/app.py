@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import structlog
 
 from pool.origin import OriginPool
-from proxy import accel, binding, logs, pidfile, sdnotify, whole
+from proxy import accel, binding, logs, pidfile, sdnotify, tls, whole
 from proxy import config as cfg
 from proxy import headers as hdrs
 from proxy.admin import Admin
@@ -118,12 +118,8 @@ def build_pool(config: cfg.Config, worker: int = 0) -> OriginPool:
 
 
 def _server_tls(listener: cfg.Listener) -> ssl.SSLContext | None:
-    if not listener.tls_cert:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(listener.tls_cert, listener.tls_key)
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
+    """The listener's context: every certificate it has, picked by SNI (:mod:`proxy.tls`)."""
+    return tls.server_context(listener)
 
 
 class Worker:
@@ -214,6 +210,8 @@ class Worker:
         for warning in warnings:
             log.warning("config_warning", problem=warning)
         new = keep_bound(self.config, new, warn=self.config.proxy.workers <= 1)
+        for listener, spec in zip(self.proxy.listeners, new.listen, strict=True):
+            tls.renew(listener.ssl, spec)  # renewed certificates; a failure keeps the old
         self.proxy.router = build_router(new)
         self.proxy.settings = build_settings(new)
         for listener in self.proxy.listeners:

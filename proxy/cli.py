@@ -190,7 +190,10 @@ def _run_ports(args: argparse.Namespace) -> int:
     )
 
 
-_FILE_KEYS = {"listen": ("tls_cert", "tls_key"), "upstream_tls": ("ca_file",)}
+_FILE_KEYS = {
+    "listen": ("tls_cert", "tls_key", "certificates", "certificate_dir", "min_version"),
+    "upstream_tls": ("ca_file",),
+}
 
 
 def _config_for_ports(path: str) -> Config:

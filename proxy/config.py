@@ -110,6 +110,7 @@ from proxy.config_values import (
     _zero_is_none,
     parse_address,
 )
+from proxy.tls import certificate_warnings
 
 # the public names, and the private ones of the modules split off from this one: every name
 # that was importable from here before the split still is
@@ -261,7 +262,8 @@ def load_on_host(path: str | os.PathLike[str]) -> tuple[Config, tuple[str, ...]]
     report = EgressPresence().check(config)
     if report.errors:
         raise ConfigError(report.errors)
-    return config, report.warnings
+    # certificates that load but will fail clients (names, expiry): the clock is the host's
+    return config, report.warnings + certificate_warnings(config.listen, config.source)
 
 
 _ADDRESS_KEY = re.compile(r": egress\.addresses\[(\d+)\]: ")

@@ -34,16 +34,47 @@ _POOL_DEFAULTS = PoolLimits()
 
 
 @dataclass(frozen=True, slots=True)
+class Certificate:
+    """A certificate and its key (absolute paths; the same file for a combined PEM), served
+    for ``names`` (exact or ``*.parent``), or, when empty, the names the certificate holds.
+    ``where`` is its key in the config, for messages: ``listen[0].certificates[1]``."""
+
+    cert: str
+    key: str
+    names: tuple[str, ...] = ()
+    where: str = ""
+
+
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
-    """One downstream socket; TLS when both certificate and key are given (absolute paths)."""
+    """One downstream socket; TLS when it has a certificate (see :mod:`proxy.tls`).
+
+    ``tls_cert``/``tls_key`` is the default pair when set; ``certificates`` holds the
+    ``certificates`` array's pairs, then those found in ``certificate_dir`` (read again on
+    every load, so a reload sees files added or renewed there)."""
 
     address: Address
     tls_cert: str | None = None
     tls_key: str | None = None
+    certificates: tuple[Certificate, ...] = ()
+    certificate_dir: str | None = None
+    min_version: str = "TLSv1.2"
+    path: str = "listen"  # its key in the config, for messages: listen[0]
 
     @property
     def tls(self) -> bool:
-        return self.tls_cert is not None
+        return self.tls_cert is not None or bool(self.certificates)
+
+    @property
+    def pairs(self) -> tuple[Certificate, ...]:
+        """Every certificate served, the default (served for no or an unknown SNI) first."""
+        if self.tls_cert is None or self.tls_key is None:
+            return self.certificates
+        default = Certificate(self.tls_cert, self.tls_key, (), f"{self.path}.tls_cert")
+        return (default, *self.certificates)
 
 
 @dataclass(frozen=True, slots=True)

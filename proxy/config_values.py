@@ -281,3 +281,29 @@ def _origin_url(value: Any) -> Origin:
         except _Invalid as e:
             raise _Invalid(f"{url!r}: {e.reason}") from None
     return origin
+
+
+def _certificate_names(value: Any) -> tuple[str, ...]:
+    """``names`` of a certificate: exact host names or ``*.parent`` (one label, RFC 6125).
+
+    No ``*`` alone: the name-less fallback is the default certificate (the first), and a
+    certificate is never chosen for a name it was not given.
+    """
+    if not isinstance(value, list) or not value:
+        raise _Invalid(f"must be a non-empty array of host names, got {_show(value)}")
+    out: list[str] = []
+    for item in value:
+        text = _string(item, "a host name like 'app.example' or '*.example'")
+        wildcard = text.startswith("*.")
+        name = text[2:] if wildcard else text
+        if "*" in name:
+            raise _Invalid(
+                f"{text!r}: '*' only as the whole first label, as in '*.example' "
+                "(the certificate for no or an unknown name is the first one)"
+            )
+        try:
+            name = _check_hostname(name)
+        except _Invalid as e:
+            raise _Invalid(f"{text!r}: {e.reason}") from None
+        out.append(f"*.{name}" if wildcard else name)
+    return tuple(dict.fromkeys(out))
