@@ -353,6 +353,33 @@ async def test_a_connect_that_finds_the_ip_gone_first_still_lets_the_watch_reset
         await proxy.pool.close()
 
 
+async def test_ipv6_egress_follows_the_announcements_too(space) -> None:
+    """RTMGRP_IPV6_IFADDR: an IPv6 egress IP missing at start, added (usable only once out
+    of duplicate address detection: nodad here), removed with a connection on it."""
+    egress = EgressSet(["fd00::1", "fd00::2"])
+    pool = OriginPool(egress, PoolLimits())
+    space.ip("addr", "add", "fd00::1/128", "dev", "lo", "nodad")
+    server = await asyncio.start_server(lambda r, w: None, "::1", 9000)
+    try:
+        pool.watch_egress()
+        assert down_metric(egress, "fd00::2") == 1 and down_metric(egress, "fd00::1") == 0
+        space.ip("addr", "add", "fd00::2/128", "dev", "lo", "nodad")
+        await until(lambda: down_metric(egress, "fd00::2") == 0)
+        origin = Origin("http", "::1", 9000)
+        conns = [await pool.acquire(origin) for _ in range(2)]
+        assert sorted(c.egress_ip for c in conns) == ["fd00::1", "fd00::2"]
+        space.ip("addr", "del", "fd00::2/128", "dev", "lo")
+        await until(lambda: down_metric(egress, "fd00::2") == 1)
+        await until(lambda: egress.live_by_egress()["fd00::2"] == 0)
+        lost = [c for c in conns if c.lost is not None]
+        assert [c.egress_ip for c in lost] == ["fd00::2"] and not lost[0].alive
+        for c in conns:
+            pool.release(c, reusable=False)
+    finally:
+        server.close()
+        await pool.close()
+
+
 def test_announcements_parse_what_the_kernel_sends(space) -> None:
     """Real RTM_NEWADDR / RTM_DELADDR datagrams, read from a subscribed socket."""
     import socket
