@@ -84,10 +84,17 @@ class AddressWatch:
 
     ``on_change(events)`` runs after each readable burst with what it carried; an empty list
     means announcements were lost (the socket overran) and the caller must check everything.
+    ``on_failed()`` runs if the socket fails for good: from then on no change is announced,
+    and the caller must stop trusting what it learnt from the watch.
     """
 
-    def __init__(self, on_change: Callable[[list[AddressEvent]], None]) -> None:
+    def __init__(
+        self,
+        on_change: Callable[[list[AddressEvent]], None],
+        on_failed: Callable[[], None] | None = None,
+    ) -> None:
         self._on_change = on_change
+        self._on_failed = on_failed
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -137,6 +144,8 @@ class AddressWatch:
                     continue
                 log.warning("address_watch_failed", errno=errno.errorcode.get(e.errno or 0, ""))
                 self.close()
+                if self._on_failed is not None:
+                    self._on_failed()
                 return
             events.extend(parse(data))
         if overran:

@@ -437,6 +437,10 @@ class EgressSet:
         state = self._down.get(egress)
         return state is not None and self._clock() < state[0]
 
+    def forget_presence(self) -> None:
+        """The announcements stopped: back to the connect-time detection alone."""
+        self._absent.clear()
+
     def set_present(self, egress: Egress, present: bool) -> bool:
         """The kernel's word on ``egress`` (see :mod:`pool.addrwatch`); True if it changed
         what the pool does with it (the caller logs: it knows what else the change cost)."""

@@ -662,7 +662,7 @@ class OriginPool:
         """
         if self._watch is not None:
             return
-        watch = AddressWatch(self._addresses_changed)
+        watch = AddressWatch(self._addresses_changed, self._watch_failed)
         try:
             watch.start()  # subscribed before the first check: no change falls in between
         except OSError as e:
@@ -670,6 +670,12 @@ class OriginPool:
             return
         self._watch = watch
         self._addresses_changed(None)
+
+    def _watch_failed(self) -> None:
+        """No more announcements: an IP marked absent would never come back, so the pool
+        returns to the connect-time detection (the backoff re-probes a missing IP)."""
+        self._watch = None
+        self.egress.forget_presence()
 
     def _addresses_changed(self, events: list[AddressEvent] | None) -> None:
         """Announcements arrived (None: the first check, []: some were lost)."""

@@ -380,6 +380,37 @@ async def test_ipv6_egress_follows_the_announcements_too(space) -> None:
         await pool.close()
 
 
+async def test_a_watch_that_fails_hands_back_to_the_connect_time_detection(space) -> None:
+    """An IP marked absent would never come back once no announcement can arrive."""
+    egress = EgressSet([KEEP, LATER])
+    pool = OriginPool(egress, PoolLimits())
+    pool.watch_egress()
+    watch = pool._watch
+    assert watch is not None and egress.is_down(egress.egresses[1])
+    real = watch._sock
+    assert real is not None
+
+    class Broken:
+        """The subscribed socket, failing as a netlink socket should never fail."""
+
+        def fileno(self) -> int:
+            return real.fileno()
+
+        def recv(self, size: int) -> bytes:
+            raise OSError(errno.EBADF, "broken")
+
+        def close(self) -> None:
+            real.close()
+
+    watch._sock = Broken()  # type: ignore[assignment]
+    with capture_logs() as logs:
+        watch._readable()
+    assert [e["event"] for e in logs] == ["address_watch_failed"]
+    assert pool._watch is None and not watch.running and real.fileno() == -1
+    assert not egress.is_down(egress.egresses[1])  # a connect finds out, with its backoff
+    await pool.close()
+
+
 def test_announcements_parse_what_the_kernel_sends(space) -> None:
     """Real RTM_NEWADDR / RTM_DELADDR datagrams, read from a subscribed socket."""
     import socket
