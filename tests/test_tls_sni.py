@@ -51,6 +51,7 @@ min_version = "{min_version}"
 address = "127.0.0.1:9090"
 [proxy]
 pid_file = "originpool.pid"
+workers = {workers}
 [[routes]]
 host = "app.example"
 origins = ["http://127.0.2.1:9000"]
@@ -100,9 +101,9 @@ def site(tmp_path: Path) -> dict[str, object]:
     return {"ca": ca, "dir": tmp_path, "leaves": leaves}
 
 
-def write_config(directory: Path, min_version: str = "TLSv1.2") -> Path:
+def write_config(directory: Path, min_version: str = "TLSv1.2", workers: int = 1) -> Path:
     path = directory / "originpool.toml"
-    path.write_text(CONFIG.format(port=PORT, min_version=min_version))
+    path.write_text(CONFIG.format(port=PORT, min_version=min_version, workers=workers))
     return path
 
 
@@ -409,3 +410,67 @@ def test_sighup_serves_renewed_files_and_keeps_old_on_broken(ns, origin, site) -
     finally:
         assert proc.stop() == 0
     assert [ln["event"] for ln in proc.lines].count("reload_rejected") == 1
+
+
+def test_kubernetes_secret_and_certbot_layouts(tmp_path: Path) -> None:
+    """A TLS secret mounted as a volume: tls.crt and tls.key are links through ``..data``
+    (swapped atomically on update), which is skipped; certbot's live/NAME/ and its README."""
+    ca = trustme.CA()
+    mount = tmp_path / "secret"
+    write_pair(ca, mount / "..2026_12_07" / "tls", "k8s.example")
+    (mount / "..2026_12_07" / "tls.pem").rename(mount / "..2026_12_07" / "tls.crt")
+    (mount / "..data").symlink_to("..2026_12_07")
+    for name in ("tls.crt", "tls.key"):
+        (mount / name).symlink_to(f"..data/{name}")
+    assert tls.find_pairs(str(mount)) == (
+        [("tls", str(mount / "tls.crt"), str(mount / "tls.key"))],
+        [],
+    )
+    live = tmp_path / "live"
+    write_pair(ca, live / "site.example" / "fullchain", "site.example")
+    (live / "site.example" / "fullchain.key").rename(live / "site.example" / "privkey.pem")
+    (live / "README").write_text("This directory contains your keys and certificates.\n")
+    (live / "empty").mkdir()  # not a pair: skipped
+    site = live / "site.example"
+    assert tls.find_pairs(str(live)) == (
+        [("site.example", str(site / "fullchain.pem"), str(site / "privkey.pem"))],
+        [],
+    )
+
+
+def test_the_deploy_example_block_is_valid(site) -> None:
+    """deploy/originpool.toml's commented SNI listener, uncommented with real files."""
+    d = site["dir"]
+    text = (ROOT / "deploy" / "originpool.toml").read_text()
+    block = text.split("# or does not cover a name given in names.\n")[1].split("\n\n")[0]
+    doc = "\n".join(line[2:] if line.startswith("# ") else line for line in block.splitlines())
+    doc = doc.replace("/etc/originpool/tls/example.com", str(d / "a"))
+    doc = doc.replace("/etc/originpool/tls/legacy.pem", str(d / "both.pem"))
+    doc = doc.replace("/etc/letsencrypt/live", str(d / "certs"))
+    route = '[[routes]]\nhost = "a"\norigins = ["http://127.0.2.1:9000"]\n'
+    spec = cfg.parse(doc + "\n" + route, "example.toml").listen[0]
+    assert [p.where for p in spec.pairs] == [
+        "listen[0].certificates[0]",
+        "listen[0].certificates[1]",
+        "listen[0].certificate_dir (c)",
+        "listen[0].certificate_dir (d.example)",
+    ]
+    assert spec.pairs[1].names == ("old.example.com",) and spec.min_version == "TLSv1.2"
+
+
+@needs_openssl
+def test_every_worker_serves_the_renewal(ns, site) -> None:
+    """workers = 2: the master forwards SIGHUP, each worker re-reads the files, and every
+    handshake after both reloaded (the kernel spreads them over both) sees the new serial."""
+    d, ca = site["dir"], site["ca"]
+    proc = Proc(write_config(d, workers=2))
+    try:
+        proc.wait_for("ready", count=2)
+        renewed = write_pair(ca, d / "a", "a.example")
+        proc.p.send_signal(signal.SIGHUP)
+        proc.wait_for("reloaded", count=2)
+        served = {s_client("a.example")[1].serial_number for _ in range(12)}  # type: ignore[union-attr]
+        assert served == {serial_of(renewed)}
+        assert len({ln["pid"] for ln in proc.lines if ln.get("event") == "reloaded"}) == 2
+    finally:
+        assert proc.stop() == 0
