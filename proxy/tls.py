@@ -227,6 +227,33 @@ def _holds_key(path: str) -> bool:
 # -- the table a listener picks from -----------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Survey:
+    """What a listener's certificates say of themselves, no key loaded: each pair with its
+    certificate's names, which pair each name goes to (the first to claim it), and the
+    later claims that lose."""
+
+    infos: tuple[tuple[Certificate, CertInfo], ...]
+    owner: dict[str, int]  # name (or "*.parent") -> index in infos
+    shadowed: tuple[str, ...]  # "name: where serves it, not where"
+
+    @classmethod
+    def of(cls, spec: Listener) -> Survey:
+        infos: list[tuple[Certificate, CertInfo]] = []
+        owner: dict[str, int] = {}
+        shadowed: list[str] = []
+        for i, pair in enumerate(spec.pairs):
+            info = read_certificate(pair.cert)
+            infos.append((pair, info))
+            for name in pair.names or info.names:
+                if name in owner:
+                    first = infos[owner[name]][0].where
+                    shadowed.append(f"{name}: {first} serves it, not {pair.where}")
+                else:
+                    owner[name] = i
+        return cls(tuple(infos), owner, tuple(shadowed))
+
+
 @dataclass(slots=True)
 class CertificateSet:
     """A listener's certificates, loaded: the default and the context for each name."""
@@ -234,8 +261,6 @@ class CertificateSet:
     default: ssl.SSLContext
     exact: dict[str, ssl.SSLContext] = field(default_factory=dict)
     wildcard: dict[str, ssl.SSLContext] = field(default_factory=dict)  # parent -> context
-    infos: list[tuple[Certificate, CertInfo]] = field(default_factory=list)
-    shadowed: list[str] = field(default_factory=list)  # "name: where, where"
 
     @classmethod
     def load(cls, spec: Listener) -> CertificateSet:
@@ -245,19 +270,11 @@ class CertificateSet:
             raise TLSError(f"{spec.address[0]}:{spec.address[1]}", "no certificate to serve")
         contexts = [load_pair(p.cert, p.key, new_context(spec.min_version)) for p in pairs]
         found = cls(default=contexts[0])
-        claimed: dict[str, str] = {}
-        for pair, ctx in zip(pairs, contexts, strict=True):
-            info = read_certificate(pair.cert)
-            found.infos.append((pair, info))
-            for name in pair.names or info.names:
-                if name in claimed:
-                    found.shadowed.append(f"{name}: {claimed[name]} serves it, not {pair.where}")
-                    continue
-                claimed[name] = pair.where
-                if name.startswith("*."):
-                    found.wildcard[name[2:]] = ctx
-                elif "*" not in name:  # "f*.example" and the like: no client matches them
-                    found.exact[name] = ctx
+        for name, i in Survey.of(spec).owner.items():
+            if name.startswith("*."):
+                found.wildcard[name[2:]] = contexts[i]
+            elif "*" not in name:  # "f*.example" and the like: no client matches them
+                found.exact[name] = contexts[i]
         return found
 
     def pick(self, server_name: str | None) -> ssl.SSLContext:
@@ -342,15 +359,13 @@ def certificate_warnings(
     """Certificates that load but will fail clients, one warning each: a declared name the
     certificate does not cover, expiry within :data:`RENEW_WITHIN` (or past), a name two
     certificates claim (the first serves it). Files that do not load are the reader's
-    errors, so they are skipped here."""
+    errors, so they are skipped here. Reads the certificates only: no key is loaded."""
     now = now or datetime.datetime.now(datetime.UTC)
     out: list[str] = []
     for spec in listeners:
         try:
-            found = CertificateSet.load(spec) if spec.tls else None
+            found = Survey.of(spec)
         except TLSError:
-            continue
-        if found is None:
             continue
         for i, (pair, info) in enumerate(found.infos):
             warned = _warn(pair, info, now, default=i == 0)

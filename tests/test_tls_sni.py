@@ -136,15 +136,21 @@ def test_pick_exact_then_one_label_wildcard_then_default(site) -> None:
     d = site["dir"]
     spec = cfg.load(write_config(d)).listen[0]
     found = tls.CertificateSet.load(spec)
-    by_where = {pair.where: found.pick(info.names[0]) for pair, info in found.infos}
-    assert found.pick("a.example") is by_where["listen[0].certificates[0]"]
+    # one context per certificate (which one serves what: s_client's test below)
+    names = ("a.example", "x.wild.example", "b.example", "c.example", "d.example", None)
+    assert len({id(found.pick(name)) for name in names}) == len(names)
+    assert found.pick("default.example") is found.default
     assert found.pick("A.Example.") is found.pick("a.example")  # SNI is case-blind
-    wild = found.pick("x.wild.example")
-    assert wild is not found.default and wild is found.pick("y.wild.example")
-    for unknown in ("x.y.wild.example", "wild.example", "other.example", None):
+    assert found.pick("y.wild.example") is found.pick("x.wild.example")
+    for unknown in ("x.y.wild.example", "wild.example", "other.example"):
         assert found.pick(unknown) is found.default  # '*' stands for one label only
-    assert found.pick("c.example") is not found.default  # certificate_dir's NAME.pem
-    assert found.pick("d.example") is not found.default  # certbot's live/NAME/
+    survey = tls.Survey.of(spec)
+    assert survey.owner["*.wild.example"] == 2 and survey.owner["d.example"] == 5
+    assert [info.names for _pair, info in survey.infos][:3] == [
+        ("default.example",),
+        ("a.example",),
+        ("*.wild.example",),
+    ]
 
 
 def test_config_reads_every_source_in_order(site) -> None:
@@ -474,3 +480,19 @@ def test_every_worker_serves_the_renewal(ns, site) -> None:
         assert len({ln["pid"] for ln in proc.lines if ln.get("event") == "reloaded"}) == 2
     finally:
         assert proc.stop() == 0
+
+
+def test_ports_reads_a_config_whose_certificates_it_cannot_read(tmp_path: Path) -> None:
+    """``originpool ports`` needs no key: the SNI keys are left out as tls_cert is."""
+    from proxy.cli import _config_for_ports
+
+    path = tmp_path / "t.toml"
+    path.write_text(
+        '[[listen]]\naddress = "127.0.0.1:8443"\nmin_version = "TLSv1.3"\n'
+        'certificates = [{cert = "absent.pem", key = "absent.key"}]\n'
+        'certificate_dir = "absent"\n'
+        '[[routes]]\nhost = "a"\norigins = ["http://127.0.2.1:9000"]\n'
+    )
+    with pytest.raises(cfg.ConfigError):
+        cfg.load(path)
+    assert _config_for_ports(str(path)).listen[0].address == ("127.0.0.1", 8443)
