@@ -304,19 +304,21 @@ class SNIContext(ssl.SSLContext):
         """The listener's context; :class:`TLSError` naming the file that cannot be served."""
         found = CertificateSet.load(spec)
         ctx = cls(ssl.PROTOCOL_TLS_SERVER)
-        ctx._install(spec, found)
+        _configure(ctx, spec.min_version)
+        # its own certificate is not served: the callback moves every handshake, one without
+        # SNI included (OpenSSL 3.0 works without it, measured); kept in case one is not
+        default = spec.pairs[0]
+        load_pair(default.cert, default.key, ctx)
+        ctx.certificates = found
         ctx.sni_callback = ctx._choose
         return ctx
 
     def reload(self, spec: Listener) -> None:
         """Re-read every file of ``spec`` for the handshakes from now on; on
-        :class:`TLSError` nothing changes (the old certificates keep serving)."""
-        self._install(spec, CertificateSet.load(spec))
-
-    def _install(self, spec: Listener, found: CertificateSet) -> None:
-        _configure(self, spec.min_version)
-        default = spec.pairs[0]
-        load_pair(default.cert, default.key, self)  # served if a client skips the callback
+        :class:`TLSError` nothing changes (the old certificates keep serving). The version
+        floor is set here too: OpenSSL copies it from this context into each connection."""
+        found = CertificateSet.load(spec)
+        self.minimum_version = MIN_VERSIONS[spec.min_version]
         self.certificates = found
 
     def _choose(self, conn: Any, server_name: str | None, _front: ssl.SSLContext) -> None:
