@@ -118,6 +118,13 @@ drain = 1
 # one process may hold 20,000 open files here and a session costs two
 max_connections = 9900
 
+[tcp_keepalive]
+# off: every peer lives in this namespace and cannot vanish without a FIN or RST, and on lo
+# the probes of 100,000+ sockets, fired in timer-wheel bursts, overflow the host's per-CPU
+# backlog (netdev_max_backlog); six lost probes and the kernel kills a live session
+# (tests/test_testbed_keepalive.py)
+idle = 0
+
 [proxy]
 workers = {options.workers}
 
