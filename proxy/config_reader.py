@@ -26,9 +26,7 @@ from proxy.config_model import (
     LOG_FORMATS,
     LOG_LEVELS,
     MAX_WORKERS,
-    TLS_VERSIONS,
     Address,
-    Certificate,
     Config,
     EgressConfig,
     Limits,
@@ -42,10 +40,10 @@ from proxy.config_model import (
     Timeouts,
     UpstreamTLS,
 )
+from proxy.config_tls import TLSKeys
 from proxy.config_values import (
     _auto,
     _boolean,
-    _certificate_names,
     _choice,
     _integer,
     _Invalid,
@@ -58,7 +56,6 @@ from proxy.config_values import (
     _zero_is_none,
     parse_address,
 )
-from proxy.tls import TLSError, find_pairs, load_pair
 
 T = TypeVar("T")
 
@@ -88,7 +85,6 @@ TOP_KEYS = (
     "tcp_keepalive",
 )
 LISTEN_KEYS = ("address", "tls_cert", "tls_key", "certificates", "certificate_dir", "min_version")
-CERTIFICATE_KEYS = ("cert", "key", "names")
 ADMIN_KEYS = ("address",)
 EGRESS_KEYS = ("mode", "addresses", "allow_unassigned")
 ROUTE_KEYS = ("host", "path_prefix", "origins", "balance")
@@ -144,7 +140,7 @@ def _password_refused() -> bytes:
     return b""
 
 
-class _Reader:
+class _Reader(TLSKeys):
     """One pass over a decoded document; ``problems`` in the order found."""
 
     def __init__(self, source: str, base_dir: Path) -> None:
@@ -222,22 +218,6 @@ class _Reader:
                     raise _Invalid(f"{text!r}: not readable by this user")
             except (OSError, ValueError) as e:  # name too long, undecodable, ...
                 raise _Invalid(f"{text!r}: {getattr(e, 'strerror', None) or e}") from None
-            return os.fspath(path.resolve())
-
-        return check
-
-    def directory(self, what: str) -> Check:
-        """A path (relative to the config's directory) to a readable directory, absolute."""
-
-        def check(value: Any) -> str:
-            text = _string(value, f"the path of a directory of {what}")
-            if not text or "\x00" in text:
-                raise _Invalid(f"must be the path of a directory of {what}, got {_show(value)}")
-            path = self.base_dir / text
-            if not path.is_dir():
-                raise _Invalid(f"{text!r}: no such directory")
-            if not os.access(path, os.R_OK | os.X_OK):
-                raise _Invalid(f"{text!r}: not readable by this user")
             return os.fspath(path.resolve())
 
         return check
@@ -334,75 +314,6 @@ class _Reader:
                 spec = Listener(address, cert, key, pairs, directory, min_version, path)
                 out.append((path, spec))
         self._collisions(out)
-        return out
-
-    def listener_tls(
-        self, table: Mapping[str, Any], path: str, default: bool
-    ) -> tuple[tuple[Certificate, ...], str | None, str]:
-        """A listener's ``certificates``, ``certificate_dir`` pairs and ``min_version``
-        (:mod:`proxy.tls` serves them); ``default``: ``tls_cert`` is set."""
-        pairs = [
-            pair
-            for i, item in enumerate(self.array(table, path, "certificates") or [])
-            if (pair := self.certificate(item, f"{path}.certificates[{i}]")) is not None
-        ]
-        if table.get("certificates") == []:
-            self.problem(
-                _key(path, "certificates"), "empty: give {cert = ..., key = ...} or leave it out"
-            )
-        directory = self.field(
-            table, path, "certificate_dir", self.directory("certificate pairs"), None
-        )
-        if directory is not None:
-            found = self.certificate_dir(directory, _key(path, "certificate_dir"))
-            if not found and not default and not pairs:
-                self.problem(
-                    _key(path, "certificate_dir"),
-                    f"{directory}: no certificate found (NAME.pem with NAME.key, a NAME.pem "
-                    "holding its key, or NAME/ with fullchain.pem + privkey.pem or tls.crt + "
-                    "tls.key)",
-                )
-            pairs += found
-        min_version = self.field(table, path, "min_version", _choice(TLS_VERSIONS), "TLSv1.2")
-        if "min_version" in table and not (default or pairs or directory):
-            self.problem(
-                _key(path, "min_version"), "only for a TLS listener (tls_cert or certificates)"
-            )
-        return tuple(pairs), directory, min_version
-
-    def certificate(self, item: Any, where: str) -> Certificate | None:
-        """One ``{cert, key, names}`` of ``certificates``, loaded once to prove it serves;
-        ``key`` left out: ``cert`` holds the key too (a combined PEM)."""
-        table = self.table(item, where, CERTIFICATE_KEYS)
-        if table is None:
-            return None
-        if "cert" not in table:
-            self.problem(_key(where, "cert"), "required: the path of a PEM certificate chain")
-        cert = self.field(table, where, "cert", self.file("a PEM certificate chain"), None)
-        key = self.field(table, where, "key", self.file("a PEM private key"), cert)
-        names = self.field(table, where, "names", _certificate_names, ())
-        if cert is None or key is None:
-            return None
-        try:
-            load_pair(cert, key)
-        except TLSError as e:
-            self.problem(where, str(e))
-            return None
-        return Certificate(cert, key, names, where)
-
-    def certificate_dir(self, directory: str, where: str) -> list[Certificate]:
-        """The pairs in ``directory`` (see :func:`proxy.tls.find_pairs`), each loaded once."""
-        pairs, problems = find_pairs(directory)
-        for problem in problems:
-            self.problem(where, problem)
-        out = []
-        for name, cert, key in pairs:
-            try:
-                load_pair(cert, key)
-            except TLSError as e:
-                self.problem(where, f"{name}: {e}")
-                continue
-            out.append(Certificate(cert, key, (), f"{where} ({name})"))
         return out
 
     def _collisions(self, listeners: Sequence[tuple[str, Listener]]) -> None:
