@@ -25,6 +25,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -34,9 +35,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy.testbed import procs, report
 from proxy.testbed.kernel_view import cpu_seconds, kernel_sample
@@ -56,6 +58,8 @@ from proxy.testbed.options import (
 )
 from proxy.testbed.procs import Child, ChildFailed, Children, Space
 from proxy.testbed.ui import Ui
+
+T = TypeVar("T")
 
 # the names other modules, tests and bench/setup_cost.py have always imported from here
 __all__ = [
@@ -167,12 +171,12 @@ class ModeRun:
             ramp = self.ramp()
             self.proxy.note_family()
             rss_held = procs.rss_bytes(sorted(self.proxy.family))
-            per_egress, per_egress_metrics = self.sample_egress()
+            per_egress, per_egress_metrics = self.pumping(self.sample_egress)
             self.hold(opts.hold)
             results = self.check()
             # the kernel's word at the end, while every verified session is still open: a run
             # may not call more sessions held than it shows upstream connections
-            per_egress_end, _ = self.sample_egress(metrics=False)
+            per_egress_end, _ = self.pumping(lambda: self.sample_egress(metrics=False))
             t_end = time.monotonic() - self.t0
             self.proxy.note_family()
             cpu = cpu_seconds(sorted(self.proxy.family))
@@ -422,6 +426,21 @@ class ModeRun:
                     return per_egress, None
                 gauges.update(report.parse_live_per_egress(text))
         return per_egress, None if gauges is None else dict(sorted(gauges.items()))
+
+    def pumping(self, work: Callable[[], T]) -> T:
+        """``work`` in a thread while this one keeps reading every child's pipe.
+
+        A proxy worker whose stdout pipe is full blocks in its write, event loop and all, so
+        it cannot answer its /metrics while the runner waits on that answer instead of
+        reading: each worker scraped cost the GET's whole timeout (issue 22's "admin
+        /metrics of 127.0.0.1:9098 unavailable: timed out", when thousands of session-end
+        lines were being written). The census takes seconds at 100k sessions too."""
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(work)
+            while not future.done():
+                for who, line in self.children.pump(0.1):
+                    self.on_line(who, line)
+            return future.result()
 
     def hold(self, seconds: float) -> None:
         """The hold is the measurement (do sessions survive idle?), not a synchronisation;
