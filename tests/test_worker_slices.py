@@ -98,3 +98,5 @@ def test_first_503_comes_at_the_limit_whatever_the_worker_count(tmp_path, worker
     assert run["failures_before_limit"] == 0
     assert run["held"] == LIMIT and run["lost"] == 0
     assert sum(run["per_egress"].values()) == LIMIT
+    # held: alive and verified at the end, and the kernel's census then agrees
+    assert sum(run["per_egress_at_end"].values()) == run["held"] == run["verified_at_end"]
