@@ -561,7 +561,7 @@ class Exchange:
             self.route.name if self.route else access.NONE,
             time.monotonic() - self.started,
             method=self.head.method.decode("latin-1"),
-            host=self.host,
+            host=self.host or access.NONE,  # no host decided (a target refused): "-"
             path=self.path,
             status=status,
             body_bytes=self.received,

@@ -130,6 +130,8 @@ async def test_every_refusal_gets_one_access_line_and_its_count(rig, request_byt
     assert line["request_id"] == rid.group(1).decode()
     assert line["client"] == "127.0.0.1"
     assert line["duration_ms"] >= 0
+    decided = {413: "app.test", 421: "other.test"}  # refused after the host was known
+    assert line["host"] == decided.get(status, "-")
     # the route is "-" unless the request was routed first (413: the route's body limit)
     route = "app.test/" if status == 413 else "-"
     after = requests_total(proxy)
