@@ -26,6 +26,7 @@ from pool.origin import OriginPool
 from proxy import accel, binding, logs, pidfile, sdnotify, tls, whole
 from proxy import config as cfg
 from proxy import headers as hdrs
+from proxy import signals as opsig
 from proxy.admin import Admin
 from proxy.metrics_sum import siblings
 from proxy.routing import Route, Router
@@ -158,6 +159,7 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        opsig.in_worker(loop, self.request_stop)  # USR1 reopens the logs; QUIT, USR2, WINCH
         log.info(
             "ready",
             listen=[f"{a.address[0]}:{a.address[1]}" for a in self.proxy.listeners],
@@ -322,12 +324,22 @@ def startup_warnings(config: cfg.Config, nofile: int) -> list[tuple[str, dict[st
 
 
 def serve(path: str, log_format: str | None = None) -> int:
+    opsig.hold()  # USR1 & co. wait for their handlers instead of killing (proxy.signals)
     try:
         config, warnings = cfg.load_on_host(path)
     except cfg.ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
-    logs.configure(log_format or config.log.format, config.log.level)
+    try:
+        logs.configure(
+            log_format or config.log.format,
+            config.log.level,
+            config.log.access_file,
+            config.log.error_file,
+        )
+    except logs.LogFileError as e:
+        print(f"{config.source}: {e}", file=sys.stderr)  # check-config passed: the host changed
+        return 1
     for warning in warnings:
         log.warning("config_warning", problem=warning)
     soft, _hard = raise_open_files()
@@ -405,6 +417,7 @@ class Master:
         self.reasons: dict[int, str] = {}
 
     def _spawn(self, index: int) -> None:
+        opsig.hold()  # the worker keeps them held until its event loop handles them
         pid = os.fork()
         if pid == 0:  # the worker
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -429,6 +442,7 @@ class Master:
                 logs.flush()  # os._exit skips atexit: the last lines must not be lost
                 os._exit(code)
         self.children[pid] = index
+        opsig.release()
 
     def _forward(self, sig: int) -> None:
         for pid in list(self.children):
@@ -485,6 +499,7 @@ class Master:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
+        opsig.in_master(self._forward, self._on_stop)  # USR1 to every worker, QUIT stops
         for i in range(self.config.proxy.workers):
             self._spawn(i)
         threading.Thread(

@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from proxy.config_host import EgressPresence, HostReport
+from proxy.config_host import EgressPresence, HostReport, log_file_problems
 from proxy.config_model import (
     _POOL_DEFAULTS,
     BALANCES,
@@ -260,8 +260,9 @@ def load_on_host(path: str | os.PathLike[str]) -> tuple[Config, tuple[str, ...]]
         found = EgressPresence().check_egress(e.egress, os.fspath(path))
         raise ConfigError(_by_address(e.problems + list(found.errors))) from None
     report = EgressPresence().check(config)
-    if report.errors:
-        raise ConfigError(report.errors)
+    errors = report.errors + log_file_problems(config)
+    if errors:
+        raise ConfigError(errors)
     # certificates that load but will fail clients (names, expiry): the clock is the host's
     return config, report.warnings + certificate_warnings(config.listen, config.source)
 

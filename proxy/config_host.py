@@ -7,6 +7,7 @@ only ``check-config`` and ``serve`` (through :func:`proxy.config.load_on_host`) 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,3 +72,31 @@ class EgressPresence:
                     "allow_unassigned = true if it is added after the proxy starts)"
                 )
         return HostReport(tuple(errors), tuple(warnings))
+
+
+def log_file_problems(config: Config) -> tuple[str, ...]:
+    """``[log]`` files this user could not open for append here, one problem each naming its
+    key: told by ``check-config`` before a restart, not found at the first line written.
+    Asked without creating anything, so ``check-config`` leaves no empty log behind."""
+    problems = []
+    for key in ("access_file", "error_file"):
+        path = getattr(config.log, key)
+        reason = None if path is None else _unwritable(path)
+        if reason is not None:
+            problems.append(f"{config.source}: log.{key}: {path}: {reason}")
+    return tuple(problems)
+
+
+def _unwritable(path: str) -> str | None:
+    """Why ``open(path, O_WRONLY | O_APPEND | O_CREAT)`` would fail here, or None."""
+    if os.path.isdir(path):
+        return "is a directory; name a file in it"
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else "not writable by this user"
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        return f"cannot be created: no directory {directory} (create it first)"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        # access(2) answers EROFS for a read-only mount even to root
+        return f"cannot be created: directory {directory} is not writable by this user"
+    return None

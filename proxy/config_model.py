@@ -204,10 +204,16 @@ class UpstreamTLS:
 
 @dataclass(frozen=True, slots=True)
 class LogSettings:
-    """``[log]``: JSON for machines by default, console for people at a terminal."""
+    """``[log]``: JSON for machines by default, console for people at a terminal.
+
+    ``access_file`` and ``error_file`` (nginx's ``access_log`` and ``error_log``) each take
+    their own lines off stdout, absolute once read; None keeps them on stdout, where
+    journald and container runtimes collect them. Reopened on SIGUSR1, for logrotate."""
 
     format: LogFormat = "json"
     level: LogLevel = "info"
+    access_file: str | None = None
+    error_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

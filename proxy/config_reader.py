@@ -130,6 +130,8 @@ LOG_FIELDS: dict[str, tuple[Check, Any]] = {
     "format": (_choice(LOG_FORMATS), "json"),
     "level": (_choice(LOG_LEVELS), "info"),
 }
+# nginx's access_log and error_log; paths, so their checks are the reader's (see read)
+LOG_FILE_KEYS = ("access_file", "error_file")
 PROXY_KEYS = ("workers", "trusted_proxies", "http_parser", "pid_file")
 HTTP_PARSERS = ("httptools", "h11")
 UPSTREAM_TLS_KEYS = ("verify", "ca_file")
@@ -248,7 +250,8 @@ class _Reader(TLSKeys):
         limits = Limits(**self.fields(data, "limits", LIMIT_FIELDS))
         proxy = self.proxy(data)
         upstream_tls = self.upstream_tls(data)
-        log = LogSettings(**self.fields(data, "log", LOG_FIELDS))
+        log_files = {key: (self.new_file(f"the {key[:-5]} log"), None) for key in LOG_FILE_KEYS}
+        log = LogSettings(**self.fields(data, "log", {**LOG_FIELDS, **log_files}))
         keepalive = TCPKeepAliveSettings(**self.fields(data, "tcp_keepalive", KEEPALIVE_FIELDS))
         if self.problems:
             return None
