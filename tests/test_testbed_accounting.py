@@ -22,6 +22,27 @@ ORIGIN = ("127.0.2.1", 9000)
 SOURCES = [f"127.3.0.{i}" for i in range(1, 5)]
 
 
+_BASE: dict = {
+    "mode": "connectx",
+    "egress": 1,
+    "origins": 1,
+    "port_range": (40000, 40001),
+    "lost": 0,
+    "lost_reasons": {},
+    "first_proxy_error": None,
+    "proxy_errors": {},
+    "per_egress": {},
+    "per_egress_metrics": None,
+    "rss_before": None,
+    "rss_held": None,
+    "ramp_seconds": 1.0,
+    "hold_seconds": 0.0,
+    "workers": 2,
+    "concurrency": 1,
+    "client_processes": 2,
+}
+
+
 def _run(opened: int, lost: int, census_end: dict[str, int] | None) -> dict:
     merged = report.merge([[[float(i), float(i) + 0.5, "ok", 1.0, i] for i in range(opened)]])
     return report.build_run(
@@ -76,6 +97,22 @@ def test_the_table_says_who_closed_the_lost_sessions():
     assert text.startswith("10 of 100 opened")
     assert "Close 1011: 7" in text and "no Close frame: 3" in text
     assert "origin 1011: 7" in text and "1 proxy worker(s) died" in text
+
+
+def test_a_failure_while_other_clients_finish_is_not_before_the_limit():
+    """Nine clients at the full-limit run: the first 503 was attempt 127,991 in start order,
+    when 128,000 sessions were held or finishing their echo; it was counted as one of 8
+    failures before the limit, as if those sessions had no upstream connection yet."""
+    rows = [[0.0, 0.5, "ok", 1.0, 0], [1.0, 1.5, "ok", 1.0, 1], [1.1, 1.2, "503", None, 1]]
+    merged = report.merge([rows])
+    run = report.build_run(
+        **{**_BASE, "merged": merged, "held": 2, "per_egress_end": {"127.0.1.1": 2}},
+    )
+    assert run["first_failure_client"]["held"] == 2 and run["limit"] == 2
+    assert run["failures_before_limit"] == 0
+    rows[1] = [1.3, 1.5, "ok", 1.0, 1]  # a session that started after the 503 came back
+    run = report.build_run(**{**_BASE, "merged": report.merge([rows]), "held": 2})
+    assert run["failures_before_limit"] == 1
 
 
 async def _until(condition, seconds: float = 10.0) -> None:

@@ -281,9 +281,11 @@ def build_run(
         "first_failure_client": first,
         "first_failure_proxy": first_proxy_error,
         "proxy_errors": proxy_errors,
+        # read against held_at_end, as the first failure is: with several clients, sessions
+        # still finishing their echo already held their upstream connection
         "failures_before_limit": sum(
             1
-            for o, h in zip(merged.outcome, merged.held_before, strict=True)
+            for o, h in zip(merged.outcome, merged.held_at_end, strict=True)
             if o != OK and h < limit
         ),
         "per_egress": per_egress,
