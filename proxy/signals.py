@@ -16,6 +16,7 @@ or while the master forks a worker, waits and is then handled.
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 from collections.abc import Callable
 
@@ -51,9 +52,8 @@ def reopen_logs() -> None:
     """USR1: every log file opened anew at its path; one that cannot be is named and kept."""
     failed = logs.reopen()
     for e in failed:
-        log.error(
-            "log_reopen_failed", key=f"log.{e.key}", path=e.path, errno=e.errno, error=e.reason
-        )
+        code = errno.errorcode.get(e.errno or 0, str(e.errno))
+        log.error("log_reopen_failed", key=f"log.{e.key}", path=e.path, errno=code, error=e.reason)
     log.info("logs_reopened", files=logs.open_files(), failed=len(failed))
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.test_serve import Proc
 
@@ -214,7 +215,7 @@ async def test_a_reopen_that_fails_names_the_key_and_keeps_writing_to_the_old_fi
         os.rename(tmp_path / "logs", tmp_path / "moved")
         os.kill(proc.p.pid, signal.SIGUSR1)
         failed = await asyncio.to_thread(wait_event, proc, "log_reopen_failed")
-        assert failed["key"] == "log.access_file" and failed["errno"] == 2  # ENOENT
+        assert failed["key"] == "log.access_file" and failed["errno"] == "ENOENT"
         assert failed["path"] == str(tmp_path / "logs" / "access.log")
         paths = await batch("kept", 10)
         old = tmp_path / "moved" / "access.log"
@@ -311,3 +312,41 @@ def test_check_config_names_the_key_of_a_log_file_that_cannot_be_written(tmp_pat
         out.stderr
     )
     assert check_config(config).returncode == 0  # the same config where it can write
+
+
+@pytest.fixture
+def fresh_logs(monkeypatch):
+    """logs.configure() in this process, undone after: structlog's defaults and the access
+    path's module state back as they were, the test's files closed."""
+    from proxy import logs
+
+    real = structlog.configure
+    monkeypatch.setattr(
+        structlog, "configure", lambda **kw: real(**{**kw, "cache_logger_on_first_use": False})
+    )
+    for name in ("_files", "_access_out", "_access_json", "_access_log"):
+        monkeypatch.setattr(logs, name, {} if name == "_files" else getattr(logs, name))
+    yield logs
+    logs.flush()
+    for _key, sink in logs._files.values():
+        os.close(sink._fd)
+    structlog.reset_defaults()
+
+
+def test_console_format_goes_to_the_files_too_and_a_reopen_follows_the_rename(fresh_logs, tmp_path):
+    """format = "console" with both files: readable lines, each in its own file, and
+    logs.reopen() after a rename starts a new file at the path (the old keeps its lines)."""
+    access, error = tmp_path / "access.log", tmp_path / "error.log"
+    fresh_logs.configure("console", "info", str(access), str(error))
+    structlog.get_logger("t").info("ready", listen=["127.0.0.1:8080"])
+    fresh_logs.access({"method": "GET", "path": "/one", "status": 200})
+    fresh_logs.flush()
+    os.rename(access, tmp_path / "access.log.1")
+    assert fresh_logs.reopen() == []
+    fresh_logs.access({"method": "GET", "path": "/two", "status": 200})
+    fresh_logs.flush()
+    assert "ready" in error.read_text() and "access" not in error.read_text()
+    old, new = (tmp_path / "access.log.1").read_text(), access.read_text()
+    assert "path=/one" in old and "/two" not in old
+    assert "path=/two" in new and "/one" not in new
+    assert sorted(fresh_logs.open_files()) == sorted([str(access), str(error)])
