@@ -229,19 +229,16 @@ class ModeRun:
         self._next_sample = now + 1.0
         kernel = kernel_sample(set(self.options.origin_addresses()), LISTEN)
         failures: Counter[str] = Counter()
-        ended: Counter[str] = Counter()
         for line in state.values():
             failures.update(line.get("failures") or {})
-            ended.update(line.get("ended") or {})
         new = failures - self._failures_seen
         self._failures_seen = failures
         self.timeline.append(
             {
                 "t": round(now - self.t0, 3),
-                # sessions verified and not ended since, as the clients know them
+                # sessions verified and not ended since, as the clients know them (the
+                # scenario document's row: its keys are fixed, scenario_report.TIMELINE_KEYS)
                 "live": sum(_alive(line) for line in state.values()),
-                "opened": sum(int(line.get("held", 0)) for line in state.values()),
-                "ended": dict(ended),
                 "failures": dict(new),
                 "time_wait": kernel.time_wait,
                 "other_states": kernel.other,
