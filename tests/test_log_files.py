@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -350,3 +351,24 @@ def test_console_format_goes_to_the_files_too_and_a_reopen_follows_the_rename(fr
     assert "path=/one" in old and "/two" not in old
     assert "path=/two" in new and "/one" not in new
     assert sorted(fresh_logs.open_files()) == sorted([str(access), str(error)])
+
+
+LOGGED = re.compile(r'\.(?:debug|info|warning|error|exception)\(\s*"([a-z_]+)"')
+# events passed as values rather than written at the call: logs.access's, serve's start-up
+PASSED = {"access", "websocket_session", "open_file_limit_low"}
+
+
+def test_the_readme_table_has_a_row_for_every_event_and_none_stale():
+    """README's "Log lines and their fields" lists every event the proxy logs (a new line
+    without a row fails here), and no event the code no longer writes."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("### Log lines and their fields", 1)[1].split("\n#", 1)[0]
+    rows = set(re.findall(r"^\| `([a-z_]+)` \|", table, re.M))
+    sources = [
+        p.read_text()
+        for d in ("proxy", "pool")
+        for p in sorted((ROOT / d).glob("*.py"))  # not proxy/testbed: the bench's own lines
+    ]
+    logged = {name for text in sources for name in LOGGED.findall(text)} | PASSED
+    assert logged - rows == set(), "events without a README row"
+    assert {row for row in rows if not any(f'"{row}"' in text for text in sources)} == set()
