@@ -257,7 +257,10 @@ def _run_one(
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    return runner(run_worker(config, path, sockets, index, on_ready))
+    try:
+        return runner(run_worker(config, path, sockets, index, on_ready))
+    finally:  # the closed loop set them back to their defaults: a late USR1 must not kill
+        opsig.hold()
 
 
 def keep_bound(old: cfg.Config, new: cfg.Config, warn: bool) -> cfg.Config:
