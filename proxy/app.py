@@ -211,6 +211,8 @@ class Worker:
             return
         for warning in warnings:
             log.warning("config_warning", problem=warning)
+        if new.log != self.config.log and self.index == 0:  # the files stay open as they are
+            log.warning("reload_kept_log", why="[log] is read at start: restart to change it")
         new = keep_bound(self.config, new, warn=self.config.proxy.workers <= 1)
         for listener, spec in zip(self.proxy.listeners, new.listen, strict=True):
             tls.renew(listener.ssl, spec)  # renewed certificates; a failure keeps the old

@@ -372,3 +372,24 @@ def test_the_readme_table_has_a_row_for_every_event_and_none_stale():
     logged = {name for text in sources for name in LOGGED.findall(text)} | PASSED
     assert logged - rows == set(), "events without a README row"
     assert {row for row in rows if not any(f'"{row}"' in text for text in sources)} == set()
+
+
+async def test_a_reload_that_changes_log_keeps_the_files_and_says_so(origins, tmp_path):
+    """SIGHUP with another access_file: one reload_kept_log line (worker 0's, of 2), and
+    the lines keep going to the file opened at start."""
+    config = write_config(tmp_path, 2)
+    proc = Proc(config)
+    try:
+        await asyncio.to_thread(wait_event, proc, "ready", 20, 2)
+        config.write_text(config.read_text().replace("access.log", "other.log"))
+        os.kill(proc.p.pid, signal.SIGHUP)
+        await asyncio.to_thread(wait_event, proc, "reloaded", 20, 2)
+        paths = await batch("kept", 10)
+        log = tmp_path / "logs" / "access.log"
+        await asyncio.to_thread(wait_until, "10 lines", lambda: len(access_paths(log)) == 10)
+        assert sorted(access_paths(log)) == sorted(paths)
+        assert not (tmp_path / "logs" / "other.log").exists()
+    finally:
+        assert await asyncio.to_thread(finish, proc) == 0
+    kept = [line for line in proc.lines if line.get("event") == "reload_kept_log"]
+    assert [line["worker"] for line in kept] == [0]
