@@ -368,8 +368,9 @@ class EgressSet:
 
         Each worker then prefers its own contiguous slice of every window (no collisions,
         its free-port record stays true, connect() stays flat) and overflows into the whole
-        window through the kernel's search once its slice is full, so SO_REUSEPORT's uneven
-        spread never costs capacity: together the workers still reach E x R.
+        window through the kernel's search once its slice is full, by its own connections
+        or by other workers' overflow, so SO_REUSEPORT's uneven spread never costs capacity:
+        together the workers still reach E x R, and none refuses before that.
         """
         if mode not in MODES:
             raise ValueError(f"egress mode must be one of {', '.join(MODES)}, not {mode!r}")

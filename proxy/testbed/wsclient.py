@@ -23,6 +23,10 @@ Why it is built this way:
   latency can be read against utilisation.
 * **Failures say what the client saw**: the HTTP status of a refused upgrade (``"503"``),
   the errno name of a socket error (``"ECONNRESET"``), ``"timeout"``, ``"closed"``.
+* **Held is not alive**: ``held`` counts sessions verified once, at open; ``alive`` those not
+  ended since (each ended one counted by the peer's Close code, or ``none`` for a bare FIN or
+  RST), and the final check's ``verified`` those that answered at the end, the only ones a
+  run may call held.
 * **Held sessions cost little**: a Protocol with ``__slots__`` and wsproto's frame state;
   the handshake object is dropped once the 101 is in.
 * **Bounded**: at most ``--sessions`` attempts, within ``--deadline`` seconds, each step
