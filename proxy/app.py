@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import structlog
 
 from pool.origin import OriginPool
+from pool.origin_state import OriginStates
 from proxy import accel, binding, logs, pidfile, sdnotify, tls, whole
 from proxy import config as cfg
 from proxy import headers as hdrs
@@ -35,10 +36,15 @@ from proxy.server import Listener, Proxy, Settings
 log = structlog.get_logger("originpool")
 
 
-def build_router(config: cfg.Config) -> Router:
+def build_router(config: cfg.Config, states: OriginStates | None = None) -> Router:
+    """The routes; ``states`` (the worker's, kept across reloads) makes them skip origins
+    that are draining or down (:mod:`pool.origin_state`)."""
     return Router(
-        Route(r.host, r.path_prefix, [(o.origin, o.weight) for o in r.origins], r.balance)
-        for r in config.routes
+        (
+            Route(r.host, r.path_prefix, [(o.origin, o.weight) for o in r.origins], r.balance)
+            for r in config.routes
+        ),
+        states,
     )
 
 
@@ -139,7 +145,10 @@ class Worker:
         self.config = config
         self.path = path
         self.sockets = sockets  # bound before the fork: see proxy.binding
-        self.proxy = Proxy(build_router(config), build_pool(config, index), build_settings(config))
+        self.states = OriginStates(workers=max(1, config.proxy.workers))
+        self.proxy = Proxy(
+            build_router(config, self.states), build_pool(config, index), build_settings(config)
+        )
         self.admin = Admin(self.proxy)
         self.stopped = asyncio.Event()
         self._old_pools: list[OriginPool] = []
@@ -216,7 +225,7 @@ class Worker:
         new = keep_bound(self.config, new, warn=self.config.proxy.workers <= 1)
         for listener, spec in zip(self.proxy.listeners, new.listen, strict=True):
             tls.renew(listener.ssl, spec)  # renewed certificates; a failure keeps the old
-        self.proxy.router = build_router(new)
+        self.proxy.router = build_router(new, self.states)
         self.proxy.settings = build_settings(new)
         for listener in self.proxy.listeners:
             listener.set_keepalive(self.proxy.settings.tcp_keepalive)

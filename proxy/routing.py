@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from pool.origin import Origin
+from pool.origin_state import OriginStates
 
 BALANCES = ("round_robin", "least_conn")
 
@@ -28,6 +29,8 @@ class Route:
     origins: Sequence[tuple[Origin, int]]  # (origin, weight)
     balance: str = "round_robin"
     name: str = ""
+    # the worker's origin states: an origin that does not admit (draining, down) is skipped
+    states: OriginStates | None = None
     _current: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -40,16 +43,21 @@ class Route:
     def pick(
         self, exclude: Iterable[Origin] = (), active: Callable[[Origin], int] | None = None
     ) -> Origin | None:
-        """The next origin, or None when every origin is excluded.
+        """The next origin, or None when every origin is excluded or does not admit (the
+        caller answers 503 at once: no connect is tried to a draining or down origin).
 
         round_robin is nginx's smooth weighted round robin (spreads a 5:1:1 weighting as
         a a b a c a a, not a a a a a b c); least_conn divides live connections by weight.
         """
+        states = self.states
         if len(self.origins) == 1:  # the common route: nothing to balance
             origin = self.origins[0][0]
-            return None if origin in exclude else origin
+            if origin in exclude or (states is not None and not states.admits(origin)):
+                return None
+            return origin
         skip = set(exclude)
-        candidates = [i for i, (o, _w) in enumerate(self.origins) if o not in skip]
+        admits = states.admits if states is not None else _always
+        candidates = [i for i, (o, _w) in enumerate(self.origins) if o not in skip and admits(o)]
         if not candidates:
             return None
         if self.balance == "least_conn" and active is not None:
@@ -72,9 +80,19 @@ class Route:
         self._current[chosen] = 0
 
 
+def _always(_origin: Origin) -> bool:
+    return True
+
+
 class Router:
-    def __init__(self, routes: Iterable[Route]) -> None:
+    def __init__(self, routes: Iterable[Route], states: OriginStates | None = None) -> None:
+        """``states``: the worker's origin states, given to every route (kept across reloads
+        by the caller, so a drained origin stays drained in the new routes)."""
         self.routes = list(routes)
+        self.states = states
+        if states is not None:
+            for r in self.routes:
+                r.states = states
         self._exact: dict[str, list[Route]] = {}
         self._wild: list[tuple[str, list[Route]]] = []
         self._any: list[Route] = []
