@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # the census runs without the proxy's dependencies (uid nobod
 HOT = 0.8
 PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 _NAMES = {v: k for k, v in PROTOS.items()}
-_WILDCARD = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+_WILDCARD: dict[int, str] = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
 ESTABLISHED = 1  # also what a connected UDP socket reports
 
 

@@ -55,7 +55,7 @@ def collect(egress: EgressSet, pool: OriginPool | None = None) -> list[Sample]:
     for ip, n in sorted(m.attempts.items()):
         out.append(Sample("originpool_connect_attempts_total", (("egress", ip),), n, True))
     for (ip, code), n in sorted(m.failures.items()):
-        labels = (("egress", ip), ("errno", code))
+        labels: tuple[tuple[str, str], ...] = (("egress", ip), ("errno", code))
         out.append(Sample("originpool_connect_failures_total", labels, n, True))
     out.append(Sample("originpool_egress_exhausted_total", (), m.exhausted, True))
     out.append(Sample("originpool_egress_unavailable_total", (), m.unavailable, True))

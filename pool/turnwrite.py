@@ -19,7 +19,9 @@ from typing import Protocol
 
 class Owner(Protocol):
     held: bytes
-    transport: asyncio.WriteTransport | None
+
+    @property  # read-only here, so an owner's asyncio.Transport (a subclass) matches
+    def transport(self) -> asyncio.WriteTransport | None: ...
 
 
 BULK = 16384  # bytes: a write this large (one TLS record's worth) is sent at once

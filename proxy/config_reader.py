@@ -183,7 +183,7 @@ class _Reader(TLSKeys):
         if key not in table:
             return default
         try:
-            return check(table[key])  # type: ignore[no-any-return]
+            return check(table[key])
         except _Invalid as e:
             self.problem(_key(path, key), e.reason)
             return default

@@ -142,6 +142,6 @@ if not accel.NO_EXTENSIONS:
     # the compiled twins (proxy/_headers.c), built by pip install where a compiler is found;
     # proxy.accel's switch keeps the functions above, as for proxy.whole
     with contextlib.suppress(ImportError):
-        from proxy._headers import to_client, to_origin  # type: ignore[no-redef]
+        from proxy._headers import to_client, to_origin  # type: ignore[no-redef,import-not-found]
 
 COMPILED = to_client is not PURE["to_client"]

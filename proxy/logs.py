@@ -25,7 +25,7 @@ import logging
 import os
 import select
 import sys
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import orjson
 import structlog
@@ -200,13 +200,19 @@ def _encoded(_logger: Any, _method: str, line: str) -> bytes:
 def _output(fmt: str, key: str, path: str | None) -> tuple[Any, list[Any]]:
     """(the logger factory, the renderers) for one destination: stdout or a file."""
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        console = structlog.dev.ConsoleRenderer(colors=False)
         if path is None:
-            return structlog.WriteLoggerFactory(sys.stdout), [renderer]
-        return structlog.BytesLoggerFactory(_file(key, path)), [renderer, _encoded]
+            return structlog.WriteLoggerFactory(sys.stdout), [console]
+        return structlog.BytesLoggerFactory(_sink(_file(key, path))), [console, _encoded]
     renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
     sink = _file(key, path) if path else _stdout_buffer()
-    return structlog.BytesLoggerFactory(sink), [renderer]
+    return structlog.BytesLoggerFactory(_sink(sink)), [renderer]
+
+
+def _sink(buffer: TurnBuffer) -> BinaryIO:
+    """BytesLogger is typed for a file; it calls only ``write`` and ``flush``, which a
+    TurnBuffer has."""
+    return cast(BinaryIO, buffer)
 
 
 def _stdout_buffer() -> TurnBuffer:

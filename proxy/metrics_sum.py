@@ -90,13 +90,13 @@ def parse(text: str) -> dict[str, Family]:
         if labels and _LABELS.sub("", labels):
             raise ExpositionError(number, line, "malformed labels")
         try:
-            value = float(raw)
+            amount = float(raw)
         except ValueError:
             raise ExpositionError(number, line, "value is not a number") from None
         if current is None or not name.startswith(current.name):
             current = families.setdefault(name, Family(name))  # a sample with no TYPE line
         key = (name, labels)
-        current.samples[key] = current.samples.get(key, 0.0) + value
+        current.samples[key] = current.samples.get(key, 0.0) + amount
     return families
 
 

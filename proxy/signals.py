@@ -45,7 +45,8 @@ def release() -> None:
 
 
 def ignored(signum: int) -> None:
-    log.warning("signal_ignored", signal=signal.Signals(signum).name, why=IGNORED[signum])
+    sig = signal.Signals(signum)
+    log.warning("signal_ignored", signal=sig.name, why=IGNORED[sig])
 
 
 def reopen_logs() -> None:

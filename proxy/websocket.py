@@ -343,4 +343,4 @@ def close_frame(code: int, reason: str, *, to_origin: bool) -> bytes:
     Toward the origin the proxy acts as the client, so the frame is masked (RFC 6455 5.3).
     """
     proto = FrameProtocol(client=to_origin, extensions=[])
-    return proto.close(code=code, reason=reason)
+    return bytes(proto.close(code=code, reason=reason))  # wsproto builds a bytearray

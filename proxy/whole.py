@@ -188,7 +188,7 @@ PURE: Final = {
 if not accel.NO_EXTENSIONS:
     # not built (no compiler at install): the pure functions serve
     with contextlib.suppress(ImportError):
-        from proxy._whole import (  # type: ignore[no-redef]
+        from proxy._whole import (  # type: ignore[no-redef,import-not-found]
             parse_request,
             parse_response,
             request_head,
