@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import struct
 from dataclasses import dataclass
@@ -50,28 +51,62 @@ def restrict_source_ports(sock: socket.socket, low: int, high: int) -> None:
 @dataclass(frozen=True, slots=True)
 class KeepAlive:
     """TCP keepalive timing, seconds: first probe after ``idle`` quiet seconds, then one every
-    ``interval``; ``probes`` unanswered ones and the connection is dead."""
+    ``interval``; ``probes`` unanswered ones and the connection is dead. Each socket draws its
+    own idle and interval from ``[x, x + x * spread]`` (see :func:`spread_keepalive_probes`),
+    so a dead peer is found after ``(idle + interval x probes) x (1 + spread)`` at most."""
 
     idle: int = 60
     interval: int = 10
     probes: int = 6
+    spread: float = 0.5
+
+    def drawn(self) -> tuple[int, int]:
+        """This socket's (idle, interval): whole seconds, as the kernel takes them."""
+        return (
+            self.idle + random.randint(0, int(self.idle * self.spread)),
+            self.interval + random.randint(0, int(self.interval * self.spread)),
+        )
 
 
 def detect_dead_peer(sock: socket.socket, keepalive: KeepAlive | None) -> None:
     """``SO_KEEPALIVE`` + ``TCP_KEEPIDLE``/``TCP_KEEPINTVL``/``TCP_KEEPCNT``: a peer that
     vanished without FIN or RST (host gone, a NAT or firewall that dropped the flow) is found
-    after ``idle + interval x probes`` seconds, and the socket fails with ETIMEDOUT.
+    after ``idle + interval x probes`` seconds (times up to ``1 + spread``), and the socket
+    fails with ETIMEDOUT.
 
     Without it a quiet WebSocket tunnel to such a peer lives forever and keeps its source port,
     its two file descriptors and its memory: the proxy's capacity leaks one session at a time.
-    ``None`` leaves the socket as it is (the kernel default is no keepalive).
+    ``None`` leaves the socket as it is (the kernel default is no keepalive). Idle and interval
+    are this socket's own draw (:func:`spread_keepalive_probes`).
     """
     if keepalive is None:
         return
+    idle, interval = keepalive.drawn()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive.idle)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive.interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, keepalive.probes)
+
+
+def spread_keepalive_probes(sock: Any, keepalive: KeepAlive | None) -> None:
+    """``TCP_KEEPIDLE``/``TCP_KEEPINTVL`` drawn per socket: keepalive probes of sockets that
+    went quiet together are sent apart, not in one burst.
+
+    The kernel's timer wheel fires every timer of one bucket in one softirq run (a 60 s timer
+    is rounded to 2 s at HZ=250, an 8 s one to 256 ms), and on ``lo`` every probe of that run
+    is queued on the CPU's backlog at once; past ``net.core.netdev_max_backlog`` (1,000 by
+    default, host-wide) they are dropped, lo counts them as sent, the retries drop together
+    again and the kernel kills live sessions as dead peers (tests/test_testbed_keepalive.py:
+    ~1,000 of 3,000). Drawn from ``[x, x + x * spread]``, sockets armed in one burst spread
+    over ``idle * spread`` seconds of buckets, and the retries of any that were dropped do
+    not come back together. An accepted socket inherits the listener's keepalive; this gives
+    it its own draw, two setsockopt calls. ``sock`` may be uvloop's pseudo-socket.
+    """
+    if keepalive is None or keepalive.spread <= 0:
+        return
+    idle, interval = keepalive.drawn()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
 
 
 def reset_on_close(sock: Any) -> None:

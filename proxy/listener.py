@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from pool.sockopt import KeepAlive, detect_dead_peer
+from pool.sockopt import KeepAlive, detect_dead_peer, spread_keepalive_probes
 from proxy import binding
 from proxy.exchange import errno_name
 
@@ -58,6 +58,7 @@ class Listener:
     def set_keepalive(self, keepalive: KeepAlive | None) -> None:
         """Keepalive for the connections accepted from now on (they inherit it); a reload
         calls this again, so a changed or removed ``[tcp_keepalive]`` reaches new clients."""
+        self.keepalive = keepalive  # each accepted socket draws its own probe times from it
         if keepalive is None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
         else:
@@ -95,6 +96,7 @@ class Listener:
                     return
                 raise
             conn.setblocking(False)
+            spread_keepalive_probes(conn, self.keepalive)
             task = self._loop.create_task(
                 self._loop.connect_accepted_socket(self._protocol, conn, ssl=self.ssl)
             )

@@ -100,7 +100,7 @@ async def test_accepted_sockets_inherit_the_listeners_options(ns) -> None:
     from proxy.routing import Router
     from proxy.server import Listener, Proxy, Settings
 
-    settings = Settings(tcp_keepalive=KeepAlive(idle=7, interval=3, probes=4))
+    settings = Settings(tcp_keepalive=KeepAlive(idle=7, interval=3, probes=4, spread=0))
     proxy = Proxy(Router([]), OriginPool(EgressSet([])), settings)
     listener = Listener(proxy, ("127.0.0.1", 0))
     proxy.listeners.append(listener)
