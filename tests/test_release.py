@@ -40,6 +40,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 VERSION = PROJECT["version"]
 C_TWINS = ("_whole", "_headers")
+# the top-level packages a release ships: every one in the tree but these, which only a
+# checkout uses, so a package added to the tree and not to pyproject.toml's list fails here
+DEV_ONLY = {"tests", "bench"}
+SHIPPED = sorted(
+    p.name for p in ROOT.iterdir() if (p / "__init__.py").exists() and p.name not in DEV_ONLY
+)
 # what a checkout holds that a release build must never see: a stale egg-info's SOURCES.txt
 # feeds the sdist, and an in-place .so would hide a wheel that failed to compile its own
 NOT_SOURCE = shutil.ignore_patterns(
@@ -198,9 +204,8 @@ def test_wheel_carries_the_compiled_twins_and_every_module(dist: Path) -> None:
     for name in C_TWINS:
         assert [n for n in names if re.fullmatch(rf"proxy/{name}\.cpython-\S+\.so", n)], name
     assert not [n for n in names if n.endswith((".c", ".h"))], "sources belong in the sdist"
-    modules = {
-        str(p.relative_to(ROOT)) for d in ("pool", "proxy") for p in (ROOT / d).rglob("*.py")
-    }
+    assert {"pool", "proxy"} <= set(SHIPPED)
+    modules = {str(p.relative_to(ROOT)) for d in SHIPPED for p in (ROOT / d).rglob("*.py")}
     assert modules <= names, sorted(modules - names)
     assert f"originpool-{VERSION}.dist-info/licenses/LICENSE" in names
     assert "License-Expression: MIT" in metadata.splitlines()
@@ -213,13 +218,19 @@ def test_wheel_carries_the_compiled_twins_and_every_module(dist: Path) -> None:
 def test_installed_version_comes_from_the_package_metadata(venv: Path, tmp_path: Path) -> None:
     env, python = _operator_env(), str(venv / "bin" / "python")
     where = _run(
-        [python, "-c", "import pool, proxy; print(pool.__file__); print(proxy.__file__)"],
+        [
+            python,
+            "-c",
+            f"import {', '.join(SHIPPED)}\nfor m in [{', '.join(SHIPPED)}]: print(m.__file__)",
+        ],
         timeout=60,
         cwd=tmp_path,
         env=env,
     )
     assert where.returncode == 0, _output(where)
-    for path in where.stdout.split():
+    paths = where.stdout.split()
+    assert len(paths) == len(SHIPPED), _output(where)
+    for path in paths:
         assert Path(path).is_relative_to(venv), f"imported from the checkout: {path}"
     shown = _run([str(venv / "bin" / "originpool"), "--version"], 60, cwd=tmp_path, env=env)
     assert shown.returncode == 0, _output(shown)
