@@ -14,6 +14,7 @@ from typing import Literal
 from pool.egress import Egress, EgressSet, Mode
 from pool.origin import Origin, PoolLimits, TLSConfig
 from pool.sockopt import KeepAlive
+from proxy.limits import LimitSettings
 
 Address = tuple[str, int]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -63,6 +64,8 @@ class Listener:
     certificate_dir: str | None = None
     min_version: str = "TLSv1.2"
     path: str = "listen"  # its key in the config, for messages: listen[0]
+    # a PROXY protocol header (v1 or v2) first on every connection, from a trusted proxy
+    proxy_protocol: bool = False
 
     @property
     def tls(self) -> bool:
@@ -111,6 +114,8 @@ class Route:
     path_prefix: str
     origins: tuple[RouteOrigin, ...]
     balance: Balance = "round_robin"
+    # "v2"/"v1": a PROXY header on each connection to the origin, which is then not reused
+    send_proxy_protocol: Literal["v1", "v2"] | None = None
 
     @property
     def wildcard(self) -> bool:
@@ -165,6 +170,23 @@ class Limits:
     # downstream connections per worker, all listeners; None ("auto"): as many as the
     # worker's RLIMIT_NOFILE allows at two sockets each (proxy.app.FileBudget)
     max_connections: int | None = None
+    # per client address, per worker (proxy.limits); None: off
+    conn_per_ip: int | None = None  # nginx's limit_conn
+    rate_per_ip: float | None = None  # limit_req's rate, requests a second
+    rate_burst: int | None = None  # None: one second's worth
+    websocket_rate_per_ip: float | None = None
+    websocket_burst: int | None = None
+    max_tracked_addresses: int = 100_000
+
+    def client_limits(self) -> LimitSettings:
+        return LimitSettings(
+            self.conn_per_ip,
+            self.rate_per_ip,
+            self.rate_burst,
+            self.websocket_rate_per_ip,
+            self.websocket_burst,
+            self.max_tracked_addresses,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from pool.egress import MODES, Egress, Mode
 from pool.origin import Origin
+from proxy.config_client import CLIENT_LIMIT_FIELDS, limit_problems, send_proxy
 from proxy.config_model import (
     _POOL_DEFAULTS,
     BALANCES,
@@ -85,10 +86,12 @@ TOP_KEYS = (
     "tcp_keepalive",
 )
 LISTEN_KEYS = ("address", "tls_cert", "tls_key", "certificates", "certificate_dir", "min_version")
+LISTEN_KEYS += ("proxy_protocol",)
 ADMIN_KEYS = ("address",)
 EGRESS_KEYS = ("mode", "addresses", "allow_unassigned")
 ROUTE_KEYS = ("host", "path_prefix", "origins", "balance")
 ORIGIN_KEYS = ("url", "weight")
+ROUTE_KEYS += ("send_proxy_protocol",)
 
 _d = _POOL_DEFAULTS
 POOL_FIELDS: dict[str, tuple[Check, Any]] = {
@@ -116,6 +119,7 @@ LIMIT_FIELDS: dict[str, tuple[Check, Any]] = {
         None,
     ),
     "max_connections": (_auto(_integer(1)), None),
+    **CLIENT_LIMIT_FIELDS,
 }
 # the kernel's limits: TCP_KEEPIDLE and TCP_KEEPINTVL up to 32767 s, TCP_KEEPCNT up to 127
 KEEPALIVE_FIELDS: dict[str, tuple[Check, Any]] = {
@@ -248,6 +252,8 @@ class _Reader(TLSKeys):
         pool = PoolSettings(**self.fields(data, "pool", POOL_FIELDS))
         timeouts = Timeouts(**self.fields(data, "timeouts", TIMEOUT_FIELDS))
         limits = Limits(**self.fields(data, "limits", LIMIT_FIELDS))
+        for key, reason in limit_problems(data.get("limits")):
+            self.problem(_key("limits", key), reason)
         proxy = self.proxy(data)
         upstream_tls = self.upstream_tls(data)
         log_files = {key: (self.new_file(f"the {key[:-5]} log"), None) for key in LOG_FILE_KEYS}
@@ -313,8 +319,9 @@ class _Reader(TLSKeys):
                         f"pair, or an encrypted key): {e}",
                     )
             pairs, directory, min_version = self.listener_tls(table, path, cert is not None)
+            pp = self.field(table, path, "proxy_protocol", _boolean, False)
             if address is not None:
-                spec = Listener(address, cert, key, pairs, directory, min_version, path)
+                spec = Listener(address, cert, key, pairs, directory, min_version, path, pp)
                 out.append((path, spec))
         self._collisions(out)
         return out
@@ -415,6 +422,7 @@ class _Reader(TLSKeys):
             host = self.field(table, path, "host", _route_host, None)
             prefix = self.field(table, path, "path_prefix", _path_prefix, "/")
             balance = self.field(table, path, "balance", _choice(BALANCES), "round_robin")
+            proxy_to = self.field(table, path, "send_proxy_protocol", send_proxy, None)
             origins = self.route_origins(table, path, families)
             if host is None or origins is None:
                 continue
@@ -426,7 +434,7 @@ class _Reader(TLSKeys):
                 )
                 continue
             seen[host, prefix] = path
-            out.append(Route(host, prefix, origins, balance))
+            out.append(Route(host, prefix, origins, balance, proxy_to))
         return out
 
     def route_origins(
