@@ -23,7 +23,7 @@ from urllib.parse import parse_qs
 import structlog
 
 from pool import metrics as pool_metrics
-from proxy import binding, http1, metrics_sum
+from proxy import binding, health, http1, metrics_sum
 from proxy.server import LATENCY_BUCKETS, Proxy
 
 log = structlog.get_logger("originpool.admin")
@@ -60,11 +60,14 @@ def proxy_samples(proxy: Proxy) -> list[pool_metrics.Sample]:
     return out
 
 
-def render_metrics(proxy: Proxy) -> str:
+def render_metrics(proxy: Proxy, checker: health.HealthChecker | None = None) -> str:
     """The pool's samples plus the data path's, in one exposition; the latency histogram is
     written here because the sample renderer knows counters and gauges only."""
     samples = pool_metrics.collect(proxy.pool.egress, proxy.pool) + proxy_samples(proxy)
-    text = pool_metrics.render_prometheus(samples, PROXY_HELP)
+    if checker is not None:  # originpool_origin_up{route,origin}, the checks' counts
+        routes = [(r.name, [o for o, _w in r.origins]) for r in proxy.router.routes]
+        samples += checker.samples(routes)
+    text = pool_metrics.render_prometheus(samples, {**PROXY_HELP, **health.HELP})
     st = proxy.stats
     name = "originpool_request_duration_seconds"
     lines = [
@@ -127,6 +130,7 @@ class Admin:
         # (index, admin address) of the sibling workers whose /metrics this one sums: set on
         # worker 0 only (see proxy.metrics_sum), empty everywhere else
         self.peers: list[tuple[int, tuple[str, int]]] = []
+        self.health: health.HealthChecker | None = None  # set by the worker (proxy.app)
 
     async def _metrics(self, query: dict[str, list[str]]) -> Answer:
         """The whole proxy's metrics on worker 0 (its siblings' summed in), this worker's
@@ -135,7 +139,7 @@ class Admin:
         scope = query.get("scope", ["proxy"])[-1]
         if scope not in ("proxy", "worker"):
             return (400, "text/plain", f"scope must be proxy or worker, not {scope!r}\n")
-        own = render_metrics(self.proxy)
+        own = render_metrics(self.proxy, self.health)
         if scope == "worker" or not self.peers:
             return (200, ctype, own)
         others, missing = await metrics_sum.scrape(self.peers)

@@ -29,6 +29,7 @@ from proxy import config as cfg
 from proxy import headers as hdrs
 from proxy import signals as opsig
 from proxy.admin import Admin
+from proxy.health import HealthChecker, install
 from proxy.metrics_sum import siblings
 from proxy.routing import Route, Router
 from proxy.server import Listener, Proxy, Settings
@@ -150,6 +151,10 @@ class Worker:
             build_router(config, self.states), build_pool(config, index), build_settings(config)
         )
         self.admin = Admin(self.proxy)
+        # active checks and passive ejection per origin: proxy.health (each worker its own)
+        workers = config.proxy.workers
+        self.health = HealthChecker(lambda: self.proxy.pool, self.states, index, workers)
+        self.admin.health = self.health
         self.stopped = asyncio.Event()
         self._old_pools: list[OriginPool] = []
 
@@ -162,6 +167,8 @@ class Worker:
         # /metrics is the sum over all of them, each port's ?scope=worker its own
         self.admin_address = self.sockets.admin.getsockname()[:2]
         await self.admin.start(self.sockets.admin)
+        self.health.configure(self.config.health_checks)
+        install(self.health)
         if self.index == 0:  # the admin port's /metrics is the whole proxy's: proxy.metrics_sum
             self.admin.peers = siblings(self.config.admin, self.config.proxy.workers)
         loop = asyncio.get_running_loop()
@@ -203,6 +210,7 @@ class Worker:
                 await asyncio.wait_for(self.proxy.all_closed.wait(), self.config.timeouts.drain)
         for client in list(self.proxy.clients):
             client.abort()
+        await self.health.close()
         await self.proxy.pool.close()
         for pool in self._old_pools:
             await pool.close()
@@ -226,6 +234,7 @@ class Worker:
         for listener, spec in zip(self.proxy.listeners, new.listen, strict=True):
             tls.renew(listener.ssl, spec)  # renewed certificates; a failure keeps the old
         self.proxy.router = build_router(new, self.states)
+        self.health.configure(new.health_checks)  # origins that stay keep their verdict
         self.proxy.settings = build_settings(new)
         for listener in self.proxy.listeners:
             listener.set_keepalive(self.proxy.settings.tcp_keepalive)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pool.egress import Egress, EgressSet, Mode
+from pool.health_state import HealthCheck
 from pool.origin import Origin, PoolLimits, TLSConfig
 from pool.sockopt import KeepAlive
 from proxy.limits import LimitSettings
@@ -95,10 +96,12 @@ class EgressConfig:
 
 @dataclass(frozen=True, slots=True)
 class RouteOrigin:
-    """An origin of a route and its share of the route's traffic."""
+    """An origin of a route and its share of the route's traffic; ``health_check`` its
+    active check (its own table read over its route's), None for none."""
 
     origin: Origin
     weight: int = 1
+    health_check: HealthCheck | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +266,16 @@ class Config:
             for ro in route.origins:
                 seen.setdefault(ro.origin, None)
         return tuple(seen)
+
+    @property
+    def health_checks(self) -> dict[Origin, HealthCheck]:
+        """Each checked origin's check (one per origin: the reader refuses two)."""
+        out: dict[Origin, HealthCheck] = {}
+        for route in self.routes:
+            for ro in route.origins:
+                if ro.health_check is not None:
+                    out.setdefault(ro.origin, ro.health_check)
+        return out
 
     def to_pool_limits(self) -> PoolLimits:
         p = self.pool

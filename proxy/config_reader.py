@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pool.egress import MODES, Egress, Mode
+from pool.health_state import HealthCheck
 from pool.origin import Origin
 from proxy.config_client import CLIENT_LIMIT_FIELDS, limit_problems, send_proxy
+from proxy.config_health import HealthKeys
 from proxy.config_model import (
     _POOL_DEFAULTS,
     BALANCES,
@@ -89,8 +91,8 @@ LISTEN_KEYS = ("address", "tls_cert", "tls_key", "certificates", "certificate_di
 LISTEN_KEYS += ("proxy_protocol",)
 ADMIN_KEYS = ("address",)
 EGRESS_KEYS = ("mode", "addresses", "allow_unassigned")
-ROUTE_KEYS = ("host", "path_prefix", "origins", "balance")
-ORIGIN_KEYS = ("url", "weight")
+ROUTE_KEYS = ("host", "path_prefix", "origins", "balance", "health_check")
+ORIGIN_KEYS = ("url", "weight", "health_check")
 ROUTE_KEYS += ("send_proxy_protocol",)
 
 _d = _POOL_DEFAULTS
@@ -146,7 +148,7 @@ def _password_refused() -> bytes:
     return b""
 
 
-class _Reader(TLSKeys):
+class _Reader(HealthKeys, TLSKeys):
     """One pass over a decoded document; ``problems`` in the order found."""
 
     def __init__(self, source: str, base_dir: Path) -> None:
@@ -156,6 +158,7 @@ class _Reader(TLSKeys):
         # the [egress] section as read, even when the document has problems elsewhere: the
         # host's checks of it are then still asked (see proxy.config.load_on_host)
         self.egress_read: EgressConfig | None = None
+        self.route_health: HealthCheck | None = None  # the route's, while its origins are read
 
     def problem(self, path: str, reason: str) -> None:
         self.problems.append(f"{self.source}: {path}: {reason}")
@@ -423,6 +426,7 @@ class _Reader(TLSKeys):
             prefix = self.field(table, path, "path_prefix", _path_prefix, "/")
             balance = self.field(table, path, "balance", _choice(BALANCES), "round_robin")
             proxy_to = self.field(table, path, "send_proxy_protocol", send_proxy, None)
+            self.route_health = self.health_check(table, path)
             origins = self.route_origins(table, path, families)
             if host is None or origins is None:
                 continue
@@ -435,6 +439,13 @@ class _Reader(TLSKeys):
                 continue
             seen[host, prefix] = path
             out.append(Route(host, prefix, origins, balance, proxy_to))
+        self.health_conflicts(
+            [
+                (f"routes[{i}].origins[{j}]", ro.origin, ro.health_check)
+                for i, route in enumerate(out)
+                for j, ro in enumerate(route.origins)
+            ]
+        )
         return out
 
     def route_origins(
@@ -490,7 +501,9 @@ class _Reader(TLSKeys):
             weight = self.field(item, path, "weight", _integer(1, unit="an integer weight"), 1)
             if origin is None or len(self.problems) > before:
                 return None
-            return RouteOrigin(origin, weight)
+            return RouteOrigin(
+                origin, weight, health_check=self.health_check(item, path, self.route_health)
+            )
         if not isinstance(item, str):
             self.problem(
                 path,
@@ -498,7 +511,7 @@ class _Reader(TLSKeys):
             )
             return None
         try:
-            return RouteOrigin(_origin_url(item))
+            return RouteOrigin(_origin_url(item), health_check=self.route_health)
         except _Invalid as e:
             self.problem(path, e.reason)
             return None

@@ -35,7 +35,12 @@ from dataclasses import dataclass, field
 SCRAPE_TIMEOUT = 2.0  # seconds for all siblings together; Prometheus's default timeout is 10 s
 MAX_BODY = 32 * 1024 * 1024  # a sibling's exposition larger than this is refused, not buffered
 PER_WORKER = frozenset(
-    {"originpool_pair_utilisation_max", "originpool_egress_down", "originpool_draining"}
+    {
+        "originpool_pair_utilisation_max",
+        "originpool_egress_down",
+        "originpool_draining",
+        "originpool_origin_up",  # each worker's own verdict (proxy.health)
+    }
 )
 WORKERS_HELP = "Workers whose metrics are in this sum (summed) and those that did not answer."
 
