@@ -41,6 +41,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from proxy.config_drain import admin_warnings
 from proxy.config_host import EgressPresence, HostReport, log_file_problems
 from proxy.config_model import (
     _POOL_DEFAULTS,
@@ -264,7 +265,11 @@ def load_on_host(path: str | os.PathLike[str]) -> tuple[Config, tuple[str, ...]]
     if errors:
         raise ConfigError(errors)
     # certificates that load but will fail clients (names, expiry): the clock is the host's
-    return config, report.warnings + certificate_warnings(config.listen, config.source)
+    return config, (
+        report.warnings
+        + certificate_warnings(config.listen, config.source)
+        + tuple(admin_warnings(config))
+    )
 
 
 _ADDRESS_KEY = re.compile(r": egress\.addresses\[(\d+)\]: ")

@@ -102,6 +102,10 @@ class RouteOrigin:
     origin: Origin
     weight: int = 1
     health_check: HealthCheck | None = None
+    # new WebSocket sessions a second (whole proxy; 0: no cap) and the seconds over which
+    # that cap ramps up after the origin is back (0: none): pool.origin_state.Limits
+    max_session_rate: float = 0.0
+    slow_start: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +261,18 @@ class Config:
     log: LogSettings = field(default_factory=LogSettings)
     tcp_keepalive: TCPKeepAliveSettings = field(default_factory=TCPKeepAliveSettings)
     source: str = "<string>"
+    admin_token: str | None = None  # [admin] token: Bearer required on the admin listener
+    drain_over: float = 30.0  # [websocket] drain_over: see proxy.config_drain
+
+    @property
+    def admission(self) -> dict[Origin, tuple[float, float]]:
+        """Each origin's (max_session_rate, slow_start), the first route's that sets one."""
+        out: dict[Origin, tuple[float, float]] = {}
+        for route in self.routes:
+            for ro in route.origins:
+                if out.get(ro.origin, (0.0, 0.0)) == (0.0, 0.0):  # unset so far
+                    out[ro.origin] = (ro.max_session_rate, ro.slow_start)
+        return out
 
     @property
     def origins(self) -> tuple[Origin, ...]:

@@ -21,6 +21,7 @@ from pool.egress import MODES, Egress, Mode
 from pool.health_state import HealthCheck
 from pool.origin import Origin
 from proxy.config_client import CLIENT_LIMIT_FIELDS, limit_problems, send_proxy
+from proxy.config_drain import ADMISSION_KEYS, DrainKeys
 from proxy.config_health import HealthKeys
 from proxy.config_model import (
     _POOL_DEFAULTS,
@@ -86,13 +87,14 @@ TOP_KEYS = (
     "upstream_tls",
     "log",
     "tcp_keepalive",
+    "websocket",
 )
 LISTEN_KEYS = ("address", "tls_cert", "tls_key", "certificates", "certificate_dir", "min_version")
 LISTEN_KEYS += ("proxy_protocol",)
-ADMIN_KEYS = ("address",)
+ADMIN_KEYS = ("address", "token")
 EGRESS_KEYS = ("mode", "addresses", "allow_unassigned")
 ROUTE_KEYS = ("host", "path_prefix", "origins", "balance", "health_check")
-ORIGIN_KEYS = ("url", "weight", "health_check")
+ORIGIN_KEYS = ("url", "weight", "health_check", *ADMISSION_KEYS)
 ROUTE_KEYS += ("send_proxy_protocol",)
 
 _d = _POOL_DEFAULTS
@@ -148,7 +150,7 @@ def _password_refused() -> bytes:
     return b""
 
 
-class _Reader(HealthKeys, TLSKeys):
+class _Reader(HealthKeys, TLSKeys, DrainKeys):
     """One pass over a decoded document; ``problems`` in the order found."""
 
     def __init__(self, source: str, base_dir: Path) -> None:
@@ -262,6 +264,16 @@ class _Reader(HealthKeys, TLSKeys):
         log_files = {key: (self.new_file(f"the {key[:-5]} log"), None) for key in LOG_FILE_KEYS}
         log = LogSettings(**self.fields(data, "log", {**LOG_FIELDS, **log_files}))
         keepalive = TCPKeepAliveSettings(**self.fields(data, "tcp_keepalive", KEEPALIVE_FIELDS))
+        admin_table = data.get("admin")
+        token = self.admin_token(admin_table if isinstance(admin_table, Mapping) else {})
+        drain_over = self.drain_over(data)
+        self.admission_conflicts(
+            [
+                (f"routes[{i}].origins[{j}]", ro.origin, (ro.max_session_rate, ro.slow_start))
+                for i, route in enumerate(routes)
+                for j, ro in enumerate(route.origins)
+            ]
+        )
         if self.problems:
             return None
         return Config(
@@ -277,6 +289,8 @@ class _Reader(HealthKeys, TLSKeys):
             log=log,
             tcp_keepalive=keepalive,
             source=self.source,
+            admin_token=token,
+            drain_over=drain_over,
         )
 
     def listeners(self, data: Mapping[str, Any]) -> list[tuple[str, Listener]]:
@@ -501,8 +515,15 @@ class _Reader(HealthKeys, TLSKeys):
             weight = self.field(item, path, "weight", _integer(1, unit="an integer weight"), 1)
             if origin is None or len(self.problems) > before:
                 return None
+            rate, slow = self.admission(item, path)
+            if len(self.problems) > before:
+                return None
             return RouteOrigin(
-                origin, weight, health_check=self.health_check(item, path, self.route_health)
+                origin,
+                weight,
+                health_check=self.health_check(item, path, self.route_health),
+                max_session_rate=rate,
+                slow_start=slow,
             )
         if not isinstance(item, str):
             self.problem(
