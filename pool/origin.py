@@ -80,6 +80,7 @@ class UpstreamConnection(asyncio.Protocol):
         "lost",
         "origin",
         "pool",
+        "private",
         "requests",
         "slot",
         "transport",
@@ -99,6 +100,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.fd = -1
         self.held = b""  # see pool.turnwrite
         self.lost: EgressLost | None = None  # set when the pool aborts it: its egress IP left
+        self.private = False  # began with a client's PROXY header: never reused, see acquire
 
     # -- asyncio.Protocol: forwarded to the handler, or fatal while idle -------------------
 
@@ -282,20 +284,27 @@ class OriginPool:
             conn.close()
         return None
 
-    async def acquire(self, origin: Origin) -> UpstreamConnection:
-        """An idle keep-alive connection if a usable one exists, else a new one, else wait."""
-        conn = self.acquire_idle(origin)
-        if conn is not None:
-            return conn
+    async def acquire(self, origin: Origin, preamble: bytes = b"") -> UpstreamConnection:
+        """An idle keep-alive connection if a usable one exists, else a new one, else wait.
+
+        ``preamble`` (a PROXY protocol header, :mod:`proxy.proxy_protocol`): always a new
+        connection, which starts with it. It speaks for one client, so it is never reused
+        (its release closes it), as HAProxy and nginx never share such a connection."""
+        if not preamble:
+            conn = self.acquire_idle(origin)
+            if conn is not None:
+                return conn
         state = self._state(origin)
         if state.active >= self.limits.max_connections:
             conn = await self._wait(origin, state)
             if conn is not None:
-                return conn
+                if not preamble:
+                    return conn
+                conn.close()  # another client's connection: its slot is ours, open anew
         else:
             state.active += 1
         try:
-            return await self._open(origin, state)
+            return await self._open(origin, state, preamble)
         except BaseException:
             state.active -= 1
             self._wake(state)
@@ -315,6 +324,7 @@ class OriginPool:
             conn.close()
             return
         conn.requests += 1
+        reusable = reusable and not conn.private
         if reusable and conn.transport is not None:
             # back-pressure may have paused it on the exchange's last write, and the resume
             # went to no one: idle connections must read (an EOF drops them) and the next
@@ -346,12 +356,13 @@ class OriginPool:
 
     # -- long-lived use (WebSocket) ----------------------------------------------------------
 
-    async def lease(self, origin: Origin) -> UpstreamConnection:
-        """A fresh connection that never returns to the idle set; ``release`` closes it."""
+    async def lease(self, origin: Origin, preamble: bytes = b"") -> UpstreamConnection:
+        """A fresh connection that never returns to the idle set; ``release`` closes it.
+        ``preamble``: written first, as :meth:`acquire`'s."""
         state = self._state(origin)
         state.leased += 1
         try:
-            conn = await self._open(origin, state)
+            conn = await self._open(origin, state, preamble)
         except BaseException:
             state.leased -= 1
             raise
@@ -473,7 +484,9 @@ class OriginPool:
         if state is not None and conn in state.idle:
             state.idle.remove(conn)
 
-    async def _open(self, origin: Origin, state: _OriginState) -> UpstreamConnection:
+    async def _open(
+        self, origin: Origin, state: _OriginState, preamble: bytes = b""
+    ) -> UpstreamConnection:
         addresses = await self.resolver.resolve(origin.host, origin.port)
         start = state.next_address
         state.next_address += 1
@@ -491,18 +504,26 @@ class OriginPool:
                 error = e
                 log.info("origin_address_failed", origin=str(origin), address=ip, error=str(e))
                 continue
-            return await self._wrap(origin, state, sock, slot)
+            return await self._wrap(origin, state, sock, slot, preamble)
         assert error is not None
         raise error
 
     async def _wrap(
-        self, origin: Origin, state: _OriginState, sock: socket.socket, slot: Slot
+        self,
+        origin: Origin,
+        state: _OriginState,
+        sock: socket.socket,
+        slot: Slot,
+        preamble: bytes = b"",
     ) -> UpstreamConnection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         detect_dead_peer(sock, self.keepalive)
         conn = UpstreamConnection(self, origin, slot, self._clock())
         loop = asyncio.get_running_loop()
         try:
+            if preamble:  # on the bare socket: before a TLS ClientHello, as the spec wants
+                conn.private = True
+                await loop.sock_sendall(sock, preamble)
             if origin.tls:
                 if self._ssl is None:
                     self._ssl = self.tls.context()
