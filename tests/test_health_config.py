@@ -3,6 +3,8 @@ named in check-config's messages (proxy.config_health)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from pool.health_state import HealthCheck
@@ -124,3 +126,25 @@ origins = ["http://127.0.2.1:9000"]
 health_check = {interval = 3}
 """
     assert parse(text).health_checks == {O1: HealthCheck(interval=3)}
+
+
+def test_the_deploy_example_block_parses_uncommented():
+    """deploy/originpool.toml's commented health_check block, uncommented, is a valid table
+    whose every key is read (none left at its default by a typo)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "deploy" / "originpool.toml").read_text()
+    start = text.index("# [routes.health_check]")
+    block = []
+    for line in text[start:].splitlines():
+        if not line.startswith("#"):
+            break
+        stripped = line[2:]
+        if stripped.startswith("[") or re.match(r"[a-z_]+ = ", stripped):
+            block.append(stripped)
+    table = "\n".join(block)
+    config = parse(BASE + table + "\n")
+    spec = config.health_checks[O1]
+    keys = [line.split("=")[0].strip() for line in block[1:]]
+    assert sorted(keys) == sorted(spec.__dataclass_fields__)
+    assert spec == HealthCheck(type="http", path="/healthz", host="app.example", passive_fails=5)
