@@ -10,14 +10,14 @@ requests/s >= 0.5x nginx. Absolute figures move with this VM (up to 25% between 
 every proxy is measured in the same run and the ratios are what to read.
 
 What runs (as root), every phase in a named network namespace of its own
-(``proxy.testbed.procs.Space``: ``lo`` up, its own ephemeral range; the host's sysctls are
+(``testbed.procs.Space``: ``lo`` up, its own ephemeral range; the host's sysctls are
 never written; the namespace is deleted on exit, on Ctrl-C and on errors):
 
 1. **burst**: namespace range R = 2,000 ports, E = 4 egress IPs (127.0.1.1-4), one raw
    WebSocket echo origin (``bench/ws_relay.py``'s RawOrigin: 101, echo, answer Close) on
    127.0.2.1:9000, and the three proxies at once: nginx (``worker_processes 1``, egress by
    ``split_clients`` + ``proxy_bind``), HAProxy (``nbthread 1``, one ``server`` line per
-   egress IP with ``source``), originpool (``workers = 1``, ``proxy.testbed.run``'s config,
+   egress IP with ``source``), originpool (``workers = 1``, ``testbed.run``'s config,
    connectx). A client process (this file, ``--burst-client``, raw uvloop protocols, plain
    connects from 127.0.0.1: ~85 us of its own CPU per session) opens ``--burst`` sessions at
    once, waits for every 101, then closes them all with a Close frame
@@ -28,7 +28,7 @@ never written; the namespace is deleted on exit, on Ctrl-C and on errors):
    handshake = upgrade request written -> 101 read, as the testbed defines it.
 2. **sequential**: a fresh namespace per proxy (a proxy's held ports and bind buckets must
    not meet the next one's), range R = ``--seq-range`` ports (9,000), E = 1, the same origin;
-   ``proxy.testbed.wsclient`` opens E x R sessions one at a time (``--seq-rounds`` passes
+   ``testbed.wsclient`` opens E x R sessions one at a time (``--seq-rounds`` passes
    per proxy, interleaved, samples pooled), each verified by an echo
    and held, so the proxy's upstream port space fills from 0 to 100%. The clients take their
    ports from a window outside the range (as the testbed does: an explicit bind by the proxy
@@ -91,8 +91,8 @@ if str(_ROOT) not in sys.path:
 from bench import http_rps, ws_relay  # noqa: E402  (needs the sys.path line above)
 from bench.http_rps import Children  # noqa: E402
 from pool import netns  # noqa: E402
-from proxy.testbed import procs  # noqa: E402
-from proxy.testbed import run as testbed  # noqa: E402
+from testbed import procs  # noqa: E402
+from testbed import run as testbed  # noqa: E402
 
 PROXIES = ("nginx", "haproxy", "originpool")
 LABELS = {
@@ -108,7 +108,7 @@ LISTEN = {
     "haproxy": ("127.0.0.1", 8084),
 }
 WS_HOST = testbed.ROUTE_HOST
-WS_ORIGIN = ws_relay.ORIGIN  # 127.0.2.1:9000, where proxy.testbed.run's config points too
+WS_ORIGIN = ws_relay.ORIGIN  # 127.0.2.1:9000, where testbed.run's config points too
 MAX_SESSIONS = 9500  # per proxy process: two files per session under the 20,000 cap
 SHARD_SESSIONS = 5000  # per sequential client process
 STEP_TIMEOUT = 10.0
@@ -806,7 +806,7 @@ def _sequential_load(
             argv = [
                 sys.executable,
                 "-m",
-                "proxy.testbed.wsclient",
+                "testbed.wsclient",
                 "--connect",
                 f"{LISTEN[name][0]}:{LISTEN[name][1]}",
                 "--host",

@@ -84,12 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
             "--pid-file", metavar="PATH", help="this pid file instead of the config's"
         )
         control.set_defaults(func=_run_reload if name == "reload" else _run_stop)
+    for name, what in (
+        ("drain", "stop sending new work to ORIGIN and end its sessions over --over"),
+        ("undrain", "let ORIGIN take new requests and sessions again"),
+    ):
+        control = sub.add_parser(name, help=what + " (through the admin listener)")
+        # ORIGIN [FILE] --over S, or ORIGIN --over S --config FILE: argparse takes both
+        # positionals together, so a FILE after --over is refused (as after serve's options)
+        control.add_argument("origin", metavar="ORIGIN", help="as the route names it")
+        _config_arguments(
+            control,
+            f"the proxy's TOML config: its [admin] address and token (default {DEFAULT_CONFIG})",
+        )
+        if name == "drain":
+            control.add_argument(
+                "--over", metavar="SECONDS", help="the window, e.g. 30s (default drain_over)"
+            )
+        control.set_defaults(func=_run_drain)
     testbed = sub.add_parser(
         "testbed",
         help="the WebSocket origin scenario end to end: how many sessions each egress mode "
         "holds against the physical limit, in a namespace of its own (root)",
     )
-    from proxy.testbed.cli import add_arguments
+    from testbed.cli import add_arguments
 
     add_arguments(testbed)
     testbed.set_defaults(func=_run_testbed)
@@ -282,6 +299,30 @@ def _signal(command: str, path: str, sig: signal.Signals) -> int:
     return 0
 
 
+def _run_drain(args: argparse.Namespace) -> int:
+    """``drain`` / ``undrain``: the admin call of :mod:`proxy.admin_origins`."""
+    from proxy.admin_origins import command, parse_over
+    from proxy.config import ConfigError, load
+
+    path = args.config or DEFAULT_CONFIG
+    over = None
+    if getattr(args, "over", None) is not None:
+        try:
+            over = parse_over(args.over)
+        except ValueError as e:
+            print(f"originpool drain: {e}", file=sys.stderr)
+            return 2
+    try:
+        config = load(path)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    code, line = command(config.admin, config.admin_token, args.command, args.origin, over)
+    print(line, file=sys.stderr if code else sys.stdout)
+    return code
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from proxy.app import serve
 
@@ -289,7 +330,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_testbed(args: argparse.Namespace) -> int:
-    from proxy.testbed.cli import run_args
+    from testbed.cli import run_args
 
     return run_args(args)
 

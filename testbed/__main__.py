@@ -1,7 +1,7 @@
-"""``python -m proxy.testbed``: the same as ``originpool testbed``."""
+"""``python -m testbed``: the same as ``originpool testbed``."""
 
 import sys
 
-from proxy.testbed.cli import main
+from testbed.cli import main
 
 sys.exit(main())

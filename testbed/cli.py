@@ -1,9 +1,9 @@
 """``originpool testbed``'s command line: options, their checks, and which scenario runs.
 
-Apart from :mod:`proxy.testbed.run` (the ramp's orchestrator) so that each module holds one
-job: this one turns arguments into :class:`proxy.testbed.run.Options`, refuses nonsensical
-combinations before anything starts (naming the option), and runs the ramp or a scenario
-(:mod:`proxy.testbed.scenarios`, :mod:`proxy.testbed.faults`) with its figures, JSON and plot.
+Apart from :mod:`testbed.run` (the ramp's orchestrator) so that each module holds one
+job: this one turns arguments into :class:`testbed.run.Options`, refuses nonsensical
+combinations before anything starts (naming the option), and hands the run to the scenario's
+class (:mod:`testbed.scenarios`), which knows its own defaults, checks, report and plot.
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from proxy.testbed import procs
-from proxy.testbed.procs import ChildFailed
-from proxy.testbed.run import (
+from testbed import procs
+from testbed.procs import ChildFailed
+from testbed.run import (
     MODES,
     ROUTE_HOST,
     SESSIONS_PER_PROCESS,
     Options,
     Ui,
     not_root,
-    run,
 )
+from testbed.scenarios.base import Scenario
 
 
 def _port_range(text: str) -> tuple[int, int]:
@@ -58,16 +58,15 @@ def _positive(kind: type) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The testbed's options, shared by ``originpool testbed`` and ``python -m``."""
     d = Options()
-    from proxy.testbed.scenarios import SCENARIOS
+    from testbed.scenario_options import scenarios
 
+    registry = scenarios()
     parser.add_argument(
         "--scenario",
-        choices=tuple(SCENARIOS),
+        choices=tuple(registry),
         default="ramp",
-        help="ramp: sessions until the wall, per egress mode (default); churn: sessions come "
-        "and go at --rate, living --lifetime; storm: ramp to --target, restart the origins, "
-        "clients reconnect; faults: reload, egress IP removed and re-added, an origin killed, "
-        "the proxy stopped, with sessions held",
+        help="; ".join(f"{name}: {cls.summary}" for name, cls in registry.items())
+        + " (default ramp)",
     )
     parser.add_argument(
         "--mode",
@@ -149,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate",
         type=_positive(float),
         help="churn: sessions arriving per second (default: limit / lifetime, so the steady "
-        "state is the physical limit); storm: the ramp's pace (default 1000)",
+        "state is the physical limit); storm, faults, rotate: the ramp's pace (default 1000)",
     )
     parser.add_argument(
         "--lifetime",
@@ -159,8 +158,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--duration",
         type=_positive(float),
-        help="churn: seconds of arrivals (default 120); storm: seconds the clients have to "
-        "come back after the restart, and for the ramp (default 60)",
+        help="churn: seconds of arrivals (default 120); storm, rotate: seconds the clients "
+        "have to come back after a restart or a drain, and for the ramp (default 60)",
     )
     parser.add_argument(
         "--mix",
@@ -172,8 +171,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
         type=float,
-        help="storm: sessions to hold before the restart, as a share of the limit (default "
-        "0.9); faults: before the first fault (default 0.5)",
+        help="storm, rotate: sessions to hold before the restart, as a share of the limit "
+        "(default 0.9); faults: before the first fault (default 0.5)",
     )
     parser.add_argument(
         "--storm-origins",
@@ -204,8 +203,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reload-hold",
         type=_positive(float),
-        help="faults with --proxy-cmd: seconds measured after the reload signal before new "
-        "sessions and echoes (default 15: old workers end what they still hold)",
+        help="faults with --proxy-cmd, rotate with nginx: seconds measured after a reload "
+        "before going on (default 15: old workers end what they still hold)",
+    )
+    parser.add_argument(
+        "--drain-over",
+        type=_positive(float),
+        metavar="SECONDS",
+        help="rotate: the window over which originpool's admin API drains each origin's "
+        "sessions (default 60)",
     )
     parser.add_argument("--seed", type=int, default=1, help="churn/storm random seed")
     parser.add_argument(
@@ -217,7 +223,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _mix(text: str) -> tuple[float, float, float]:
-    from proxy.testbed.wsload import parse_mix
+    from testbed.wsload import parse_mix
 
     try:
         return parse_mix(text)
@@ -227,8 +233,10 @@ def _mix(text: str) -> tuple[float, float, float]:
 
 def options_from_args(args: argparse.Namespace) -> Options:
     d = Options()
+    from testbed.scenario_options import scenarios
+
     scenario = getattr(args, "scenario", "ramp")
-    mode = args.mode or ("all" if scenario == "ramp" else "connectx")
+    mode = args.mode or scenarios()[scenario].default_mode
     return Options(
         modes=MODES if mode == "all" else (mode,),
         egress=args.egress,
@@ -258,14 +266,15 @@ def options_from_args(args: argparse.Namespace) -> Options:
         reload_signal=getattr(args, "reload_signal", None),
         stop_signal=getattr(args, "stop_signal", None),
         reload_hold=getattr(args, "reload_hold", None),
+        drain_over=getattr(args, "drain_over", None),
     )
 
 
 def given_options(args: argparse.Namespace) -> set[str]:
     """The options the user typed (argparse leaves the others None)."""
-    from proxy.testbed.scenarios import ONLY_FOR
+    from testbed.scenario_options import only_for
 
-    return {name for name in ONLY_FOR if getattr(args, name, None) is not None}
+    return {name for name in only_for() if getattr(args, name, None) is not None}
 
 
 def validate(options: Options) -> str | None:
@@ -288,31 +297,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_args(args)
 
 
+def missing_extra() -> str | None:
+    """The ``testbed`` extra's packages this install lacks, said once before anything runs
+    (the proxy itself is installed without them)."""
+    import importlib.util
+
+    def installed(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ImportError:  # a finder that refuses it says so by raising
+            return False
+
+    missing = [m for m in ("rich", "matplotlib") if not installed(m)]
+    if not missing:
+        return None
+    return (
+        f"{' and '.join(missing)} not installed: the testbed's display and plots need the "
+        "extra, pip install 'originpool[testbed]'"
+    )
+
+
 def run_args(args: argparse.Namespace) -> int:
-    from proxy.testbed import scenarios
+    from testbed import scenario_options
 
     options = options_from_args(args)
-    problem = validate(options) or scenarios.validate(options, given_options(args))
+    problem = (
+        missing_extra()
+        or validate(options)
+        or scenario_options.validate(options, given_options(args))
+    )
     if problem:
         print(f"originpool testbed: {problem}", file=sys.stderr)
         return 2
     with contextlib.suppress(BrokenPipeError):
-        if options.scenario == "ramp":
-            return run(options)
-        return run_scenario(options)
+        return scenario_options.scenario_of(options).execute()
     return 1
 
 
-def run_scenario(options: Options) -> int:
-    """One scenario (churn, storm) in its own namespace; figures, JSON and plot at the end.
+def run_scenario(scenario: Scenario) -> int:
+    """One scenario in its own namespace; figures, JSON and plot at the end.
     Exit 0, 1 (it could not run to its end: the reason is printed), 2, 130 as ``run``."""
-    from proxy.testbed import scenario_report, scenarios
+    from testbed import scenario_report
 
     if not_root():
         return 2
-    ui = Ui(options.progress)
+    opts = scenario.options
+    ui = Ui(opts.progress)
     restore = procs.install_interrupt_handlers()
-    opts = options
     figures: dict[str, Any] | None = None
     code = 0
     try:
@@ -320,22 +351,17 @@ def run_scenario(options: Options) -> int:
             f"originpool testbed --scenario {opts.scenario}: physical limit = {opts.egress} "
             f"egress IPs x {opts.size:,} ports x {opts.origins} origins = {opts.limit:,}"
         )
-        ui.say(scenario_intro(opts))
+        ui.say(scenario.intro())
         with tempfile.TemporaryDirectory(prefix="originpool-testbed-") as tmp:
             mode = "proxy-cmd" if opts.proxy_cmd else opts.modes[0]
             try:
-                if opts.scenario == "faults":
-                    from proxy.testbed.faults import FaultsRun
-
-                    figures = FaultsRun(mode, opts, ui, Path(tmp)).run()
-                else:
-                    figures = scenarios.ScenarioRun(mode, opts, ui, Path(tmp)).run()
+                figures = scenario.run(mode, ui, Path(tmp))
             except (ChildFailed, RuntimeError, OSError) as e:
                 ui.say(f"originpool testbed --scenario {opts.scenario}: {e}")
                 ui.event("error", error=str(e))
                 code = 1
         if figures is not None:
-            ui.scenario_done(figures)
+            ui.scenario_done(figures, scenario.report_rows(figures["detail"]), scenario.reconnects)
     except KeyboardInterrupt:
         ui.scenario_end()
         ui.say("originpool testbed: interrupted; every process it started has been ended")
@@ -349,33 +375,6 @@ def run_scenario(options: Options) -> int:
             Path(opts.json_path).write_text(json.dumps(doc, indent=1) + "\n")
             ui.say(f"figures: {opts.json_path}")
         if opts.plot_path:
-            scenario_report.plot(doc, opts.plot_path)
+            scenario.plot(doc, opts.plot_path)
             ui.say(f"plot: {opts.plot_path}")
     return code
-
-
-def scenario_intro(opts: Options) -> str:
-    """What is about to happen, in one sentence, with the resolved defaults."""
-    if opts.scenario == "churn":
-        assert opts.rate is not None and opts.lifetime is not None and opts.mix is not None
-        mix = " / ".join(f"{100 * m:.0f}%" for m in opts.mix)
-        return (
-            f"{opts.rate:g} sessions/s for {opts.duration:g} s, each living {opts.lifetime:g} s "
-            f"on average (steady state {opts.rate * opts.lifetime:,.0f} = "
-            f"{100 * opts.rate * opts.lifetime / opts.limit:.0f}% of the limit); client closes "
-            f"Close / FIN / RST {mix}; tcp_tw_reuse {opts.tw_reuse} in the namespace"
-        )
-    assert opts.target is not None
-    if opts.scenario == "faults":
-        return (
-            f"ramp to {opts.target:g} of the limit ({int(opts.target * opts.limit):,} sessions) "
-            f"at {opts.rate:g}/s, then in order: reload with a route added, egress IP "
-            f"{opts.egress_ips()[-1]} removed, re-added, origin "
-            f"{opts.origin_addresses()[-1][0]} SIGKILLed, the proxy stopped"
-        )
-    return (
-        f"ramp to {opts.target:g} of the limit ({int(opts.target * opts.limit):,} sessions) "
-        f"at {opts.rate:g}/s, then restart {opts.storm_origins} of {opts.origins} origins at "
-        f"once; clients reconnect with jittered exponential backoff for up to "
-        f"{opts.duration:g} s"
-    )

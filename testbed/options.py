@@ -19,7 +19,7 @@ ORIGIN_PORT = 9000
 ADMIN_SOURCE = "127.4.0.1"  # the runner's own scrapes: a source no client uses
 SESSIONS_PER_PROCESS = 15000  # under the 20,000 open-file cap, with room for the rest
 CLIENT_SOURCES_PER_SHARD = 16
-PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)  # holds testbed/, proxy/, pool/
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Options:
     proxy_cmd: str | None = None
     progress: str = "rich"  # rich | json
     client_processes: int = 0  # 0: as many as the open-file cap needs
-    # --scenario (proxy.testbed.scenarios); None: the scenario's own default
+    # --scenario (testbed.scenarios: each class fills in its own); None: the scenario's own default
     scenario: str = "ramp"
     rate: float | None = None
     lifetime: float | None = None
@@ -57,6 +57,7 @@ class Options:
     reload_signal: str | None = None
     stop_signal: str | None = None
     reload_hold: float | None = None
+    drain_over: float | None = None  # rotate: originpool's drain window per origin
 
     @property
     def size(self) -> int:
@@ -71,6 +72,12 @@ class Options:
 
     def origin_addresses(self) -> list[tuple[str, int]]:
         return [(f"127.0.2.{i}", ORIGIN_PORT) for i in range(1, self.origins + 1)]
+
+
+def storm_sessions(options: Options) -> int:
+    """The sessions a ramp to ``--target`` opens: the target's share of the physical limit."""
+    assert options.target is not None
+    return int(options.target * options.limit)
 
 
 def client_port_window(port_range: tuple[int, int]) -> tuple[int, int] | None:

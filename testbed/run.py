@@ -17,7 +17,7 @@ Why it is built this way:
   census of upstream sockets) happens after every shard reports ``ramp_done`` and before the
   final echo, when the number of held sessions is what the figures divide by.
 * **Clients take their ports outside the namespace's ephemeral range** (see
-  :mod:`proxy.testbed.wsclient`): a bind-mode proxy would otherwise starve them and the
+  :mod:`testbed.wsclient`): a bind-mode proxy would otherwise starve them and the
   testbed would be measuring itself.
 * **Any proxy can be measured** (``--proxy-cmd``) in the same scenario, and any origin
   (``--origin-cmd``): the staging use, where the origin is the user's own server.
@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from proxy.testbed import procs, report
-from proxy.testbed.kernel_view import cpu_seconds, kernel_sample
-from proxy.testbed.options import (
+from testbed import procs, report
+from testbed.kernel_view import cpu_seconds, kernel_sample
+from testbed.options import (
     ADMIN,
     ADMIN_SOURCE,
     CLIENT_SOURCES_PER_SHARD,
@@ -56,8 +56,8 @@ from proxy.testbed.options import (
     client_port_window,
     proxy_config,
 )
-from proxy.testbed.procs import Child, ChildFailed, Children, Space
-from proxy.testbed.ui import Ui
+from testbed.procs import Child, ChildFailed, Children, Space
+from testbed.ui import Ui
 
 T = TypeVar("T")
 
@@ -260,7 +260,7 @@ class ModeRun:
         shards = max(1, math.ceil(min(opts.sessions, opts.limit) / SESSIONS_PER_PROCESS))
         listen = ",".join(f"{h}:{p}" for h, p in addresses)
         for i in range(shards):
-            argv = [sys.executable, "-m", "proxy.testbed.wsorigin", "--listen", listen]
+            argv = [sys.executable, "-m", "testbed.wsorigin", "--listen", listen]
             self.origins.append(self.children.start(f"origin-{i}", argv))
         for child in self.origins:
             self.children.wait_for(child, "ready", 30, self.on_line)
@@ -290,7 +290,7 @@ class ModeRun:
     def start_proxy(self) -> None:
         opts = self.options
         if opts.proxy_cmd:
-            self.proxy = self.children.start("proxy", shlex.split(opts.proxy_cmd))
+            self.proxy = self.children.start("proxy", self.proxy_argv())
             self.wait_listening(LISTEN, self.proxy)
             return
         config = self.workdir / f"originpool-{self.mode}.toml"
@@ -303,6 +303,10 @@ class ModeRun:
             self.proxy, "ready", 30 + 2 * opts.workers, self.on_line, count=opts.workers
         )
         self.admins = [_address(str(line["admin"])) for line in ready if line.get("admin")]
+
+    def proxy_argv(self) -> list[str]:
+        """The command of ``--proxy-cmd`` (a scenario may point it at a copy of its config)."""
+        return shlex.split(self.options.proxy_cmd or "")
 
     def proxy_config_text(self) -> str:
         return proxy_config(self.mode, self.options)
@@ -339,7 +343,7 @@ class ModeRun:
             argv = [
                 sys.executable,
                 "-m",
-                "proxy.testbed.wsclient",
+                "testbed.wsclient",
                 "--connect",
                 f"{LISTEN[0]}:{LISTEN[1]}",
                 "--host",
@@ -525,7 +529,7 @@ def _write_outputs(options: Options, runs: list[dict[str, Any]], ui: Ui) -> None
     if not runs:
         return
     if options.json_path:
-        from proxy.testbed import scenario_report
+        from testbed import scenario_report
 
         doc = {
             # the scenario document's keys first (every scenario writes them), then the

@@ -21,7 +21,10 @@ DOC_KEYS = (
     "close_codes",
     "proxy_peak_rss_bytes",
     "proxy_cpu_seconds",
-    "evidence",  # faults: per step, what the proxy and the kernel showed; null elsewhere
+    "evidence",  # faults, rotate: per step, what the proxy and the kernel showed; else null
+    # per origin, [t, new sessions per second] for every half second with any, as the origin
+    # counted them (null in the ramp)
+    "new_sessions",
 )
 STEP_KEYS = (
     "name",
@@ -34,6 +37,10 @@ STEP_KEYS = (
     "recovered_50_s",
     "recovered_99_s",
     "recovered_100_s",
+    "drops",
+    "close_codes",
+    # per origin, the most new sessions it saw in one half second of the step, per second
+    "peak_new_sessions_per_s",
 )
 TIMELINE_KEYS = ("t", "live", "failures", "time_wait", "other_states")
 
@@ -61,11 +68,13 @@ def recovery_times(
 def step_figures(record: Any, client_steps: Sequence[dict[str, Any]], t0: float) -> dict[str, Any]:
     """One step of the JSON, merged over the client shards' own counts of it."""
     failures: Counter[str] = Counter()
+    codes: Counter[str] = Counter()
     drops = 0
     lost = 0
     back: list[float] = []
     for s in client_steps:
         failures.update(s.get("failures") or {})
+        codes.update(s.get("close_codes") or {})
         drops += int(s.get("drops", 0))
         lost += int(s.get("lost", 0))
         back.extend(float(t) for t in s.get("back") or [])
@@ -84,6 +93,8 @@ def step_figures(record: Any, client_steps: Sequence[dict[str, Any]], t0: float)
         "recovered_99_s": r99,
         "recovered_100_s": r100,
         "drops": drops,
+        "close_codes": dict(sorted(codes.items())),
+        "peak_new_sessions_per_s": None,  # the orchestrator's, from the origins' counts
     }
 
 
@@ -103,6 +114,9 @@ def ramp_doc(runs: Sequence[dict[str, Any]], limit: int, custom: bool) -> dict[s
             "recovered_50_s": None,
             "recovered_99_s": None,
             "recovered_100_s": None,
+            "drops": None,
+            "close_codes": None,
+            "peak_new_sessions_per_s": None,  # the ramp's origins do not count their opens
         }
         for r in good
     ]
@@ -118,6 +132,7 @@ def ramp_doc(runs: Sequence[dict[str, Any]], limit: int, custom: bool) -> dict[s
         "proxy_peak_rss_bytes": max(rss) if rss else None,
         "proxy_cpu_seconds": round(sum(cpu), 3) if cpu else None,
         "evidence": None,
+        "new_sessions": None,
     }
 
 
@@ -159,13 +174,15 @@ def _size(value: float | None) -> str:
     return f"{value / (1 << 20):.1f} MiB"
 
 
-def step_rows(doc: dict[str, Any]) -> list[list[str]]:
+def step_rows(doc: dict[str, Any], reconnects: bool = True) -> list[list[str]]:
+    """One row per step; ``reconnects``: the scenario's clients come back after a drop, so
+    recovery times mean something even outside a disruption."""
     rows = []
     for s in doc["steps"]:
         disruption = s.get("recovered_50_s") is not None or s.get("recovered_100_s") is not None
         recovered = (
             f"{_s(s['recovered_50_s'])} / {_s(s['recovered_99_s'])} / {_s(s['recovered_100_s'])}"
-            if disruption or (s.get("drops") and doc["scenario"] != "faults")
+            if disruption or (s.get("drops") and reconnects)
             else "n/a"  # faults: a dropped session is not reconnected, it is counted
         )
         rows.append(
@@ -220,28 +237,17 @@ def summary_rows(doc: dict[str, Any], detail: dict[str, Any]) -> list[tuple[str,
             f"{_size(doc['proxy_peak_rss_bytes'])} / {doc['proxy_cpu_seconds']:.1f} s",
         )
     )
-    if "drained" in detail:
-        rows.append(
-            (
-                "faults: closed by the drain",
-                f"{detail['drained']:,} with Close 1001 (counted held); proxy exit code "
-                f"{detail['proxy_exit_code']}",
-            )
-        )
-    if detail.get("storm_expected_drops") is not None:
-        rows.append(
-            (
-                "storm",
-                f"{detail['storm_expected_drops']:,} upstream connections to the restarted "
-                f"origins; they listened again after {detail['storm_origin_restart_seconds']:.2f} s"
-                + ("" if detail["storm_settled"] else "; not settled within --duration"),
-            )
-        )
     return rows
 
 
-def render(doc: dict[str, Any], detail: dict[str, Any]) -> list[Any]:
-    """Rich tables: the steps, then the figures a reader asks for."""
+def render(
+    doc: dict[str, Any],
+    detail: dict[str, Any],
+    rows: Sequence[tuple[str, str]] = (),
+    reconnects: bool = True,
+) -> list[Any]:
+    """Rich tables: the steps, then the figures a reader asks for (``rows``: the scenario's
+    own, :meth:`testbed.scenarios.base.Scenario.report_rows`)."""
     from rich.table import Table
 
     steps = Table(title=f"scenario {doc['scenario']}: steps", title_justify="left")
@@ -256,12 +262,12 @@ def render(doc: dict[str, Any], detail: dict[str, Any]) -> list[Any]:
         "back 50% / 99% / 100%",
     ):
         steps.add_column(col, justify="left" if col in ("step", "handshake failures") else "right")
-    for row in step_rows(doc):
+    for row in step_rows(doc, reconnects):
         steps.add_row(*row)
     summary = Table(show_header=False, title=f"scenario {doc['scenario']}", title_justify="left")
     summary.add_column("figure", style="bold", no_wrap=True)
     summary.add_column("value", overflow="fold")
-    for name, value in summary_rows(doc, detail):
+    for name, value in [*summary_rows(doc, detail), *rows]:
         summary.add_row(name, value)
     out: list[Any] = [steps, summary]
     if doc.get("evidence"):
@@ -283,8 +289,10 @@ def evidence_text(ev: dict[str, Any]) -> str:
     return "; ".join(f"{k}: {json.dumps(v, separators=(',', ':'))}" for k, v in ev.items())
 
 
-def plot(doc: dict[str, Any], path: str) -> None:
-    """Live sessions, TIME_WAIT and failures per second over time, steps marked."""
+def plot(doc: dict[str, Any], path: str, opens: bool = False) -> None:
+    """Live sessions, TIME_WAIT and failures per second over time, steps marked; with
+    ``opens``, below them the new sessions per second each origin saw (rotate, where that
+    rate is the point)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,7 +300,20 @@ def plot(doc: dict[str, Any], path: str) -> None:
 
     timeline = doc["timeline"]
     ts = [row["t"] for row in timeline]
-    fig, ax = plt.subplots(figsize=(11, 4.8))
+    if opens:
+        fig, (ax, below) = plt.subplots(
+            2, 1, figsize=(11, 7.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]}
+        )
+        for origin, points in (doc.get("new_sessions") or {}).items():
+            below.step([p[0] for p in points], [p[1] for p in points], where="post", label=origin)
+        below.set_ylabel("new sessions / s at the origin\n(per 0.5 s)")
+        below.set_ylim(bottom=0)
+        below.grid(alpha=0.3)
+        below.legend(loc="upper right", fontsize=8)
+        for step in doc["steps"]:
+            below.axvline(step["t_start"], color="grey", linestyle=":", linewidth=1)
+    else:
+        fig, ax = plt.subplots(figsize=(11, 4.8))
     ax.plot(ts, [row["live"] for row in timeline], label="live sessions", linewidth=2)
     ax.plot(ts, [row["time_wait"] for row in timeline], label="proxy upstream TIME_WAIT")
     ax.plot(

@@ -1,12 +1,12 @@
 """``originpool testbed --scenario NAME``: the same namespace, proxy and origins, other loads.
 
-* ``ramp`` (the default, :mod:`proxy.testbed.run`): sessions opened one after another until
+* ``ramp`` (the default, :mod:`testbed.run`): sessions opened one after another until
   the wall, once per egress mode.
 * ``churn``: sessions arrive at ``--rate`` and live an exponential time of mean
   ``--lifetime``: what TIME_WAIT on the proxy's egress ports costs when sessions come and go.
 * ``storm``: a ramp to ``--target`` of the limit, then every origin (or ``--storm-origins
   N``) restarted at once while every client reconnects with jittered backoff.
-* ``faults`` (:mod:`proxy.testbed.faults`): with sessions held, a reload with a route added,
+* ``faults`` (:mod:`testbed.faults`): with sessions held, a reload with a route added,
   an egress IP removed and re-added, an origin killed, the proxy stopped.
 
 Why it is built this way:
@@ -39,69 +39,26 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from proxy.testbed import procs, scenario_report
-from proxy.testbed.kernel_view import (
+from testbed import procs, scenario_report
+from testbed.kernel_view import (
     KernelSample,
     cpu_seconds,
-    established_to,
     kernel_sample,
     vars_of,
 )
-from proxy.testbed.options import (
+from testbed.options import (
     CLIENT_SOURCES_PER_SHARD,
     LISTEN,
     ROUTE_HOST,
     SESSIONS_PER_PROCESS,
     client_port_window,
-)
-from proxy.testbed.procs import Child, ChildFailed, Space
-from proxy.testbed.run import ModeRun
-from proxy.testbed.scenario_options import (
-    CHURN_DURATION,
-    CHURN_LIFETIME,
-    CHURN_MIX,
-    FLAG,
-    NOT_BUILT,
-    ONLY_FOR,
-    SCENARIOS,
-    STORM_RATE,
-    STORM_TARGET,
-    STORM_WINDOW,
-    TW_REUSE,
-    flag,
-    resolve,
     storm_sessions,
-    validate,
 )
-
-# the names the command line, faults and the ramp have always imported from here
-__all__ = [
-    "CHURN_DURATION",
-    "CHURN_LIFETIME",
-    "CHURN_MIX",
-    "FLAG",
-    "NOT_BUILT",
-    "ONLY_FOR",
-    "SAMPLE_EVERY",
-    "SCENARIOS",
-    "STORM_RATE",
-    "STORM_TARGET",
-    "STORM_WINDOW",
-    "TW_REUSE",
-    "KernelSample",
-    "ScenarioRun",
-    "StepRecord",
-    "cpu_seconds",
-    "established_to",
-    "flag",
-    "kernel_sample",
-    "resolve",
-    "storm_sessions",
-    "validate",
-    "vars_of",
-]
+from testbed.procs import Child, ChildFailed, Space
+from testbed.run import ModeRun
+from testbed.wsorigin import OPENS_BUCKET
 
 SAMPLE_EVERY = 1.0
 
@@ -121,6 +78,8 @@ class StepRecord:
 
 class ScenarioRun(ModeRun):
     """One scenario from namespace to figures; ``body`` is the scenario itself."""
+
+    client_load: ClassVar[str] = "reconnect"  # what the clients do (testbed.wsload LOADS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -143,6 +102,8 @@ class ScenarioRun(ModeRun):
         self.storm_expected: int | None = None
         self.storm_restart_seconds: float | None = None
         self.storm_settled: bool | None = None
+        # origin "host:port" -> new sessions per half-second bucket of the monotonic clock
+        self.origin_opens: dict[str, Counter[int]] = {}
 
     # -- the frame every scenario shares ------------------------------------------------------
 
@@ -211,6 +172,7 @@ class ScenarioRun(ModeRun):
             for who, line in self.children.pump(pause):
                 self.on_line(who, line)
                 self.on_client(who, line)
+                self.on_origin(who, line)
             self.sample()
             self.check_alive()
         return True
@@ -229,6 +191,26 @@ class ScenarioRun(ModeRun):
         elif event == "result":
             self.results[who] = line
             self.state[who] = line
+
+    def on_origin(self, who: Child, line: dict[str, Any]) -> None:
+        """An origin's new sessions per half second (``opens``), added up per address."""
+        if line.get("event") != "opens" or who not in self.origin_address:
+            return
+        host, port = self.origin_address[who]
+        buckets = self.origin_opens.setdefault(f"{host}:{port}", Counter())
+        for index, n in (line.get("buckets") or {}).items():
+            buckets[int(index)] += int(n)
+
+    def peak_open_rate(self, t_start: float, t_end: float | None) -> dict[str, float]:
+        """Per origin, the most new sessions it saw in one half second between two moments
+        of the timeline (seconds since ``t0``), as a rate per second."""
+        lo = (self.t0 + t_start) // OPENS_BUCKET
+        hi = math.inf if t_end is None else (self.t0 + t_end) // OPENS_BUCKET
+        out: dict[str, float] = {}
+        for origin, buckets in sorted(self.origin_opens.items()):
+            inside = [n for k, n in buckets.items() if lo <= k <= hi]
+            out[origin] = max(inside, default=0) / OPENS_BUCKET
+        return out
 
     def check_alive(self) -> None:
         for child in [self.proxy, *self.origins, *self.clients]:
@@ -316,7 +298,8 @@ class ScenarioRun(ModeRun):
 
             argv = [a.format(host=host, port=port) for a in shlex.split(self.options.origin_cmd)]
         else:
-            argv = [sys.executable, "-m", "proxy.testbed.wsorigin", "--listen", f"{host}:{port}"]
+            argv = [sys.executable, "-m", "testbed.wsorigin", "--listen", f"{host}:{port}"]
+            argv.append("--report-opens")
         child = self.children.start(name, argv)
         self.origin_address[child] = address
         return child
@@ -327,16 +310,18 @@ class ScenarioRun(ModeRun):
         else:
             self.children.wait_for(child, "ready", 30, self.on_line)
 
-    def restart_origins(self, addresses: list[tuple[str, int]]) -> float:
-        """SIGKILL every process of these origins by PID (the kernel resets their
-        connections, as a crash does), then start them again; returns seconds until all
-        listen again."""
+    def restart_origins(
+        self, addresses: list[tuple[str, int]], sig: signal.Signals = signal.SIGKILL
+    ) -> float:
+        """Signal every process of these origins by PID (SIGKILL: the kernel resets their
+        connections, as a crash does; SIGTERM: a deploy's stop), wait for their exit, then
+        start them again; returns seconds until all listen again."""
         t = time.monotonic()
         old = [c for a in addresses for c in self.origin_groups[a]]
         self.restarting.update(old)
         for child in old:
             child.note_family()
-            child.signal(signal.SIGKILL)
+            child.signal(sig)
         for child in old:
             child.popen.wait(timeout=10)
             for pid in sorted(child.family - {child.pid}):
@@ -353,32 +338,38 @@ class ScenarioRun(ModeRun):
         return time.monotonic() - t
 
     def peak_sessions(self) -> int:
-        opts = self.options
-        if opts.scenario == "churn":
-            assert opts.rate is not None and opts.lifetime is not None
-            return int(min(opts.rate * opts.lifetime * 1.3, opts.limit * 1.3)) + 1
-        return storm_sessions(opts)
+        """The most sessions alive at once: how many origin and client processes it takes."""
+        return storm_sessions(self.options)
+
+    def live_estimate(self) -> int:
+        """The live sessions the client shards are sized for (one per 15,000)."""
+        return self.peak_sessions()
+
+    def client_sessions(self) -> int:
+        """Logical sessions the clients open on ``start`` (0: churn's open-ended arrivals)."""
+        return storm_sessions(self.options)
+
+    def client_args(self) -> list[str]:
+        """What the scenario's clients do beyond the shared arguments (wsload's options)."""
+        return ["--give-up", str(self.options.duration), "--drain-step", "stop"]
 
     def start_clients(self) -> None:
         opts = self.options
-        live = self.peak_sessions()
-        if opts.scenario == "churn":
-            assert opts.rate is not None and opts.lifetime is not None
-            live = int(opts.rate * opts.lifetime * 1.3) + 1
-        shards = opts.client_processes or max(1, math.ceil(live / SESSIONS_PER_PROCESS))
+        shards = opts.client_processes or max(
+            1, math.ceil(self.live_estimate() / SESSIONS_PER_PROCESS)
+        )
         window = client_port_window(opts.port_range)
         if window is not None:
             window = (window[0] + 100, window[1])
-        sessions = storm_sessions(opts) if opts.scenario in ("storm", "faults") else 0
-        base, extra = divmod(sessions, shards)
+        base, extra = divmod(self.client_sessions(), shards)
         assert opts.rate is not None and opts.duration is not None
         for i in range(shards):
             argv = [
                 sys.executable,
                 "-m",
-                "proxy.testbed.wsload",
-                "--scenario",
-                opts.scenario,
+                "testbed.wsload",
+                "--load",
+                self.client_load,
                 "--connect",
                 f"{LISTEN[0]}:{LISTEN[1]}",
                 "--host",
@@ -393,40 +384,23 @@ class ScenarioRun(ModeRun):
                 str(opts.timeout),
                 "--seed",
                 str(opts.seed * 1000 + i),
+                "--sessions",
+                str(base + (i < extra)),
+                *self.client_args(),
             ]
-            if opts.scenario == "churn":
-                assert opts.mix is not None
-                argv += ["--lifetime", str(opts.lifetime), "--mix", ":".join(map(str, opts.mix))]
-            else:
-                argv += ["--sessions", str(base + (i < extra)), "--give-up", str(opts.duration)]
-                argv += ["--drain-step", "stop"]
             if window is not None:
                 argv += ["--ports", f"{window[0]}-{window[1]}"]
             self.clients.append(self.children.start(f"client-{i}", argv, stdin=True))
 
-    # -- the scenarios ------------------------------------------------------------------------
+    # -- the steps scenarios share ------------------------------------------------------------
 
     def body(self) -> None:
-        if self.options.scenario == "churn":
-            self.churn()
-        else:
-            self.storm()
-
-    def churn(self) -> None:
-        opts = self.options
-        assert opts.duration is not None
-        self.mark("churn")
-        for client in self.clients:
-            client.send("start")
-        self.wait(
-            lambda: len(self.done_events) == len(self.clients),
-            opts.duration + 3 * opts.timeout + 60,
-            "every client's load_done",
-        )
+        """The scenario itself: its steps, each marked (:meth:`mark`) before it starts."""
+        raise NotImplementedError
 
     def ramp_to_target(self) -> None:
-        """The ``ramp`` step of storm and faults: every client shard opens its share of the
-        target, and the step ends when each has reported ``ramp_done``."""
+        """The ``ramp`` step of storm, faults and rotate: every client shard opens its share of
+        the target, and the step ends when each has reported ``ramp_done``."""
         opts = self.options
         assert opts.rate is not None and opts.target is not None
         self.mark("ramp")
@@ -437,30 +411,6 @@ class ScenarioRun(ModeRun):
             storm_sessions(opts) / opts.rate + 3 * opts.timeout + 120,
             "every client's ramp_done",
         )
-
-    def storm(self) -> None:
-        opts = self.options
-        assert opts.rate is not None and opts.duration is not None
-        assert opts.storm_origins is not None
-        self.ramp_to_target()
-        chosen = opts.origin_addresses()[: opts.storm_origins]
-        expected = established_to(set(chosen))
-        self.storm_expected = expected
-        self.mark("storm", disruption=True)
-        drops_before = self.total("drops")
-        self.storm_restart_seconds = self.restart_origins(chosen)
-
-        def settled() -> bool:
-            progressed = all(
-                float(s.get("t", 0)) > self.t0 + self.steps[-1].t_start for s in self.state.values()
-            )
-            return (
-                progressed
-                and self.total("drops") - drops_before >= expected
-                and self.total("pending") == 0
-            )
-
-        self.storm_settled = self.wait_or_timeout(settled, opts.duration)
 
     # -- figures ------------------------------------------------------------------------------
 
@@ -484,6 +434,13 @@ class ScenarioRun(ModeRun):
             closes.update(r.get("closes") or {})
             refused_by.update(r.get("refused_by") or {})
             lost_by.update(r.get("lost_by") or {})
+        for step, rec in zip(steps, self.steps, strict=True):
+            step["peak_new_sessions_per_s"] = self.peak_open_rate(rec.t_start, rec.t_end)
+        disrupted = [s for s, rec in zip(steps, self.steps, strict=True) if rec.disruption]
+        peak_opens: dict[str, float] = {}
+        for step in disrupted:
+            for origin, rate in (step["peak_new_sessions_per_s"] or {}).items():
+                peak_opens[origin] = max(peak_opens.get(origin, 0.0), rate)
         doc = {
             "scenario": opts.scenario,
             "proxy": "custom" if opts.proxy_cmd else "originpool",
@@ -493,6 +450,13 @@ class ScenarioRun(ModeRun):
             "close_codes": dict(sorted(close_codes.items())),
             "proxy_peak_rss_bytes": None if opts.proxy_cmd and not self.peak_rss else self.peak_rss,
             "proxy_cpu_seconds": round(self.cpu, 3),
+            "new_sessions": {
+                origin: [
+                    [round(k * OPENS_BUCKET - self.t0, 3), n / OPENS_BUCKET]
+                    for k, n in sorted(buckets.items())
+                ]
+                for origin, buckets in sorted(self.origin_opens.items())
+            },
         }
         peak = max(self.kernel, key=lambda k: k.time_wait, default=KernelSample())
         detail = {
@@ -521,5 +485,7 @@ class ScenarioRun(ModeRun):
             "storm_origin_restart_seconds": self.storm_restart_seconds,
             "storm_settled": self.storm_settled,
             "client_processes": len(self.clients),
+            # per origin, the peak of the disruptions' steps (storm, rotate): the comparison
+            "peak_new_sessions_per_s": peak_opens or None,
         }
         return {"doc": doc, "detail": detail}

@@ -11,8 +11,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from proxy.testbed import report
-from proxy.testbed.options import Options
+from testbed import report
+from testbed.options import Options
 
 
 class Ui:
@@ -123,11 +123,22 @@ class Ui:
             self._live.stop()
             self._live = None
 
-    def scenario_done(self, figures: dict[str, Any]) -> None:
-        from proxy.testbed import scenario_report
+    def scenario_done(
+        self,
+        figures: dict[str, Any],
+        rows: Sequence[tuple[str, str]] = (),
+        reconnects: bool = True,
+    ) -> None:
+        """The figures at the end: tables for people, one ``scenario`` line for tools."""
+        from testbed import scenario_report
 
         if self.kind == "json":
             self.event("scenario", **figures)
             return
-        for table in scenario_report.render(figures["doc"], figures["detail"]):
+        for table in scenario_report.render(
+            figures["doc"],
+            figures["detail"],
+            rows,
+            reconnects,
+        ):
             self.console.print(table)

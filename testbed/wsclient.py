@@ -1,6 +1,6 @@
 """The testbed's load client: WebSocket sessions through a proxy, opened, verified and held.
 
-``python -m proxy.testbed.wsclient --connect 127.0.0.1:8080 --host testbed.example
+``python -m testbed.wsclient --connect 127.0.0.1:8080 --host testbed.example
 --sources 127.3.0.1-127.3.0.16 --sessions 12000`` writes JSON lines on stdout: ``started``,
 ``progress`` (a few per second), ``failure`` (the first one, as soon as it happens),
 ``ramp_done``, then after the hold ``result`` (every attempt's outcome and latency), so the
@@ -63,7 +63,7 @@ from wsproto.events import (
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from proxy.testbed.wsorigin import Address, parse_address
+from testbed.wsorigin import Address, parse_address
 
 IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h
 CLIENT_PORT_CLASH = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
@@ -528,7 +528,7 @@ async def _main(options: ClientOptions, hold: float, control: bool) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m proxy.testbed.wsclient",
+        prog="python -m testbed.wsclient",
         description="Open WebSocket sessions through a proxy, verify each, hold them.",
     )
     parser.add_argument("--connect", required=True, metavar="IP:PORT", help="the proxy")

@@ -2,7 +2,7 @@
 that are held while faults happen around them (faults: ``open TAG N HOST`` opens a batch of
 new sessions, ``echo TAG`` checks every held one; each answers with one line).
 
-``python -m proxy.testbed.wsload --scenario churn|storm ...`` writes JSON lines on stdout:
+``python -m testbed.wsload --load churn|reconnect|count ...`` writes JSON lines on stdout:
 ``started``, ``progress`` (four a second: live sessions and cumulative counters), ``step``
 (the acknowledgement of a ``step NAME`` line on stdin), ``load_done`` / ``ramp_done``,
 ``settled`` (storm: nothing waits to reconnect), then after ``check`` on stdin the
@@ -60,7 +60,7 @@ from typing import Any
 from wsproto.events import CloseConnection
 from wsproto.utilities import LocalProtocolError
 
-from proxy.testbed.wsclient import (
+from testbed.wsclient import (
     OK,
     ClientOptions,
     LoadClient,
@@ -68,9 +68,16 @@ from proxy.testbed.wsclient import (
     parse_sources,
     parse_window,
 )
-from proxy.testbed.wsorigin import Address, parse_address
+from testbed.wsorigin import Address, parse_address
 
 CLOSE_KINDS = ("close", "fin", "rst")
+# what a client process does; each scenario names one (ScenarioRun.client_load)
+LOADS = {
+    "churn": "Poisson arrivals living an exponential lifetime; a dropped session is lost",
+    "reconnect": "a ramp to --sessions; a dropped session reconnects with jittered backoff",
+    "count": "a ramp, then batches and echoes on command; a dropped session is counted lost "
+    "(a Close 1001 in the --drain-step is held)",
+}
 NO_CLOSE = "none"  # the session ended without a Close frame from the proxy
 
 
@@ -97,7 +104,7 @@ class LoadOptions:
     connect: Address
     host: str
     sources: Sequence[str]
-    scenario: str  # churn | storm
+    load: str  # churn | reconnect | count (LOADS)
     rate: float  # churn: arrivals per second; storm: the ramp's pace
     ports: tuple[int, int] | None = None
     path: str = "/"
@@ -388,7 +395,7 @@ class ScenarioClient:
         self.step.drops += 1
         if slot.timer is not None:
             slot.timer.cancel()
-        if self.options.scenario == "faults":
+        if self.options.load == "count":
             if code == "1001" and self.step.name == self.options.drain_step:
                 # the proxy was told to stop and said so: the session lived to the end
                 self.drained += 1
@@ -398,7 +405,7 @@ class ScenarioClient:
                 self.lost[f"dropped_{code}"] += 1
                 self.step.lost += 1
             return
-        if self.options.scenario == "churn":
+        if self.options.load == "churn":
             self.lost["dropped"] += 1
             self.step.lost += 1
             return
@@ -557,7 +564,7 @@ async def _main(options: LoadOptions) -> int:
             command, _, arg = line.partition(" ")
             if command == "start":
                 load = loop.create_task(
-                    client.churn() if options.scenario == "churn" else client.ramp()
+                    client.churn() if options.load == "churn" else client.ramp()
                 )
             elif command == "step":
                 client.mark(arg)
@@ -580,14 +587,19 @@ async def _main(options: LoadOptions) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m proxy.testbed.wsload",
+        prog="python -m testbed.wsload",
         description="Scenario load: churning sessions, or sessions that reconnect after a storm.",
     )
     parser.add_argument("--connect", required=True, metavar="IP:PORT", help="the proxy")
     parser.add_argument("--host", required=True, help="Host header (the proxy's route)")
     parser.add_argument("--sources", required=True, help="client source IPs: A-B or a,b,c")
     parser.add_argument("--ports", help="LO-HI: pick client ports from this window")
-    parser.add_argument("--scenario", choices=("churn", "storm", "faults"), required=True)
+    parser.add_argument(
+        "--load",
+        choices=tuple(LOADS),
+        required=True,
+        help="; ".join(f"{name}: {what}" for name, what in LOADS.items()),
+    )
     parser.add_argument("--rate", type=float, required=True, help="per second")
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--lifetime", type=float, default=30.0)
@@ -609,7 +621,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             host=args.host,
             sources=parse_sources(args.sources),
             ports=parse_window(args.ports) if args.ports else None,
-            scenario=args.scenario,
+            load=args.load,
             rate=args.rate,
             duration=args.duration,
             lifetime=args.lifetime,

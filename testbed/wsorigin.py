@@ -1,6 +1,6 @@
 """The testbed's WebSocket echo origin: thousands of idle sessions for almost nothing.
 
-``python -m proxy.testbed.wsorigin --listen 127.0.2.1:9000 --listen 127.0.2.2:9000`` prints
+``python -m testbed.wsorigin --listen 127.0.2.1:9000 --listen 127.0.2.2:9000`` prints
 one JSON line ``{"event": "ready", ...}`` once every address listens, then echoes every
 message of every session until SIGTERM/SIGINT.
 
@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
@@ -56,10 +57,13 @@ def parse_address(text: str) -> Address:
     return host.strip("[]"), int(port)
 
 
+OPENS_BUCKET = 0.5  # seconds: the new-session rate is reported per half second
+
+
 class OriginStats:
     """Counters shared by every connection of one process (read by the health answer)."""
 
-    __slots__ = ("closed", "connections", "messages", "sessions", "sessions_total")
+    __slots__ = ("closed", "connections", "messages", "opens", "sessions", "sessions_total")
 
     def __init__(self) -> None:
         self.connections = 0  # TCP connections open now
@@ -67,9 +71,25 @@ class OriginStats:
         self.sessions_total = 0
         self.messages = 0
         self.closed = 0
+        # new sessions per bucket of the system-wide monotonic clock (index = t // 0.5): the
+        # buckets of every origin process line up, so the testbed can add them
+        self.opens: dict[int, int] = {}
+
+    def opened(self) -> None:
+        self.sessions += 1
+        self.sessions_total += 1
+        bucket = int(time.monotonic() // OPENS_BUCKET)
+        self.opens[bucket] = self.opens.get(bucket, 0) + 1
+
+    def take_opens(self, before: int) -> dict[int, int]:
+        """The buckets that ended before bucket ``before``, removed (each reported once)."""
+        done = {k: v for k, v in self.opens.items() if k < before}
+        for k in done:
+            del self.opens[k]
+        return done
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name) for name in self.__slots__ if name != "opens"}
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -163,8 +183,7 @@ class EchoProtocol(asyncio.Protocol):
         subprotocol = request.subprotocols[0] if request.subprotocols else None
         self.transport.write(handshake.send(AcceptConnection(subprotocol=subprotocol)))
         self.conn = handshake.connection
-        self.stats.sessions += 1
-        self.stats.sessions_total += 1
+        self.stats.opened()
         if rest:
             self._frames(rest)
 
@@ -263,7 +282,19 @@ def emit(event: str, **fields: object) -> None:
     sys.stdout.flush()
 
 
-async def _main(addresses: Sequence[Address], reuse_port: bool) -> int:
+async def report_opens(stats: OriginStats) -> None:
+    """``{"event": "opens", "buckets": {index: n}}`` for every half second that ended with
+    new sessions: the rate this origin saw, from its own side (a proxy's figures could not
+    show what nginx or HAProxy sent where)."""
+    for _ in range(10**8):  # bounded; cancelled at the stop
+        now = time.monotonic()
+        await asyncio.sleep(OPENS_BUCKET - now % OPENS_BUCKET + 0.01)  # a report rate
+        done = stats.take_opens(int(time.monotonic() // OPENS_BUCKET))
+        if done:
+            emit("opens", buckets={str(k): v for k, v in sorted(done.items())})
+
+
+async def _main(addresses: Sequence[Address], reuse_port: bool, opens: bool = False) -> int:
     origin = EchoOrigin()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -279,7 +310,10 @@ async def _main(addresses: Sequence[Address], reuse_port: bool) -> int:
         pid=os.getpid(),
         listen=[f"{host}:{port}" for host, port in origin.addresses],
     )
+    reporter = loop.create_task(report_opens(origin.stats)) if opens else None
     await stop.wait()
+    if reporter is not None:
+        reporter.cancel()
     stats = origin.stats.as_dict()
     await origin.close()
     emit("stopped", pid=os.getpid(), **stats)
@@ -288,7 +322,7 @@ async def _main(addresses: Sequence[Address], reuse_port: bool) -> int:
 
 def run(runner: Callable[..., int] | None = None, argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m proxy.testbed.wsorigin",
+        prog="python -m testbed.wsorigin",
         description="WebSocket echo origin for the testbed (health: plain GET answers 200).",
     )
     parser.add_argument(
@@ -300,6 +334,11 @@ def run(runner: Callable[..., int] | None = None, argv: Sequence[str] | None = N
     )
     parser.add_argument(
         "--no-reuse-port", action="store_true", help="refuse to share an address with others"
+    )
+    parser.add_argument(
+        "--report-opens",
+        action="store_true",
+        help=f"a JSON line per {OPENS_BUCKET:g} s with the new sessions it saw (the testbed's)",
     )
     args = parser.parse_args(argv)
     try:
@@ -313,7 +352,7 @@ def run(runner: Callable[..., int] | None = None, argv: Sequence[str] | None = N
             runner = uvloop.run
         except ImportError:
             runner = asyncio.run
-    return int(runner(_main(addresses, not args.no_reuse_port)))
+    return int(runner(_main(addresses, not args.no_reuse_port, args.report_opens)))
 
 
 if __name__ == "__main__":

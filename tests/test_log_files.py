@@ -367,7 +367,7 @@ def test_the_readme_table_has_a_row_for_every_event_and_none_stale():
     sources = [
         p.read_text()
         for d in ("proxy", "pool")
-        for p in sorted((ROOT / d).glob("*.py"))  # not proxy/testbed: the bench's own lines
+        for p in sorted((ROOT / d).glob("*.py"))  # not testbed: the bench's own lines
     ]
     logged = {name for text in sources for name in LOGGED.findall(text)} | PASSED
     assert logged - rows == set(), "events without a README row"

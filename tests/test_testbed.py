@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from pool import netns
-from proxy.testbed import procs, report
-from proxy.testbed.run import Options, client_port_window, proxy_config
-from proxy.testbed.wsclient import ClientOptions, LoadClient, parse_sources
-from proxy.testbed.wsorigin import EchoOrigin
+from testbed import procs, report
+from testbed.run import Options, client_port_window, proxy_config
+from testbed.wsclient import ClientOptions, LoadClient, parse_sources
+from testbed.wsorigin import EchoOrigin
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGINS = [("127.0.2.1", 9000), ("127.0.2.2", 9000)]
@@ -95,7 +95,7 @@ async def test_origin_as_a_process_says_ready_with_its_addresses(ns):
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "proxy.testbed.wsorigin",
+        "testbed.wsorigin",
         "--listen",
         "127.0.2.1:9000,127.0.2.2:9000",
         "--listen",
@@ -186,7 +186,7 @@ async def test_client_as_a_process_is_driven_by_its_stdin(origin):
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "proxy.testbed.wsclient",
+        "testbed.wsclient",
         "--connect",
         "127.0.2.1:9000",
         "--host",
@@ -333,7 +333,7 @@ def test_generated_config_is_valid_for_every_mode():
 
 
 def test_without_root_it_says_so_in_one_line_and_exits_2(monkeypatch, capsys):
-    from proxy.testbed import run
+    from testbed import run
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert run.run(Options()) == 2
@@ -545,7 +545,7 @@ def test_any_origin_and_any_proxy_in_the_same_scenario(tmp_path):
             "--sessions",
             "420",
             "--origin-cmd",
-            f"{python} -m proxy.testbed.wsorigin --listen {{host}}:{{port}}",
+            f"{python} -m testbed.wsorigin --listen {{host}}:{{port}}",
             "--proxy-cmd",
             f"{python} -m proxy.cli serve --config {config}",
             "--json",
@@ -566,7 +566,7 @@ def test_any_origin_and_any_proxy_in_the_same_scenario(tmp_path):
 def test_small_run_json_has_the_scenario_documents_keys_too(small_run):
     """--scenario ramp writes what every scenario writes (one step per mode, one time line),
     next to the ramp's own keys that tools already read."""
-    from proxy.testbed import scenario_report
+    from testbed import scenario_report
 
     doc, _, _ = small_run
     assert set(scenario_report.DOC_KEYS) <= set(doc) and "runs" in doc

@@ -14,9 +14,9 @@ import time
 
 from wsproto.events import CloseConnection
 
-from proxy.testbed import report
-from proxy.testbed.wsclient import ClientOptions, LoadClient
-from proxy.testbed.wsorigin import EchoOrigin
+from testbed import report
+from testbed.wsclient import ClientOptions, LoadClient
+from testbed.wsorigin import EchoOrigin
 
 ORIGIN = ("127.0.2.1", 9000)
 SOURCES = [f"127.3.0.{i}" for i in range(1, 5)]

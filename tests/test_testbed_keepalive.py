@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import parse
-from proxy.testbed.options import Options, proxy_config
+from testbed.options import Options, proxy_config
 
 LISTEN = ("127.0.2.1", 9000)
 

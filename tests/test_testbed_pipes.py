@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from proxy.testbed.options import Options
-from proxy.testbed.run import ModeRun
-from proxy.testbed.ui import Ui
+from testbed.options import Options
+from testbed.run import ModeRun
+from testbed.ui import Ui
 
 LINE = '{"event":"websocket_session","closed_by":"origin","close_code":1011}'
 LINES = 20000  # ~1.3 MB: many times what a pipe holds (64 KiB)

@@ -41,18 +41,22 @@ import signal
 import socket
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, ClassVar
 
 from pool import sockdiag
-from proxy.testbed import procs
-from proxy.testbed.procs import Child, ChildFailed
-from proxy.testbed.run import ADMIN_SOURCE, LISTEN, ROUTE_HOST, http_get, proxy_config
-from proxy.testbed.scenarios import ScenarioRun, established_to, storm_sessions
+from testbed import procs
+from testbed.kernel_view import established_to
+from testbed.procs import Child, ChildFailed
+from testbed.run import ADMIN_SOURCE, LISTEN, ROUTE_HOST, http_get, proxy_config
+from testbed.scenario_options import check_target, flag, storm_sessions
+from testbed.scenario_run import ScenarioRun
+from testbed.scenarios.base import Scenario, register, set_default
 
 NEW_ROUTE_HOST = "reloaded.testbed.example"
 FAULTS_TARGET = 0.5
 FAULTS_RATE = 1000.0
 RELOAD_HOLD = 15.0  # --proxy-cmd: longer than the nginx recipe's worker_shutdown_timeout
+STORM_WINDOW = 60.0  # the clients' give-up (as storm's window; nothing reconnects here)
 DRAIN_SECONDS = 10  # the generated config's [timeouts] drain for this scenario
 STEPS = ("reload", "egress_del", "egress_add", "kill_origin", "stop")
 # lo's addresses in this scenario: one of their own for each egress IP, subnets for the rest
@@ -130,6 +134,8 @@ def egress_metrics(text: str) -> dict[str, dict[str, float]]:
 
 class FaultsRun(ScenarioRun):
     """The faults scenario on the shared frame of :class:`ScenarioRun`."""
+
+    client_load: ClassVar[str] = "count"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -454,3 +460,63 @@ class FaultsRun(ScenarioRun):
         detail["reload_signal"] = self.options.reload_signal
         detail["stop_signal"] = self.options.stop_signal
         return out
+
+
+@register
+class Faults(Scenario):
+    name = "faults"
+    order = 3
+    summary = "with sessions held: reload, egress IP removed and re-added, origin killed, stop"
+    takes = ("target", "rate", "reload_signal", "stop_signal", "reload_hold", "tw_reuse")
+    reconnects: ClassVar[bool] = False  # a dropped session is counted, not reconnected
+    runner = FaultsRun
+
+    def defaults(self) -> None:
+        opts = self.options
+        # duration: the clients' give-up, no reconnects here
+        set_default(opts, target=FAULTS_TARGET, rate=FAULTS_RATE, duration=STORM_WINDOW)
+        if opts.proxy_cmd:
+            set_default(opts, stop_signal="TERM")
+        set_default(opts, reload_hold=RELOAD_HOLD)
+
+    def check(self, given: set[str]) -> str | None:
+        opts = self.options
+        if opts.egress < 2:
+            return "--scenario faults needs --egress 2 or more: it removes one egress IP"
+        if opts.origins < 2:
+            return "--scenario faults needs --origins 2 or more: it kills one origin"
+        for option in ("reload_signal", "stop_signal", "reload_hold"):
+            if option in given and not opts.proxy_cmd:
+                return (
+                    f"{flag(option)} applies to --proxy-cmd only (originpool reloads on SIGHUP "
+                    "and drains on SIGTERM)"
+                )
+        for option in ("reload_signal", "stop_signal"):
+            value = getattr(opts, option)
+            if value is not None:
+                try:
+                    signal_number(value)
+                except ValueError as e:
+                    return f"{flag(option)}: {e}"
+        return check_target(opts, 0.8, " (the steps open new sessions)")
+
+    def intro(self) -> str:
+        opts = self.options
+        assert opts.target is not None and opts.rate is not None
+        return (
+            f"ramp to {opts.target:g} of the limit ({int(opts.target * opts.limit):,} sessions) "
+            f"at {opts.rate:g}/s, then in order: reload with a route added, egress IP "
+            f"{opts.egress_ips()[-1]} removed, re-added, origin "
+            f"{opts.origin_addresses()[-1][0]} SIGKILLed, the proxy stopped"
+        )
+
+    def report_rows(self, detail: dict[str, Any]) -> list[tuple[str, str]]:
+        if "drained" not in detail:
+            return []
+        return [
+            (
+                "faults: closed by the drain",
+                f"{detail['drained']:,} with Close 1001 (counted held); proxy exit code "
+                f"{detail['proxy_exit_code']}",
+            )
+        ]
