@@ -262,6 +262,25 @@ class OriginPool:
         # must reach (a set entry per connection; scanned only when an address goes)
         self._conns: set[UpstreamConnection] = set()
         self._watch: AddressWatch | None = None
+        # origins being drained: their connections close when released, never go idle
+        self._retiring: set[Origin] = set()
+
+    def close_idle(self, origin: Origin, retire: bool = True) -> int:
+        """Close ``origin``'s idle connections (a drain: no new request goes to it, so they
+        would only age out) and, with ``retire``, close the ones still in use when their
+        exchange releases them; ``retire=False`` (an undrain) lets them go idle again.
+        Returns how many were closed."""
+        if not retire:
+            self._retiring.discard(origin)
+            return 0
+        self._retiring.add(origin)
+        state = self._origins.get(origin)
+        if state is None:
+            return 0
+        closed = len(state.idle)
+        while state.idle:
+            state.idle.pop().close()
+        return closed
 
     def _state(self, origin: Origin) -> _OriginState:
         state = self._origins.get(origin)
@@ -330,7 +349,7 @@ class OriginPool:
             # went to no one: idle connections must read (an EOF drops them) and the next
             # exchange expects a response to arrive
             conn.transport.resume_reading()
-        if reusable and self._usable(conn, poll=False):
+        if reusable and conn.origin not in self._retiring and self._usable(conn, poll=False):
             self._recycle(state, conn)
         else:
             state.active -= 1

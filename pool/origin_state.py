@@ -170,6 +170,7 @@ class Entry:
     last_check: Mapping[str, Any] | None = None
     limits: Limits = Limits()
     admission: Admission | None = None
+    drained_sessions: int = 0  # sessions a drain ended: originpool_drained_sessions_total
 
     @property
     def state(self) -> State:
@@ -268,6 +269,9 @@ class OriginStates:
 
     def mark_up(self, origin: Origin, by: str = "health", reason: str = "") -> bool:
         return self._apply(origin, Event.MARK_UP, by, reason or f"up ({by})")
+
+    def session_drained(self, origin: Origin) -> None:
+        self.entry(origin).drained_sessions += 1
 
     def record_check(self, origin: Origin, result: Mapping[str, Any]) -> None:
         self.entry(origin).last_check = dict(result)

@@ -24,6 +24,8 @@ import structlog
 
 from pool import metrics as pool_metrics
 from proxy import binding, health, http1, metrics_sum
+from proxy.admin_origins import PATHS as ORIGINS_PATHS
+from proxy.admin_origins import OriginsAdmin
 from proxy.server import LATENCY_BUCKETS, Proxy
 
 log = structlog.get_logger("originpool.admin")
@@ -37,6 +39,8 @@ PROXY_HELP = {
     "originpool_websocket_sessions_active": "WebSocket sessions being relayed.",
     "originpool_websocket_sessions_total": "WebSocket sessions relayed since start.",
     "originpool_draining": "1 while the worker drains (SIGTERM).",
+    "originpool_origin_draining": "1 while the origin drains (admin drain or reload).",
+    "originpool_drained_sessions_total": "WebSocket sessions a drain ended (Close 1012).",
 }
 
 
@@ -60,10 +64,26 @@ def proxy_samples(proxy: Proxy) -> list[pool_metrics.Sample]:
     return out
 
 
+def origin_samples(proxy: Proxy) -> list[pool_metrics.Sample]:
+    """Per origin: draining (1/0) and the sessions drains ended (issue 20)."""
+    states = proxy.router.states
+    if states is None:
+        return []
+    Sample = pool_metrics.Sample
+    out = []
+    for origin in states.origins():
+        entry = states.entry(origin)
+        label = (("origin", str(origin)),)
+        out.append(Sample("originpool_origin_draining", label, int(entry.drained)))
+        out.append(Sample("originpool_drained_sessions_total", label, entry.drained_sessions, True))
+    return out
+
+
 def render_metrics(proxy: Proxy, checker: health.HealthChecker | None = None) -> str:
     """The pool's samples plus the data path's, in one exposition; the latency histogram is
     written here because the sample renderer knows counters and gauges only."""
     samples = pool_metrics.collect(proxy.pool.egress, proxy.pool) + proxy_samples(proxy)
+    samples += origin_samples(proxy)
     if checker is not None:  # originpool_origin_up{route,origin}, the checks' counts
         routes = [(r.name, [o for o, _w in r.origins]) for r in proxy.router.routes]
         samples += checker.samples(routes)
@@ -130,6 +150,8 @@ class Admin:
         # (index, admin address) of the sibling workers whose /metrics this one sums: set on
         # worker 0 only (see proxy.metrics_sum), empty everywhere else
         self.peers: list[tuple[int, tuple[str, int]]] = []
+        # /origins, drain, undrain (proxy.admin_origins): set by the worker
+        self.origins: OriginsAdmin | None = None
         self.health: health.HealthChecker | None = None  # set by the worker (proxy.app)
 
     async def _metrics(self, query: dict[str, list[str]]) -> Answer:
@@ -180,7 +202,12 @@ class Admin:
                     path, _, raw_query = event.target.decode("latin-1").partition("?")
                     query = parse_qs(raw_query, keep_blank_values=True)
                     handler = self.routes.get(path)
-                    if handler is None:
+                    extra: list[tuple[bytes, bytes]] = []
+                    if path in ORIGINS_PATHS and self.origins is not None:
+                        status, ctype, body, extra = await self.origins.answer(
+                            path, event.method, event.headers, query
+                        )
+                    elif handler is None:
                         status, ctype, body = 404, "text/plain", "not found\n"
                     else:
                         try:
@@ -203,6 +230,7 @@ class Admin:
                             [
                                 (b"content-type", ctype.encode()),
                                 (b"content-length", str(len(body.encode())).encode()),
+                                *extra,
                             ],
                         )
                         + http.body(data)

@@ -22,13 +22,15 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from pool.origin import OriginPool
-from pool.origin_state import OriginStates
+from pool.origin import Origin, OriginPool
+from pool.origin_state import Limits, OriginStates
 from proxy import accel, binding, logs, pidfile, sdnotify, tls, whole
 from proxy import config as cfg
 from proxy import headers as hdrs
 from proxy import signals as opsig
 from proxy.admin import Admin
+from proxy.admin_origins import OriginsAdmin
+from proxy.drain import Drainer
 from proxy.health import HealthChecker, install
 from proxy.metrics_sum import siblings
 from proxy.routing import Route, Router
@@ -130,6 +132,10 @@ def _server_tls(listener: cfg.Listener) -> ssl.SSLContext | None:
     return tls.server_context(listener)
 
 
+def origin_limits(config: cfg.Config) -> dict[Origin, Limits]:
+    return {o: Limits(rate, slow) for o, (rate, slow) in config.admission.items()}
+
+
 class Worker:
     """One process's proxy: listeners, admin, signal handling."""
 
@@ -155,6 +161,14 @@ class Worker:
         workers = config.proxy.workers
         self.health = HealthChecker(lambda: self.proxy.pool, self.states, index, workers)
         self.admin.health = self.health
+        # drain/undrain and admission per origin (issue 20): proxy.drain, proxy.admin_origins
+        self.drainer = Drainer(self.states, lambda: self.proxy.sessions, self._close_idle)
+        self.states.counter = self._origin_counts
+        self.states.configure(origin_limits(config))
+        self.origins_admin = OriginsAdmin(
+            self.states, self.drainer, config.admin_token, config.drain_over
+        )
+        self.admin.origins = self.origins_admin
         self.stopped = asyncio.Event()
         self._old_pools: list[OriginPool] = []
 
@@ -171,6 +185,7 @@ class Worker:
         install(self.health)
         if self.index == 0:  # the admin port's /metrics is the whole proxy's: proxy.metrics_sum
             self.admin.peers = siblings(self.config.admin, self.config.proxy.workers)
+            self.origins_admin.peers = self.admin.peers  # drain/undrain reach every worker
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -186,6 +201,15 @@ class Worker:
         )
         if self.on_ready is not None:
             self.on_ready()
+
+    def _close_idle(self, origin: Origin, retire: bool) -> None:
+        for pool in (self.proxy.pool, *self._old_pools):
+            pool.close_idle(origin, retire)
+
+    def _origin_counts(self, origin: Origin) -> tuple[int, int]:
+        """(sessions, requests in flight): the proxy counts both as active per origin."""
+        sessions = sum(1 for t in self.proxy.sessions if t.origin == origin)
+        return sessions, max(0, self.proxy.active(origin) - sessions)
 
     def request_stop(self) -> None:
         if not self.proxy.draining:
@@ -234,6 +258,12 @@ class Worker:
         for listener, spec in zip(self.proxy.listeners, new.listen, strict=True):
             tls.renew(listener.ssl, spec)  # renewed certificates; a failure keeps the old
         self.proxy.router = build_router(new, self.states)
+        self.states.configure(origin_limits(new))
+        # an origin no route names any more is drained over drain_over, not kept until its
+        # sessions end; one a route names again is admitted again
+        self.drainer.routes_changed(self.config.origins, new.origins, new.drain_over)
+        self.origins_admin.token = new.admin_token
+        self.origins_admin.drain_over = new.drain_over
         self.health.configure(new.health_checks)  # origins that stay keep their verdict
         self.proxy.settings = build_settings(new)
         for listener in self.proxy.listeners:

@@ -126,7 +126,6 @@ class Drainer:
         self.close_idle = close_idle
         self.rng = rng or random.Random()
         self.drains: dict[Origin, Drain] = {}
-        self.drained_total: dict[Origin, int] = {}
 
     def live(self, origin: Origin) -> list[Session]:
         return [s for s in self.sessions() if s.origin == origin and not s.finished]
@@ -158,6 +157,21 @@ class Drainer:
     def draining(self, origin: Origin) -> bool:
         return origin in self.drains
 
+    def routes_changed(
+        self, old: Iterable[Origin], new: Iterable[Origin], over: float
+    ) -> list[Origin]:
+        """A reload: drain the origins no route names any more (``by="reload"``), undrain
+        those a reload drained that a route names again. Returns the origins drained."""
+        kept = set(new)
+        gone = [o for o in old if o not in kept]
+        for origin in gone:
+            self.drain(origin, over, by="reload")
+        for origin in kept:
+            drain = self.drains.get(origin)
+            if drain is not None and drain.by == "reload":
+                self.undrain(origin, by="reload")
+        return gone
+
     async def _run(self, drain: Drain, sessions: list[Session]) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -174,6 +188,10 @@ class Drainer:
         late = self.live(drain.origin)  # handshakes under way when the drain began
         for session in late:
             self._end(drain, session)
+        if drain.by == "reload" and self.drains.get(drain.origin) is drain:
+            del self.drains[drain.origin]
+            self.close_idle(drain.origin, False)
+            self.states.forget(drain.origin)  # no route names it: out of /origins
         log.info(
             "origin_drain_done",
             origin=str(drain.origin),
@@ -187,4 +205,4 @@ class Drainer:
             return  # ended on its own meanwhile
         session.end(SERVICE_RESTART, GOING_AWAY, "origin draining")
         drain.ended += 1
-        self.drained_total[drain.origin] = self.drained_total.get(drain.origin, 0) + 1
+        self.states.session_drained(drain.origin)

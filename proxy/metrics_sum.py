@@ -40,6 +40,7 @@ PER_WORKER = frozenset(
         "originpool_egress_down",
         "originpool_draining",
         "originpool_origin_up",  # each worker's own verdict (proxy.health)
+        "originpool_origin_draining",  # each worker drains its own sessions (proxy.drain)
     }
 )
 WORKERS_HELP = "Workers whose metrics are in this sum (summed) and those that did not answer."

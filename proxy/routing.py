@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from pool.origin import Origin
-from pool.origin_state import OriginStates
+from pool.origin_state import AdmissionRefused, OriginStates
 
 BALANCES = ("round_robin", "least_conn")
 
@@ -121,3 +121,26 @@ class Router:
             if path.startswith(route.path_prefix):
                 return route
         return None
+
+
+# the answer when no origin of the route admits (every one draining or down): at once, no
+# connect tried, and a Retry-After so clients do not retry in a tight loop
+NO_ORIGIN = "no origin of this route is taking requests now; retry shortly"
+Refusal = tuple[int, str, list[tuple[bytes, bytes]]]
+
+
+def session_refusal(route: Route, origin: Origin) -> Refusal | None:
+    """None when a new WebSocket session may go to ``origin``, else the 503 to answer its
+    handshake with (over ``max_session_rate``: see :mod:`pool.origin_state`), whose
+    jittered ``Retry-After`` spreads the refused clients' next tries."""
+    if route.states is None:
+        return None
+    try:
+        route.states.admit_session(origin)
+    except AdmissionRefused as e:
+        return (
+            503,
+            "the origin takes new sessions at a limited rate; retry after the time given",
+            [(b"retry-after", str(e.retry_after).encode())],
+        )
+    return None
