@@ -88,6 +88,9 @@ class HealthChecker:
         self._ssl: tuple[OriginPool, ssl.SSLContext] | None = None
         self.checks: dict[tuple[Origin, str], int] = {}
         self.passive_failures: dict[Origin, int] = {}
+        # origins with a passive count above 0: the only ones a success must reach (reset),
+        # so the common report, a success, costs a set look-up (see report())
+        self.failing: set[Origin] = set()
         self.closed = False
 
     # -- configuration -----------------------------------------------------------------------
@@ -100,6 +103,7 @@ class HealthChecker:
         from the config cannot leave an origin ejected forever."""
         for origin in [o for o in self._watched if o not in checks]:
             watched = self._watched.pop(origin)
+            self.failing.discard(origin)
             if watched.task is not None:
                 watched.task.cancel()
             if not watched.health.up:
@@ -136,6 +140,10 @@ class HealthChecker:
         if not ok:
             self.passive_failures[origin] = self.passive_failures.get(origin, 0) + 1
         change = watched.health.report(ok, detail)
+        if watched.health.passive:
+            self.failing.add(origin)
+        else:
+            self.failing.discard(origin)
         if change is not None:
             self._changed(origin, change, None)
 
@@ -254,5 +262,6 @@ def report(origin: Origin, ok: bool, detail: str = "") -> None:
     """Passive ejection's input from the data path: ``ok`` False for a connect failure or a
     5xx from ``origin``. Nothing to do (one global read) when no checker is installed."""
     checker = _current
-    if checker is not None:
-        checker.report(origin, ok, detail)
+    if checker is None or (ok and origin not in checker.failing):
+        return  # the common case, a success with nothing to reset: ~60 ns
+    checker.report(origin, ok, detail)
