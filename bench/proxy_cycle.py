@@ -23,22 +23,21 @@ import asyncio
 import cProfile
 import os
 import pstats
-import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from pool import turnwrite  # noqa: E402
-from pool.egress import EgressSet, Slot  # noqa: E402
-from pool.origin import Origin, OriginPool, PoolLimits, UpstreamConnection  # noqa: E402
+from pool.egress import EgressSet  # noqa: E402
+from pool.origin import Origin, OriginPool, PoolLimits  # noqa: E402
 from proxy import logs  # noqa: E402
 from proxy.routing import Route, Router  # noqa: E402
 from proxy.server import Proxy, Settings  # noqa: E402
+from proxy.testing import MemoryTransport, memory_connection, transport_of  # noqa: E402
 
 REQUEST = (
     b"GET /api/items?page=2 HTTP/1.1\r\nHost: bench.example\r\nUser-Agent: bench/1.0\r\n"
@@ -51,42 +50,6 @@ RESPONSE = (
 )
 
 
-class Transport:
-    """The part of an asyncio transport the data path uses; writes are kept, not sent."""
-
-    def __init__(self, peer: tuple[str, int], sock: socket.socket | None = None) -> None:
-        self.peer = peer
-        self.sock = sock
-        self.written: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": self.peer, "socket": self.sock}.get(name, default)
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return False
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-
 async def cycle(parser: str, count: int, profile: cProfile.Profile | None = None) -> float:
     """Seconds per request over ``count`` requests on one kept-alive client connection."""
     origin = Origin("http", "127.0.2.1", 9000)
@@ -96,16 +59,13 @@ async def cycle(parser: str, count: int, profile: cProfile.Profile | None = None
         pool,
         Settings(http_parser=parser, max_body_bytes=0),
     )
-    # one pooled connection: a real (idle, silent) socket so the checkout poll is real too
-    a, b = socket.socketpair()
-    slot = Slot.__new__(Slot)
-    slot.local, slot.destination = ("127.0.1.1", 40000), ("127.0.2.1", 9000)
-    conn = UpstreamConnection(pool, origin, slot, time.monotonic())
-    upstream = Transport(("127.0.2.1", 9000), a)
-    conn.connection_made(upstream)  # type: ignore[arg-type]
+    # one pooled connection (proxy.testing): its fd is an idle, silent pipe, so the
+    # checkout poll is real too
+    conn = memory_connection(pool, origin)
+    upstream = transport_of(conn)
     pool._state(origin).idle.append(conn)
     client = proxy.protocol()
-    downstream = Transport(("127.0.0.1", 50000))
+    downstream = MemoryTransport(("127.0.0.1", 50000))
     client.connection_made(downstream)  # type: ignore[arg-type]
     # warm-up and a check that the cycle really proxies
     loop = asyncio.get_running_loop()
@@ -126,8 +86,7 @@ async def cycle(parser: str, count: int, profile: cProfile.Profile | None = None
     if profile is not None:
         profile.disable()
     assert len(downstream.written) >= count and pool.stats()[0].reused >= count
-    a.close()
-    b.close()
+    upstream.close()
     return elapsed / count
 
 

@@ -3,8 +3,14 @@ idle pooled connection), forward the head and body, relay the response, retry wh
 retried, and answer the proxy's own errors. A WebSocket upgrade ends here with the 101: the
 session goes on as a :class:`proxy.tunnel.Tunnel`.
 
-The exchange is the upstream connection's handler while it runs, and the client connection's
-(:class:`proxy.server.Downstream`) current exchange; one at a time per client connection.
+The exchange is the upstream connection's handler while it runs. Of the client it knows only
+a :class:`proxy.stream.ClientStream` (an HTTP/1.1 connection's current exchange, or one HTTP/2
+stream), so the same code serves both protocols. Its progress is
+:mod:`proxy.exchange_state`'s two state machines, not a set of flags.
+
+Two hook points, each one method called from every place it applies:
+:meth:`Exchange.head_to_origin` (the request head's fields as the origin gets them) and
+:meth:`Exchange.head_to_client` (the response head's fields as the client gets them).
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ from pool.origin import Origin, PoolError, UpstreamConnection
 from proxy import access, http1, request_id
 from proxy import headers as hdrs
 from proxy import websocket as ws
+from proxy.exchange_state import BODY, CONNECTING, OVER, RESENDING, SENT, STREAMING, WAITING
 from proxy.routing import Route
 from proxy.target import resolve
 from proxy.tunnel import Tunnel
 
 if TYPE_CHECKING:
-    from proxy.server import Downstream
+    from proxy.stream import ClientStream, Headers
 
 log = structlog.get_logger("originpool.proxy")
 
@@ -65,7 +72,7 @@ def errno_name(exc: BaseException) -> str:
 class Exchange:
     """One request and its response; the upstream handler of the pooled connection."""
 
-    tunnel = False  # Downstream's exchange slot holds a Tunnel after a 101
+    tunnel = False  # a client connection's exchange slot holds a Tunnel after a 101
 
     # slots: thousands of these live at once (two sockets' worth of state per session)
     __slots__ = (
@@ -76,18 +83,15 @@ class Exchange:
         "client",
         "conn",
         "egress_ip",
-        "finished",
         "head",
         "host",
-        "in_body",
         "origin",
         "path",
         "proxy",
-        "ready",
         "received",
-        "request_done",
+        "req",
         "request_id",
-        "response_started",
+        "resp",
         "reused",
         "route",
         "sent",
@@ -97,7 +101,7 @@ class Exchange:
         "websocket",
     )
 
-    def __init__(self, client: Downstream, head: http1.RequestHead) -> None:
+    def __init__(self, client: ClientStream, head: http1.RequestHead) -> None:
         self.client = client
         self.proxy = client.proxy
         self.head = head
@@ -106,18 +110,15 @@ class Exchange:
         self.origin: Origin | None = None
         self.conn: UpstreamConnection | None = None
         self.upstream = self.proxy.client_codec()
-        self.ready = False  # the origin connection is attached: body may flow
-        self.in_body = False
+        self.req = CONNECTING
+        self.resp = WAITING
         self.status = 0
         self.sent = 0
         self.received = 0
-        self.finished = False
-        self.request_done = False
-        self.response_started = False
         self.reused = False
         self._retried = False
         self.egress_ip: str | list[str] | None = None
-        self._timer = client.ex_timer
+        self._timer = client.timer
         self._task: asyncio.Task[None] | None = None
         self.websocket = ws.is_upgrade(head.headers)
         self.host = ""  # the routing name and the authority forwarded: set by _route()
@@ -130,6 +131,51 @@ class Exchange:
                     rid = request_id.accept(value)
                     break
         self.request_id = rid or request_id.new()
+
+    # -- the state, as the client side asks it ------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """The origin connection is attached: body may flow."""
+        return self.req is BODY or self.req is SENT
+
+    @property
+    def in_body(self) -> bool:
+        return self.req is BODY and self.head.has_body
+
+    @property
+    def request_done(self) -> bool:
+        """The whole request was read from the client."""
+        return self.req is SENT or self.req is RESENDING
+
+    @property
+    def finished(self) -> bool:
+        return self.resp in OVER
+
+    @property
+    def response_started(self) -> bool:
+        return self.resp is STREAMING
+
+    # -- the two hook points ------------------------------------------------------------------
+
+    def head_to_origin(self, conn: UpstreamConnection) -> Headers:
+        """The request head's fields as the origin gets them: the one place they are made."""
+        head = self.head
+        client = self.client
+        return hdrs.to_origin(
+            head.headers,
+            client_ip=client.client_ip,
+            scheme=client.scheme,
+            trusted_peer=client.trusted_peer,
+            # HTTP/1.0 without Host (the catch-all route only): the origin's own name
+            host=self.authority or str(conn.origin).split("://", 1)[1].encode(),
+            request_id=self.request_id,
+            websocket=self.websocket,
+        )
+
+    def head_to_client(self, headers: Headers, websocket: bool = False) -> Headers:
+        """A response head's fields as the client gets them: the one place they are made."""
+        return hdrs.to_client(headers, websocket=websocket)
 
     # -- start: route, connect ---------------------------------------------------------------
 
@@ -150,7 +196,7 @@ class Exchange:
             # a body already known bad (it came in the same read as the head) is answered
             # here: the origin is never contacted, as with nginx and HAProxy
             try:
-                self.client.http.check_buffered()
+                self.client.check_request_body()
             except http1.ProtocolError as e:
                 self.respond_error(e.status, e.reason)
                 return
@@ -216,8 +262,7 @@ class Exchange:
             self.origin = origin
             self._attach(conn)
             if self.ready:
-                self.client.resume_reading()
-                self.client.process()
+                self.client.deliver()
             return
         self._fail_upstream(classify(last) if last else 502)
 
@@ -239,16 +284,7 @@ class Exchange:
             # pause_writing() will not come again, so this origin must start paused
             self.pause_origin()
         head = self.head
-        headers = hdrs.to_origin(
-            head.headers,
-            client_ip=self.client.client_ip,
-            scheme=self.client.scheme,
-            trusted_peer=self.client.trusted_peer,
-            # HTTP/1.0 without Host (the catch-all route only): the origin's own name
-            host=self.authority or str(conn.origin).split("://", 1)[1].encode(),
-            request_id=self.request_id,
-            websocket=self.websocket,
-        )
+        headers = self.head_to_origin(conn)
         if head.has_body and not any(n == b"content-length" for n, _ in head.headers):
             headers.append((b"transfer-encoding", b"chunked"))  # re-framed for this hop
         target = self.path.encode("latin-1")
@@ -260,14 +296,13 @@ class Exchange:
             return
         if resend:
             conn.write(self.upstream.end())  # bodiless: the whole request again
-            self.ready = True
+            self.req = self.req.after("attach")
             self._arm(self.proxy.settings.upstream_response_timeout, self._response_timeout)
             return
         if head.expect_continue:
-            self.client.write(self.client.http.informational(100))
-        self.ready = True
-        self.in_body = head.has_body
-        if self.in_body:
+            self.client.send_informational(100)
+        self.req = self.req.after("attach")
+        if head.has_body:
             self.client.arm_body_timer()
 
     # -- request body: client -> origin ------------------------------------------------------
@@ -283,8 +318,7 @@ class Exchange:
             self.proxy.stats.bytes_in += len(data)
 
     def request_end(self) -> None:
-        self.in_body = False
-        self.request_done = True
+        self.req = self.req.after("end")
         if self.conn is not None and self.conn.alive:
             self.conn.write(self.upstream.end())
             self._arm(self.proxy.settings.upstream_response_timeout, self._response_timeout)
@@ -307,34 +341,37 @@ class Exchange:
 
     def _respond_whole(self, event: http1.ResponseHead, body: bytes) -> None:
         """What ``_pump_response`` does with a final head, one body piece and End."""
+        self._disarm()
         try:
-            out = self._final_head(event)
-        except http1.ProtocolError as e:
-            self._upstream_failed(e)
+            self.client.send_whole(
+                event.status, self.head_to_client(event.headers), event.reason, body
+            )
+        except Exception as e:  # the client codec refusing the origin's head
+            self._upstream_failed(http1.ProtocolError(502, f"bad response head: {e}"))
             return
+        self.status = event.status
         if body:
-            out += self._body_out(body)
-        self.client.write(out + self.client.http.end())
+            self.received += len(body)
+            self.proxy.stats.bytes_out += len(body)
+        self.resp = self.resp.after("whole")
         self._finish()
 
-    def _final_head(self, event: http1.ResponseHead) -> bytes:
-        """The client's head for the origin's final response; ProtocolError(502) when the
-        client codec refuses it."""
+    def _final_head(self, event: http1.ResponseHead) -> None:
+        """Send the client's head for the origin's final response; ProtocolError(502) when
+        the client codec refuses it."""
         self._disarm()
-        self.status = event.status
-        self.response_started = True
         try:
-            return self.client.http.response_head(
-                event.status, hdrs.to_client(event.headers), event.reason
-            )
+            self.client.send_head(event.status, self.head_to_client(event.headers), event.reason)
         except Exception as e:
             raise http1.ProtocolError(502, f"bad response head: {e}") from e
+        self.status = event.status
+        self.resp = self.resp.after("head")
 
-    def _body_out(self, data: bytes) -> bytes:
-        """A piece of the response body, counted and framed for the client."""
+    def _body_out(self, data: bytes) -> None:
+        """A piece of the response body, counted and sent to the client."""
         self.received += len(data)
         self.proxy.stats.bytes_out += len(data)
-        return self.client.http.body(data)
+        self.client.send_body(data)
 
     def eof_received(self) -> None:
         self.upstream.feed(b"")
@@ -361,27 +398,19 @@ class Exchange:
             self.conn.resume_reading()
 
     def _pump_response(self) -> None:
-        out: list[bytes] = []  # one write per pump: head and body of a small response together
-
-        def flush() -> None:
-            if out:
-                self.client.write(b"".join(out))
-                out.clear()
-
+        # the client side holds its writes to the end of the loop turn (pool.turnwrite): head
+        # and body of a small response still go in one send
         while not self.finished:
             try:
                 event = self.upstream.next_event()
             except http1.ProtocolError as e:
-                flush()
                 self._upstream_failed(e)
                 return
             if event is http1.NEED_DATA:
-                flush()
                 return
             if isinstance(event, http1.ResponseHead):
                 if event.informational:
                     if event.status == 101 and self.websocket:
-                        flush()
                         try:  # believed only as a valid answer: else no tunnel, a 502
                             ws.check_response(self.head.headers, event.headers)
                         except ws.HandshakeError as e:
@@ -391,31 +420,27 @@ class Exchange:
                         return
                     if event.status == 100:
                         continue  # we sent our own 100 Continue, if it was asked for
-                    out.append(
-                        self.client.http.informational(event.status, event.headers, event.reason)
+                    self.client.send_informational(
+                        event.status, self.head_to_client(event.headers), event.reason
                     )
                     continue
                 try:
-                    out.append(self._final_head(event))
+                    self._final_head(event)
                 except http1.ProtocolError as e:
-                    flush()
                     self._upstream_failed(e)
                     return
             elif isinstance(event, http1.Body):
-                out.append(self._body_out(event.data))
+                self._body_out(event.data)
             elif isinstance(event, http1.End):
-                out.append(self.client.http.end())
-                flush()
+                self.client.send_end()
+                self.resp = self.resp.after("end")
                 self._finish()
                 return
             elif event is http1.CLOSED:
-                flush()
                 self._upstream_failed(ConnectionResetError(errno.ECONNRESET, "origin closed"))
                 return
             else:
-                flush()
                 return  # PAUSED / SWITCHED: handled by the WebSocket path
-        flush()
 
     def _response_timeout(self) -> None:
         self._upstream_failed(TimeoutError(errno.ETIMEDOUT, "origin sent no response head in time"))
@@ -440,13 +465,13 @@ class Exchange:
             self._retried = True
             self._release(False)
             self.upstream = self.proxy.client_codec()
-            self.ready = False
+            self.req = self.req.after("retry")
             self._task = asyncio.get_running_loop().create_task(self._retry())
             return
         self._log_upstream_error(self.origin, exc, self.conn)
         self._release(False)
         if self.response_started:
-            self.finished = True
+            self.resp = self.resp.after("abort")
             self.client.abort()  # a truncated body must look truncated, not complete
             self._record(self.status or 502)
             self.client.exchange_done(False)
@@ -495,16 +520,15 @@ class Exchange:
             return
         self._attach(conn)  # the head; the body follows from the client's parser
         if self.ready:
-            self.client.resume_reading()
-            self.client.process()
+            self.client.deliver()
 
     def _finish(self) -> None:
+        """The response went out whole (the state is already COMPLETE)."""
         self._disarm()
-        self.finished = True
         reusable = self.upstream.reusable
         self._release(reusable)
         self._record(self.status)
-        self.client.exchange_done(self.client.http.keep_alive)
+        self.client.exchange_done(True)
 
     def _release(self, reusable: bool) -> None:
         self._disarm()
@@ -520,7 +544,7 @@ class Exchange:
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if not self.finished:
-            self.finished = True
+            self.resp = self.resp.after("gone")
             self._release(False)
             self._record(499)
 
@@ -534,13 +558,13 @@ class Exchange:
         response's status, cut short by a reset (a truncated body must look truncated)."""
         if self.finished:
             return
-        self.finished = True
+        started = self.response_started
+        self.resp = self.resp.after("abort" if started else "answer")
         task = self._task
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()  # still connecting: the origin must not get this request
         self._release(False)
-        self.client.exchange = None
-        if self.response_started:
+        if started:
             self.client.abort()
             self._record(self.status)
             return
@@ -609,32 +633,21 @@ class Exchange:
     # -- WebSocket: the origin's 101 hands both connections to a Tunnel -----------------------
 
     def _switch(self, event: http1.ResponseHead) -> None:
-        """The origin accepted the upgrade: relay its 101, then hand over to a
-        :class:`proxy.tunnel.Tunnel`, which keeps only what relaying needs."""
+        """The origin accepted the upgrade: the client side answers (HTTP/1.1 relays the
+        101; an RFC 8441 stream answers 200), then a :class:`proxy.tunnel.Tunnel`, which
+        keeps only what relaying needs, takes over."""
         self._timer.stop()  # the tunnel arms its own idle timer, if any
-        self.client._timer.stop()
         self.status = 101
-        self.response_started = True
-        self.finished = True
+        self.resp = self.resp.after("switch")
         assert self.conn is not None
         self.egress_ip = self.conn.egress_ip  # the access line names it, as for any response
         # the origin's own head, reason phrase included; only the hop-by-hop pair is this hop's
-        self.client.write(
-            self.client.http.informational(
-                101, hdrs.to_client(event.headers, websocket=True), event.reason
-            )
+        pipe, from_client = self.client.upgrade(
+            self.head_to_client(event.headers, websocket=True), event.reason
         )
         self._record(101)
         conn, self.conn = self.conn, None
         assert conn is not None and self.origin is not None
         from_origin = self.upstream.trailing_data()  # frames that came with the 101
-        from_client = self.client.http.trailing_data()  # frames sent before the 101
-        # the HTTP codecs are done for this connection's life: a shared spent one keeps the
-        # type and frees the memory of every session
-        self.client.http.release()
-        self.client.http = _SPENT_SERVER
-        tunnel = Tunnel(self.client, conn, self.origin, (self.host, self.path, self.request_id))
+        tunnel = Tunnel(pipe, conn, self.origin, (self.host, self.path, self.request_id))
         tunnel.start(from_origin, from_client)
-
-
-_SPENT_SERVER = http1.ServerSide()  # never used: stands in for the parser a tunnel dropped

@@ -33,6 +33,7 @@ from proxy.exchange import Exchange
 from proxy.http1_fast_client import FastClientSide
 from proxy.listener import Listener
 from proxy.routing import Router
+from proxy.stream import Headers
 from proxy.timer import Timer
 from proxy.tunnel import Tunnel
 
@@ -113,12 +114,21 @@ class Proxy:
     def active(self, origin: Origin) -> int:
         return self._active_by_origin.get(origin, 0)
 
+    def tunnels(self, origin: Origin | None = None) -> list[Tunnel]:
+        """The worker's live WebSocket sessions (of one origin, when given): what ends them
+        with :meth:`proxy.tunnel.Tunnel.end` finds them here."""
+        return [t for t in self.sessions if origin is None or t.origin == origin]
+
     def protocol(self, scheme: bytes = b"http") -> Downstream:
         return Downstream(self, scheme)
 
 
 class Downstream(asyncio.Protocol):
-    """One client connection: reads requests, runs one :class:`Exchange` at a time."""
+    """One HTTP/1.1 client connection: reads requests, runs one :class:`Exchange` at a time.
+
+    It is the :class:`proxy.stream.ClientStream` of each of its exchanges in turn (no object
+    per request: the hot path's cost), and after a 101 the :class:`proxy.stream.ClientPipe`
+    of the WebSocket session it carries."""
 
     # slots: thousands of these live at once (two sockets' worth of state per session)
     __slots__ = (
@@ -128,15 +138,16 @@ class Downstream(asyncio.Protocol):
         "client_ip",
         "closed",
         "deferred",
-        "ex_timer",
         "exchange",
         "held",
         "http",
+        "http_version",
         "lingering",
         "peer",
         "proxy",
         "reading_paused",
         "scheme",
+        "timer",
         "transport",
         "trusted_peer",
         "whole",
@@ -156,7 +167,8 @@ class Downstream(asyncio.Protocol):
         self.reading_paused = False
         self.write_paused = False
         self._timer = Timer()
-        self.ex_timer = Timer()  # the current exchange's: one pending loop timer per connection
+        self.timer = Timer()  # the current exchange's: one pending loop timer per connection
+        self.http_version = "1.1"  # the current request's
         self._got_bytes = False
         self.began = 0.0  # monotonic time of the first read of a head not whole in one
         self.lingering = False
@@ -290,17 +302,19 @@ class Downstream(asyncio.Protocol):
 
     def _begin(self, head: http1.RequestHead) -> None:
         self._disarm()
+        if head.http_version != b"1.1":
+            self.http_version = head.http_version.decode("latin-1")
         ex = self.exchange = Exchange(self, head)
         ex.start()
         if not ex.ready and self.exchange is ex:
             self.pause_reading()  # connecting upstream: the parser holds the rest
 
-    def exchange_done(self, keep_alive: bool) -> None:
+    def exchange_done(self, clean: bool) -> None:
         self.exchange = None
         if self.closed:
             return
         deferred, self.deferred = self.deferred, None
-        if not keep_alive or self.proxy.draining:
+        if not clean or not self.http.keep_alive or self.proxy.draining:
             self.close()  # what followed a closing response is never read as a request
             return
         try:
@@ -313,18 +327,72 @@ class Downstream(asyncio.Protocol):
             return
         self._got_bytes = False
         self.began = 0.0
+        self.http_version = "1.1"
         self._arm(self.proxy.settings.header_timeout, self._header_timeout)
         self.resume_reading()
         self.process()
 
-    def write(self, data: bytes) -> None:
+    def _send(self, data: bytes) -> None:
+        """Held to the end of the loop turn (see pool.turnwrite): one send per turn."""
         if data and self.transport is not None and not self.closed:
             turnwrite.write(self, data)
 
-    def write_now(self, data: bytes) -> None:
+    # -- proxy.stream.ClientStream: the current exchange's client side ------------------------
+
+    def check_request_body(self) -> None:
+        self.http.check_buffered()
+
+    def deliver(self) -> None:
+        self.resume_reading()
+        self.process()
+
+    def send_informational(self, status: int, headers: Headers = (), reason: bytes = b"") -> None:
+        self._send(self.http.informational(status, headers, reason))
+
+    def send_head(self, status: int, headers: Headers, reason: bytes) -> None:
+        self._send(self.http.response_head(status, headers, reason))
+
+    def send_body(self, data: bytes) -> None:
+        self._send(self.http.body(data))
+
+    def send_end(self) -> None:
+        self._send(self.http.end())
+
+    def send_whole(self, status: int, headers: Headers, reason: bytes, body: bytes) -> None:
+        http = self.http
+        out = http.response_head(status, headers, reason)
+        if body:
+            out += http.body(body)
+        self._send(out + http.end())
+
+    def answer_error(
+        self, status: int, reason: str, extra: Sequence[tuple[bytes, bytes]], rid: bytes
+    ) -> int:
+        self.exchange = None
+        return self._answer(status, reason, extra, rid)
+
+    def upgrade(self, headers: Headers, reason: bytes) -> tuple[Downstream, bytes]:
+        self._timer.stop()  # the tunnel arms its own idle timer, if any
+        self._send(self.http.informational(101, headers, reason))
+        from_client = self.http.trailing_data()  # frames sent before the 101
+        # the HTTP codec is done for this connection's life: a shared spent one keeps the
+        # type and frees the memory of every session
+        self.http.release()
+        self.http = _SPENT_SERVER
+        return self, from_client
+
+    # -- proxy.stream.ClientPipe: after a 101 -------------------------------------------------
+
+    def attach(self, tunnel: Tunnel) -> None:
+        self.exchange = tunnel
+
+    def write(self, data: bytes) -> None:
         """Unheld (see pool.turnwrite): the tunnel's relayed bytes."""
         if data and self.transport is not None and not self.closed:
             turnwrite.write_now(self, data)
+
+    def write_eof(self) -> bool:
+        return not self.closed and turnwrite.write_eof(self)
 
     def fail(self, status: int, reason: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         """The client broke HTTP: answer with an error and close cleanly. An exchange in
@@ -350,7 +418,7 @@ class Downstream(asyncio.Protocol):
         if self.closed or self.lingering:
             return  # no answer goes out: nothing to count
         rid = request_id.new()
-        body_bytes = self.answer_error(status, reason, extra, rid)
+        body_bytes = self._answer(status, reason, extra, rid)
         now = time.monotonic()
         access.response(
             self.proxy.stats,
@@ -368,7 +436,7 @@ class Downstream(asyncio.Protocol):
             request_id=rid.decode("ascii"),
         )
 
-    def answer_error(
+    def _answer(
         self, status: int, reason: str, extra: Sequence[tuple[bytes, bytes]], rid: bytes
     ) -> int:
         """Send an error answer (if no response started) and close cleanly; returns the body
@@ -388,7 +456,7 @@ class Downstream(asyncio.Protocol):
             f"{reason}\nrequest id: {rid.decode('ascii')}",
             [*extra, (b"x-request-id", rid)],
         )
-        self.write(response)
+        self._send(response)
         if status < 500:  # the proxy's own failures are logged as upstream_error
             log.info(
                 "client_error",
@@ -443,3 +511,6 @@ class Downstream(asyncio.Protocol):
             return
         if isinstance(self.exchange, Exchange):
             self.exchange.abort_request(408, "request body stalled")
+
+
+_SPENT_SERVER = http1.ServerSide()  # never used: stands in for the parser a tunnel dropped

@@ -6,9 +6,16 @@ sockets included). So the request head, the HTTP codecs, the routing and retry s
 when the exchange hands over; the tunnel keeps the two connections, two frame trackers and
 the few fields its end-of-session log line reports.
 
-It is the upstream connection's handler (``UpstreamConnection.attach``) and sits in the
-client connection's ``exchange`` slot with ``tunnel = True``, so the client side routes
-bytes, EOF, loss and back-pressure to it without a second slot per connection.
+It is the upstream connection's handler (``UpstreamConnection.attach``); of the client it
+knows only a :class:`proxy.stream.ClientPipe` (an HTTP/1.1 connection after its 101, or an
+RFC 8441 stream on an HTTP/2 connection), which routes the client's bytes, EOF, loss and
+back-pressure to it (``attach``): HTTP/1.1's connection keeps it in its ``exchange`` slot
+with ``tunnel = True``, without a second slot per connection.
+
+The proxy ends a session of its own accord with :meth:`Tunnel.end` (Close codes of its
+choosing each way: 1001 both ways on shutdown, 1012/1001 when an origin drains); the live
+sessions of a worker, per origin, are ``Proxy.tunnels(origin)`` (each one's ``origin``), and
+a leased upstream connection's ``handler`` is its tunnel.
 
 What it knows of WebSocket is :mod:`proxy.websocket`'s: frame boundaries only, so that it
 knows whether a Close went through and where it may inject its own: Close 1011 to the client
@@ -33,13 +40,12 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from pool import turnwrite
 from pool.origin import Origin, UpstreamConnection
 from proxy import logs
 from proxy import websocket as ws
 
 if TYPE_CHECKING:
-    from proxy.server import Downstream
+    from proxy.stream import ClientPipe
 
 log = structlog.get_logger("originpool.proxy")
 
@@ -76,7 +82,7 @@ class Tunnel:
 
     def __init__(
         self,
-        client: Downstream,
+        client: ClientPipe,
         conn: UpstreamConnection,
         origin: Origin,
         head: tuple[str, str, bytes],
@@ -106,10 +112,10 @@ class Tunnel:
         proxy.sessions.add(self)
         assert self.conn is not None
         self.conn.attach(self)
-        self.client.exchange = self
+        self.client.attach(self)
         idle = proxy.settings.websocket_idle_timeout
         if idle > 0:
-            self.client.ex_timer.arm(idle, self._idle_check)
+            self.client.timer.arm(idle, self._idle_check)
         if from_origin:
             self.data_received(from_origin)
         if from_client:
@@ -127,7 +133,7 @@ class Tunnel:
             self.closed_by, self.close_code = "origin", self.o2c.close_code
         self.received += len(data)
         self.client.proxy.stats.bytes_out += len(data)
-        self.client.write_now(data)
+        self.client.write(data)
 
     def eof_received(self) -> None:
         self.origin_eof = True
@@ -138,7 +144,7 @@ class Tunnel:
             self._origin_failed("origin closed without a Close frame")
             return
         if not self.client.closed:
-            turnwrite.write_eof(self.client)
+            self.client.write_eof()
         if self.client_eof:
             self._end()
 
@@ -232,7 +238,7 @@ class Tunnel:
         limit = self.client.proxy.settings.websocket_idle_timeout
         quiet = time.monotonic() - self.last_activity
         if quiet < limit:
-            self.client.ex_timer.arm(limit - quiet, self._idle_check)
+            self.client.timer.arm(limit - quiet, self._idle_check)
             return
         self.closed_by, self.close_code = "proxy", None
         if self.o2c.at_boundary and not self.client.closed:
@@ -243,14 +249,29 @@ class Tunnel:
 
     def shutdown(self) -> None:
         """Proxy shutdown: Close 1001 to both sides, then stop relaying; the drain closes."""
+        self.end()
+
+    def end(
+        self,
+        client_code: int = ws.GOING_AWAY,
+        origin_code: int = ws.GOING_AWAY,
+        reason: str = "proxy shutting down",
+    ) -> None:
+        """End the session of the proxy's own accord: a Close frame with ``client_code`` to
+        the client and one with ``origin_code`` to the origin (each only where a frame
+        boundary allows one), then stop relaying. Each peer answers its Close and closes,
+        which ends the session as any end does (the access line says ``closed_by``
+        ``proxy``); a peer that does not close within ``ORIGIN_CLOSE_WAIT`` seconds is cut
+        off then. E.g. ``end(1012, 1001, "origin draining")`` for an origin leaving."""
         if self.finished or self.stopping:
             return
         if self.o2c.at_boundary and not self.client.closed:
-            self.client.write(ws.close_frame(ws.GOING_AWAY, "proxy shutting down", to_origin=False))
-            self.close_code = self.close_code or int(ws.GOING_AWAY)
-        self._tell_origin(ws.GOING_AWAY, "proxy shutting down")
+            self.client.write(ws.close_frame(client_code, reason, to_origin=False))
+            self.close_code = self.close_code or int(client_code)
+        self._tell_origin(origin_code, reason)
         self.stopping = True
         self.closed_by = self.closed_by or "proxy"
+        self.client.timer.arm(ORIGIN_CLOSE_WAIT, self._end)
 
     def _end(self) -> None:
         """The session is over: log it, close the client, and close the origin connection
@@ -260,7 +281,7 @@ class Tunnel:
         self.finished = True
         self.stopping = True  # nothing more is relayed either way
         client = self.client
-        client.ex_timer.stop()
+        client.timer.stop()
         proxy = client.proxy
         proxy.stats.ws_active -= 1
         proxy.sessions.discard(self)
@@ -286,7 +307,7 @@ class Tunnel:
             return
         closing = self.told_origin or self.c2o.closed  # a Close went to the origin
         if closing and not self.origin_eof and conn.alive:
-            client.ex_timer.arm(ORIGIN_CLOSE_WAIT, self._origin_close_timeout)
+            client.timer.arm(ORIGIN_CLOSE_WAIT, self._origin_close_timeout)
             return
         self._release_origin()
 
@@ -300,7 +321,7 @@ class Tunnel:
         conn, self.conn = self.conn, None
         if conn is None:
             return
-        self.client.ex_timer.stop()
+        self.client.timer.stop()
         active = self.client.proxy._active_by_origin
         active[conn.origin] = active.get(conn.origin, 0) - 1
         conn.pool.release(conn, False)  # a lease: closing it flushes, then FIN
