@@ -89,6 +89,9 @@ TOP_KEYS = (
     "tcp_keepalive",
     "websocket",
 )
+# tuples grown below by the keys each feature adds
+LISTEN_KEYS: tuple[str, ...]
+ROUTE_KEYS: tuple[str, ...]
 LISTEN_KEYS = ("address", "tls_cert", "tls_key", "certificates", "certificate_dir", "min_version")
 LISTEN_KEYS += ("proxy_protocol",)
 ADMIN_KEYS = ("address", "token")
