@@ -27,7 +27,7 @@ import structlog
 
 from pool.egress import EgressExhausted, EgressLost
 from pool.origin import Origin, PoolError, UpstreamConnection
-from proxy import access, http1, request_id
+from proxy import access, health, http1, request_id
 from proxy import headers as hdrs
 from proxy import websocket as ws
 from proxy.exchange_state import BODY, CONNECTING, OVER, RESENDING, SENT, STREAMING, WAITING
@@ -252,6 +252,8 @@ class Exchange:
                 last = e
                 self.origin = origin  # the access line names the origin the log line names
                 self._log_upstream_error(origin, e, None)
+                if not isinstance(e, PoolError | EgressExhausted):  # the origin's failure
+                    health.report(origin, False, f"connect {errno_name(e)}: {e}")
                 if isinstance(e, PoolError):
                     break  # the origin's own limit: another origin would overload too
                 origin = route.pick(tried, self.proxy.active)
@@ -264,7 +266,8 @@ class Exchange:
             if self.ready:
                 self.client.deliver()
             return
-        self._fail_upstream(classify(last) if last else 502)
+        # nothing tried: every origin of the route is down or draining (503 at once)
+        self._fail_upstream(classify(last) if last else 503)
 
     def _declared_length(self) -> int:
         for n, v in self.head.headers:
@@ -527,6 +530,8 @@ class Exchange:
         self._disarm()
         reusable = self.upstream.reusable
         self._release(reusable)
+        if self.origin is not None:  # passive ejection counts 5xx (proxy.health)
+            health.report(self.origin, self.status < 500, self.status)
         self._record(self.status)
         self.client.exchange_done(True)
 

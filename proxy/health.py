@@ -132,11 +132,14 @@ class HealthChecker:
         watched = self._watched.get(origin)
         return watched is None or watched.health.up
 
-    def report(self, origin: Origin, ok: bool, detail: str = "") -> None:
-        """What real traffic saw (passive ejection): cheap when the origin has no check."""
+    def report(self, origin: Origin, ok: bool, detail: str | int = "") -> None:
+        """What real traffic saw (passive ejection): cheap when the origin has no check.
+        ``detail``: what failed, or the response's status (made text only when it counts)."""
         watched = self._watched.get(origin)
         if watched is None:
             return
+        if isinstance(detail, int):
+            detail = f"HTTP {detail}"
         if not ok:
             self.passive_failures[origin] = self.passive_failures.get(origin, 0) + 1
         change = watched.health.report(ok, detail)
@@ -258,7 +261,7 @@ def install(checker: HealthChecker | None) -> None:
     _current = checker
 
 
-def report(origin: Origin, ok: bool, detail: str = "") -> None:
+def report(origin: Origin, ok: bool, detail: str | int = "") -> None:
     """Passive ejection's input from the data path: ``ok`` False for a connect failure or a
     5xx from ``origin``. Nothing to do (one global read) when no checker is installed."""
     checker = _current
