@@ -1,4 +1,5 @@
-"""The compiled accelerators, ``proxy._whole`` and ``proxy._headers``, built by ``pip install``.
+"""The compiled accelerators, ``proxy._whole``, ``proxy._headers`` and ``proxy._frames``, built by
+``pip install``.
 
 Everything else is in pyproject.toml. Optional by default: where no C compiler is found, the
 install still succeeds and the pure-Python functions serve, as aiohttp's and yarl's do.
@@ -21,6 +22,6 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=not REQUIRED,
         )
-        for name in ("proxy._whole", "proxy._headers")
+        for name in ("proxy._whole", "proxy._headers", "proxy._frames")
     ]
 )

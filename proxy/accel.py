@@ -1,10 +1,11 @@
 """The one switch for originpool's compiled twins: ``ORIGINPOOL_NO_EXTENSIONS``.
 
 Modules with a C twin (``proxy.whole`` -> ``proxy._whole``, ``proxy.headers`` ->
-``proxy._headers``) keep their Python functions as the spec and the fallback, and take the
-compiled ones only when this says so, as aiohttp's ``AIOHTTP_NO_EXTENSIONS`` does. Set it to
-any non-empty value to run pure Python: to compare, to debug, or where the C modules could
-not be built (then the fallback happens by itself; this switch is for doing it on purpose).
+``proxy._headers``, ``proxy.websocket``'s frame trackers -> ``proxy._frames``) keep their
+Python functions as the spec and the fallback, and take the compiled ones only when this says
+so, as aiohttp's ``AIOHTTP_NO_EXTENSIONS`` does. Set it to any non-empty value to run pure
+Python: to compare, to debug, or where the C modules could not be built (then the fallback
+happens by itself; this switch is for doing it on purpose).
 """
 
 from __future__ import annotations
