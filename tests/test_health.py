@@ -341,3 +341,14 @@ async def test_passive_ejection_after_n_connect_failures(rigs):
         assert time.monotonic() - started < 0.3
     assert rig.checker.passive_failures[o1] == 2
     assert sum(rig.checker.checks.values()) == 0  # no check had run: traffic alone did it
+
+
+async def test_reload_keeps_the_verdict_and_a_removed_check_marks_the_origin_up(rigs):
+    o1 = Origin("http", *O1)  # nothing listens: down at the first check
+    rig = rigs([o1], {o1: FAST})
+    await until(lambda: rig.state(o1) is State.DOWN)
+    rig.checker.configure({o1: HealthCheck(type="tcp", interval=0.2, timeout=0.1, rise=3)})
+    assert rig.state(o1) is State.DOWN and len(rig.transitions) == 1  # SIGHUP changed nothing
+    rig.checker.configure({})
+    assert rig.state(o1) is State.ACTIVE
+    assert rig.states.entry(o1).reason == "health check removed"
