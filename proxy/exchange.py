@@ -31,7 +31,7 @@ from proxy import access, health, http1, request_id
 from proxy import headers as hdrs
 from proxy import websocket as ws
 from proxy.exchange_state import BODY, CONNECTING, OVER, RESENDING, SENT, STREAMING, WAITING
-from proxy.routing import Route
+from proxy.routing import Route, session_refusal
 from proxy.target import resolve
 from proxy.tunnel import Tunnel
 
@@ -201,6 +201,11 @@ class Exchange:
                 self.respond_error(e.status, e.reason)
                 return
         origin = route.pick((), self.proxy.active)
+        if self.websocket and origin is not None:
+            refused = session_refusal(route, origin)  # max_session_rate: 503 + Retry-After
+            if refused is not None:
+                self.respond_error(*refused)
+                return
         if origin is not None and not self.websocket:
             conn = self.proxy.pool.acquire_idle(origin)
             if conn is not None:
