@@ -292,7 +292,7 @@ class OriginStates:
         entry.reason = reason
         entry.since = time.time()
         adm = entry.admission
-        if new is State.ACTIVE and adm is not None:
+        if new is State.ACTIVE and adm is not None and adm.slow_start > 0:
             # slow start: the rate ramps from here, from one token (not a full bucket
             # refilled while the origin was out)
             adm.since = adm.updated = self._clock()
