@@ -84,9 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--port-range",
         type=_port_range,
-        default=d.port_range,
+        default=None,
         metavar="LO-HI",
-        help="the namespace's ephemeral range: R = HI - LO + 1 (default 40000-40999)",
+        help="the namespace's ephemeral range: R = HI - LO + 1 (default 40000-40999; "
+        "rotate: 40000-41999, so that one origin can hold every session while another is out)",
     )
     parser.add_argument(
         "--sessions",
@@ -236,12 +237,13 @@ def options_from_args(args: argparse.Namespace) -> Options:
     from testbed.scenario_options import scenarios
 
     scenario = getattr(args, "scenario", "ramp")
-    mode = args.mode or scenarios()[scenario].default_mode
+    cls = scenarios()[scenario]
+    mode = args.mode or cls.default_mode
     return Options(
         modes=MODES if mode == "all" else (mode,),
         egress=args.egress,
         origins=args.origins,
-        port_range=args.port_range,
+        port_range=args.port_range or cls.port_range or d.port_range,
         sessions=d.sessions if args.sessions is None else args.sessions,
         hold=d.hold if args.hold is None else args.hold,
         workers=args.workers,

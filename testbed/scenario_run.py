@@ -204,11 +204,13 @@ class ScenarioRun(ModeRun):
     def peak_open_rate(self, t_start: float, t_end: float | None) -> dict[str, float]:
         """Per origin, the most new sessions it saw in one half second between two moments
         of the timeline (seconds since ``t0``), as a rate per second."""
-        lo = (self.t0 + t_start) // OPENS_BUCKET
-        hi = math.inf if t_end is None else (self.t0 + t_end) // OPENS_BUCKET
+        # a bucket belongs to the step it starts in (the one the step starts in is mostly
+        # the previous step's: a ramp's last sessions are not a drain's)
+        lo = math.ceil((self.t0 + t_start) / OPENS_BUCKET)
+        hi = math.inf if t_end is None else (self.t0 + t_end) / OPENS_BUCKET
         out: dict[str, float] = {}
         for origin, buckets in sorted(self.origin_opens.items()):
-            inside = [n for k, n in buckets.items() if lo <= k <= hi]
+            inside = [n for k, n in buckets.items() if lo <= k < hi]
             out[origin] = max(inside, default=0) / OPENS_BUCKET
         return out
 

@@ -44,6 +44,7 @@ class Scenario:
     # the options only some scenarios take (Options field names); any other scenario refuses them
     takes: ClassVar[tuple[str, ...]] = ()
     default_mode: ClassVar[str] = "connectx"  # --mode when not given ("all": every mode)
+    port_range: ClassVar[tuple[int, int] | None] = None  # --port-range when not given
     # a dropped session is reconnected (recovery times apply), not only counted
     reconnects: ClassVar[bool] = True
     runner: ClassVar[type[ScenarioRun] | None] = None  # the orchestrator of ``run``
