@@ -332,3 +332,59 @@ async def test_two_workers_drain_together_and_the_cli_does_the_same(
         for s in sessions:
             await s.ws.close()
         assert await asyncio.to_thread(proc.stop) == 0
+
+
+HTTP_A, HTTP_B = "http://127.0.2.1:9000", "http://127.0.2.2:9000"
+
+
+async def test_http_drain_finishes_in_flight_closes_idle_and_sends_nothing_new(
+    origins, tmp_path: Path
+) -> None:
+    """HTTP origins: a response streaming when the drain comes completes whole; the drained
+    origin's idle pooled connections close at once and the streaming one when it ends
+    (instead of going idle); new requests all go to the other origin."""
+    proc = Proc(config(tmp_path, origins=f'["{HTTP_A}", "{HTTP_B}"]'))
+    size = 8_000_000
+    try:
+        await started(proc)
+        async with (
+            httpx.AsyncClient(headers={"host": "app.test"}, timeout=10) as client,
+            httpx.AsyncClient(headers={"host": "app.test"}, timeout=10) as other,
+            other.stream("GET", f"http://127.0.0.1:8080/big/{size}") as r,
+        ):
+            chunks = r.aiter_raw()
+            got = len(await anext(chunks))
+            busy = next(
+                i
+                for i, o in enumerate(origins)
+                if any(f"/big/{size}" in c.requests for c in o.connections)
+            )
+            drained, kept = origins[busy], origins[1 - busy]
+            url = (HTTP_A, HTTP_B)[busy]
+            for _ in range(4):  # both origins get requests: the busy one on a second conn
+                assert (await client.get("http://127.0.0.1:8080/hello")).status_code == 200
+            opened = len(drained.connections)
+            assert opened == 2  # the streaming one and one now idle in the pool
+            async with httpx.AsyncClient() as admin:
+                r2 = await admin.post(f"{ADMIN}/origins/drain", params={"origin": url, "over": 1})
+                assert r2.status_code == 202
+            gone: list[tuple] = []
+            await until(lambda: _drain_queue(drained, gone) >= 1, 5, "the idle one closed")
+            async for chunk in chunks:  # the request in flight finishes
+                got += len(chunk)
+            assert got == size and r.status_code == 200
+            await until(lambda: _drain_queue(drained, gone) >= 2, 5, "the busy one closed")
+            served = sum(len(c.requests) for c in kept.connections)
+            for _ in range(6):
+                assert (await client.get("http://127.0.0.1:8080/hello")).status_code == 200
+            assert sum(len(c.requests) for c in drained.connections) == 3  # /big + 2: no more
+            assert len(drained.connections) == 2
+            assert sum(len(c.requests) for c in kept.connections) == served + 6
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0
+
+
+def _drain_queue(origin, into: list) -> int:
+    while not origin.disconnects.empty():
+        into.append(origin.disconnects.get_nowait())
+    return len(into)
