@@ -107,8 +107,10 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: same interface, no isinstance
         self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        self.fd = sock.fileno() if sock is not None else -1
+        if self.fd < 0:  # the pool sets it from the socket it connected: get_extra_info's
+            # socket would stay cached on uvloop's transport, 72 bytes per held connection
+            sock = transport.get_extra_info("socket")
+            self.fd = sock.fileno() if sock is not None else -1
 
     def data_received(self, data: bytes) -> None:
         if self.handler is not None:
@@ -538,6 +540,7 @@ class OriginPool:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         detect_dead_peer(sock, self.keepalive)
         conn = UpstreamConnection(self, origin, slot, self._clock())
+        conn.fd = sock.fileno()
         loop = asyncio.get_running_loop()
         try:
             if preamble:  # on the bare socket: before a TLS ClientHello, as the spec wants
