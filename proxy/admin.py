@@ -39,6 +39,10 @@ PROXY_HELP = {
     "originpool_websocket_sessions_active": "WebSocket sessions being relayed.",
     "originpool_websocket_sessions_total": "WebSocket sessions relayed since start.",
     "originpool_draining": "1 while the worker drains (SIGTERM).",
+    "originpool_limited_total": "Clients refused by a per-address limit, by kind (conn: reset "
+    "at accept; rate, websocket: 429).",
+    "originpool_proxy_protocol_refused_total": "Connections reset for their PROXY protocol "
+    "header (or its absence, or an untrusted sender), by reason.",
     "originpool_origin_draining": "1 while the origin drains (admin drain or reload).",
     "originpool_drained_sessions_total": "WebSocket sessions a drain ended (Close 1012).",
 }
@@ -61,6 +65,23 @@ def proxy_samples(proxy: Proxy) -> list[pool_metrics.Sample]:
         Sample("originpool_websocket_sessions_total", (), st.ws_total, True),
         Sample("originpool_draining", (), int(proxy.draining)),
     ]
+    return out + client_samples(proxy)
+
+
+def client_samples(proxy: Proxy) -> list[pool_metrics.Sample]:
+    """The per-address limits' refusals (every kind, 0 included, once a limit is set) and
+    the PROXY protocol's (every reason, once a listener takes the header)."""
+    Sample = pool_metrics.Sample
+    out = []
+    if proxy.limits is not None:
+        for kind, n in proxy.limits.limited.items():
+            out.append(Sample("originpool_limited_total", (("kind", kind),), n, True))
+    gates = [listener.gate for listener in proxy.listeners if listener.proxy_protocol]
+    if gates:
+        for reason in gates[0].refused:
+            n = sum(gate.refused.get(reason, 0) for gate in gates)
+            label = (("reason", reason),)
+            out.append(Sample("originpool_proxy_protocol_refused_total", label, n, True))
     return out
 
 

@@ -32,6 +32,7 @@ from proxy.admin import Admin
 from proxy.admin_origins import OriginsAdmin
 from proxy.drain import Drainer
 from proxy.health import HealthChecker, install
+from proxy.limits import ClientLimits
 from proxy.metrics_sum import siblings
 from proxy.routing import Route, Router
 from proxy.server import Listener, Proxy, Settings
@@ -44,7 +45,13 @@ def build_router(config: cfg.Config, states: OriginStates | None = None) -> Rout
     that are draining or down (:mod:`pool.origin_state`)."""
     return Router(
         (
-            Route(r.host, r.path_prefix, [(o.origin, o.weight) for o in r.origins], r.balance)
+            Route(
+                r.host,
+                r.path_prefix,
+                [(o.origin, o.weight) for o in r.origins],
+                r.balance,
+                send_proxy=r.send_proxy_protocol,
+            )
             for r in config.routes
         ),
         states,
@@ -96,6 +103,13 @@ class FileBudget:
 def max_connections(config: cfg.Config) -> int:
     """The configured limit, or for "auto" what this process's file limit carries."""
     return config.limits.max_connections or FileBudget.of_this_process().max_connections
+
+
+def client_limits(config: cfg.Config) -> ClientLimits | None:
+    """The per-address limits (:mod:`proxy.limits`), None when all are off: then the data
+    path pays one ``is None`` per connection and per request for them."""
+    settings = config.limits.client_limits()
+    return ClientLimits(settings) if settings.any else None
 
 
 def build_settings(config: cfg.Config) -> Settings:
@@ -156,6 +170,7 @@ class Worker:
         self.proxy = Proxy(
             build_router(config, self.states), build_pool(config, index), build_settings(config)
         )
+        self.proxy.limits = client_limits(config)
         self.admin = Admin(self.proxy)
         # active checks and passive ejection per origin: proxy.health (each worker its own)
         workers = config.proxy.workers
@@ -174,7 +189,9 @@ class Worker:
 
     async def start(self) -> None:
         for spec, sock in zip(self.config.listen, self.sockets.listen, strict=True):
-            listener = Listener(self.proxy, sock, _server_tls(spec))
+            listener = Listener(
+                self.proxy, sock, _server_tls(spec), proxy_protocol=spec.proxy_protocol
+            )
             self.proxy.listeners.append(listener)
             listener.start()
         # worker 0 answers on the admin address, worker i on its port + i; worker 0's
@@ -257,6 +274,7 @@ class Worker:
         new = keep_bound(self.config, new, warn=self.config.proxy.workers <= 1)
         for listener, spec in zip(self.proxy.listeners, new.listen, strict=True):
             tls.renew(listener.ssl, spec)  # renewed certificates; a failure keeps the old
+            listener.proxy_protocol = spec.proxy_protocol  # for connections accepted from now
         self.proxy.router = build_router(new, self.states)
         self.states.configure(origin_limits(new))
         # an origin no route names any more is drained over drain_over, not kept until its
@@ -266,6 +284,9 @@ class Worker:
         self.origins_admin.drain_over = new.drain_over
         self.health.configure(new.health_checks)  # origins that stay keep their verdict
         self.proxy.settings = build_settings(new)
+        limits = self.proxy.limits  # open connections stay counted, unchanged buckets kept
+        wanted = new.limits.client_limits()
+        self.proxy.limits = limits.replaced_by(wanted) if limits else client_limits(new)
         for listener in self.proxy.listeners:
             listener.set_keepalive(self.proxy.settings.tcp_keepalive)
         if (new.egress, new.pool, new.tcp_keepalive) != (

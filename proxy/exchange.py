@@ -31,6 +31,8 @@ from proxy import access, health, http1, request_id
 from proxy import headers as hdrs
 from proxy import websocket as ws
 from proxy.exchange_state import BODY, CONNECTING, OVER, RESENDING, SENT, STREAMING, WAITING
+from proxy.limits import ClientLimits, retry_after
+from proxy.proxy_accept import preamble
 from proxy.routing import Route, session_refusal
 from proxy.target import resolve
 from proxy.tunnel import Tunnel
@@ -185,6 +187,9 @@ class Exchange:
         route = self._route()
         if route is None:
             return
+        limits = self.proxy.limits
+        if limits is not None and self._limited(limits):
+            return
         if self.websocket:
             # an invalid client handshake is answered here: no origin ever sees it as one
             try:
@@ -206,7 +211,7 @@ class Exchange:
             if refused is not None:
                 self.respond_error(*refused)
                 return
-        if origin is not None and not self.websocket:
+        if origin is not None and not self.websocket and route.send_proxy is None:
             conn = self.proxy.pool.acquire_idle(origin)
             if conn is not None:
                 self.origin = origin
@@ -252,7 +257,10 @@ class Exchange:
             pool = self.proxy.pool
             try:
                 # a WebSocket gets a lease: never back to the idle set, counted apart
-                conn = await (pool.lease(origin) if self.websocket else pool.acquire(origin))
+                pre = self._preamble()
+                conn = await (
+                    pool.lease(origin, pre) if self.websocket else pool.acquire(origin, pre)
+                )
             except (OSError, ssl.SSLError) as e:
                 last = e
                 self.origin = origin  # the access line names the origin the log line names
@@ -515,7 +523,9 @@ class Exchange:
         assert self.origin is not None
         pool = self.proxy.pool
         try:
-            conn = await (pool.lease(self.origin) if self.websocket else pool.acquire(self.origin))
+            pre = self._preamble()
+            origin = self.origin
+            conn = await (pool.lease(origin, pre) if self.websocket else pool.acquire(origin, pre))
         except (OSError, ssl.SSLError) as e:
             self._log_upstream_error(self.origin, e, None)
             self._fail_upstream(classify(e))
@@ -559,6 +569,28 @@ class Exchange:
             self._record(499)
 
     # -- endings -----------------------------------------------------------------------------
+
+    def _limited(self, limits: ClientLimits) -> bool:
+        """``rate_per_ip`` (and ``websocket_rate_per_ip`` for a handshake) of the client's
+        address: over it, 429 with the seconds until a token is back (nginx's limit_req
+        answers 503 by default; 429 is what its users set ``limit_req_status`` to)."""
+        wait = limits.request(self.client.client_ip, self.websocket)
+        if not wait:
+            return False
+        kind = "WebSocket handshakes" if limits.last_kind == "websocket" else "requests"
+        after = ((b"retry-after", str(retry_after(wait)).encode()),)
+        self.respond_error(429, f"too many {kind} from this address", after)
+        return True
+
+    def _preamble(self) -> bytes:
+        """``send_proxy_protocol``: the PROXY header this route's origins get first, b"" for
+        none (a connection that carries one is never reused: :meth:`OriginPool.acquire`)."""
+        route = self.route
+        if route is None or route.send_proxy is None:
+            return b""
+        c = self.client
+        local, transport = getattr(c, "local", None), getattr(c, "transport", None)
+        return preamble(route.send_proxy, c.peer, local, transport)
 
     def respond_error(
         self, status: int, reason: str, extra: Sequence[tuple[bytes, bytes]] = ()

@@ -104,7 +104,7 @@ class ClientLimits:
     """One worker's limits and what they refused; built only when a limit is set, so with
     every limit off the data path pays one ``is None`` per connection and per request."""
 
-    __slots__ = ("conns", "limited", "rate", "settings", "websocket")
+    __slots__ = ("conns", "last_kind", "limited", "rate", "settings", "websocket")
 
     def __init__(
         self, settings: LimitSettings, clock: Callable[[], float] = time.monotonic
@@ -112,6 +112,7 @@ class ClientLimits:
         self.settings = settings
         self.conns: dict[Hashable, int] = {}
         self.limited: dict[str, int] = dict.fromkeys(KINDS, 0)
+        self.last_kind = ""  # what the last refusal of request() was: "rate" or "websocket"
         s = settings
         self.rate = (
             None
@@ -176,11 +177,13 @@ class ClientLimits:
             wait = self.rate.take(key)
             if wait:
                 self.limited["rate"] += 1
+                self.last_kind = "rate"
                 return wait
         if websocket and self.websocket is not None:
             wait = self.websocket.take(key)
             if wait:
                 self.limited["websocket"] += 1
+                self.last_kind = "websocket"
                 return wait
         return 0.0
 

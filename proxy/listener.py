@@ -14,6 +14,8 @@ import structlog
 from pool.sockopt import KeepAlive, detect_dead_peer, spread_keepalive_probes
 from proxy import binding
 from proxy.exchange import errno_name
+from proxy.proxy_accept import Gate
+from proxy.proxy_protocol import ProxyHeader
 
 if TYPE_CHECKING:
     from proxy.server import Downstream, Proxy
@@ -35,10 +37,15 @@ class Listener:
         where: tuple[str, int] | socket.socket,
         ssl_context: ssl.SSLContext | None = None,
         what: str = "listen",
+        proxy_protocol: bool = False,
     ) -> None:
         """``where``: a socket :mod:`proxy.binding` bound before the workers forked (what
-        ``serve`` passes), or an address to bind here (tests; a failure is a BindError)."""
+        ``serve`` passes), or an address to bind here (tests; a failure is a BindError).
+        ``proxy_protocol``: each connection starts with a PROXY header (:mod:`proxy.proxy_accept`
+        reads it before TLS or HTTP see a byte)."""
         self.proxy = proxy
+        self.proxy_protocol = proxy_protocol  # a reload may change it: read per connection
+        self.gate = Gate(self._start, proxy)
         self.ssl = ssl_context
         self.scheme = b"https" if ssl_context is not None else b"http"
         if isinstance(where, socket.socket):
@@ -81,7 +88,8 @@ class Listener:
     def _accept_ready(self) -> None:
         assert self._loop is not None
         for _ in range(64):
-            if len(self.proxy.clients) + len(self._tasks) >= self.proxy.settings.max_connections:
+            busy = len(self.proxy.clients) + len(self._tasks) + len(self.gate.pending)
+            if busy >= self.proxy.settings.max_connections:
                 self._pause()
                 return
             try:
@@ -97,11 +105,38 @@ class Listener:
                 raise
             conn.setblocking(False)
             spread_keepalive_probes(conn, self.keepalive)
+            if self.proxy_protocol or self.proxy.limits is not None:
+                self.gate.admit(self._loop, conn, _addr, self.proxy_protocol)
+                continue
             task = self._loop.create_task(
                 self._loop.connect_accepted_socket(self._protocol, conn, ssl=self.ssl)
             )
             self._tasks.add(task)
             task.add_done_callback(self._accepted)
+
+    def _start(self, conn: socket.socket, header: ProxyHeader | None, key: bytes | None) -> None:
+        """A connection the gate let through: its PROXY header, and the address it counts
+        against ``conn_per_ip`` (given back here if no client protocol ever took it on: a
+        TLS handshake that failed)."""
+        assert self._loop is not None
+        made: list[Downstream] = []
+
+        def protocol() -> Downstream:
+            made.append(self.proxy.protocol(self.scheme, header, key))
+            return made[0]
+
+        def accepted(task: asyncio.Task[Any]) -> None:
+            self._accepted(task)
+            limits = self.proxy.limits
+            unclaimed = not made or made[0].transport is None
+            if key is not None and limits is not None and unclaimed and task.exception():
+                limits.close(key)
+
+        task = self._loop.create_task(
+            self._loop.connect_accepted_socket(protocol, conn, ssl=self.ssl)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(accepted)
 
     def _protocol(self) -> Downstream:
         return self.proxy.protocol(self.scheme)
@@ -118,4 +153,5 @@ class Listener:
 
     def close(self) -> None:
         self._pause()
+        self.gate.close()
         self.sock.close()

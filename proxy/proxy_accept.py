@@ -21,15 +21,23 @@ import contextlib
 import errno
 import socket
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import structlog
 
 from pool.sockopt import reset_on_close
 from proxy import headers as hdrs
 from proxy.limits import ClientLimits
-from proxy.proxy_protocol import NeedData, ProxyHeader, ProxyProtocolError, parse
+from proxy.proxy_protocol import (
+    NeedData,
+    ProxyHeader,
+    ProxyProtocolError,
+    build_v1,
+    build_v2,
+    parse,
+)
 
-__all__ = ["Gate", "HeaderRead"]
+__all__ = ["Gate", "HeaderRead", "Owner", "preamble"]
 
 log = structlog.get_logger("originpool.proxy")
 
@@ -58,7 +66,7 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def _peer(sock: socket.socket, addr: object) -> Address:
+def _peer(addr: object) -> Address:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return (str(addr[0]), int(addr[1]))
     return ("", 0)  # a Unix socket: nothing to trust or count by
@@ -138,42 +146,62 @@ class HeaderRead:
         self.done(self, result)
 
 
+class _Settings(Protocol):
+    @property
+    def trusted_proxies(self) -> Sequence[hdrs.Network]: ...
+    @property
+    def header_timeout(self) -> float: ...
+
+
+class Owner(Protocol):
+    """What the gate reads of the worker at each connection (so a reload applies at once):
+    :class:`proxy.server.Proxy` is one."""
+
+    @property
+    def settings(self) -> _Settings: ...
+    @property
+    def limits(self) -> ClientLimits | None: ...
+
+
+Start = Callable[[socket.socket, ProxyHeader | None, bytes | None], None]
+
+
 class Gate:
-    """One listener's admission: ``start(sock, client)`` is called for each connection let
-    through, ``client`` the address the PROXY header gave (None: the socket's peer)."""
+    """One listener's admission. ``start(sock, header, key)`` is called for each connection
+    let through: ``header`` the PROXY header read (None without one), ``key`` the address
+    counted against ``conn_per_ip`` (None when no limit counted it), which the connection
+    must hand back to :meth:`ClientLimits.close` when it ends."""
 
-    __slots__ = ("limits", "pending", "proxy_protocol", "refused", "start", "timeout", "trusted")
+    __slots__ = ("owner", "pending", "refused", "start")
 
-    def __init__(
-        self,
-        start: Callable[[socket.socket, Address | None], None],
-        proxy_protocol: bool,
-        trusted: Sequence[hdrs.Network],
-        timeout: float,
-    ) -> None:
+    def __init__(self, start: Start, owner: Owner) -> None:
         self.start = start
-        self.proxy_protocol = proxy_protocol
-        self.trusted = trusted
-        self.timeout = timeout
-        self.limits: ClientLimits | None = None  # the worker's, set (and reset on reload) by it
+        self.owner = owner
         self.pending: set[HeaderRead] = set()
         self.refused: dict[str, int] = dict.fromkeys(REASONS, 0)
 
-    def admit(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: object) -> None:
-        peer = _peer(sock, addr)
-        if not self.proxy_protocol:
+    def admit(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        addr: object,
+        proxy_protocol: bool,
+    ) -> None:
+        peer = _peer(addr)
+        if not proxy_protocol:
             self._open(sock, peer, None)
             return
-        if not hdrs.is_trusted(peer[0], self.trusted):
+        settings = self.owner.settings
+        if not hdrs.is_trusted(peer[0], settings.trusted_proxies):
             self._refuse_peer(sock, peer, "untrusted", "not in [proxy] trusted_proxies")
             return
         read = HeaderRead(loop, sock, peer, self._header, self._refuse)
         self.pending.add(read)
-        read.start(self.timeout)
+        read.start(settings.header_timeout)
 
     def _header(self, read: HeaderRead, header: ProxyHeader) -> None:
         self.pending.discard(read)
-        self._open(read.sock, read.peer, header.source)
+        self._open(read.sock, read.peer, header)
 
     def _refuse(self, read: HeaderRead, reason: str, detail: str) -> None:
         self.pending.discard(read)
@@ -186,14 +214,17 @@ class Gate:
         )
         _reset(sock)
 
-    def _open(self, sock: socket.socket, peer: Address, client: Address | None) -> None:
-        limits = self.limits
-        if limits is not None and not limits.open((client or peer)[0].encode()):
-            who = client or peer
-            log.info("client_limited", kind="conn", client=who[0], peer=f"{peer[0]}:{peer[1]}")
-            _reset(sock)
-            return
-        self.start(sock, client)
+    def _open(self, sock: socket.socket, peer: Address, header: ProxyHeader | None) -> None:
+        limits = self.owner.limits
+        key = None
+        if limits is not None:
+            client = header.source if header is not None and header.source else peer
+            key = client[0].encode()  # as the connection's client_ip spells it
+            if not limits.open(key):
+                log.info("client_limited", kind="conn", client=client[0], peer=_show(peer))
+                _reset(sock)
+                return
+        self.start(sock, header, key)
 
     def close(self) -> None:
         """Shutdown: the headers still awaited are not waited for."""
@@ -201,3 +232,21 @@ class Gate:
             read.stop()
             read.sock.close()
         self.pending.clear()
+
+
+def _show(address: Address) -> str:
+    return f"{address[0]}:{address[1]}"
+
+
+def preamble(version: str, peer: Address, local: Address | None, transport: object) -> bytes:
+    """The PROXY header a route's origin gets (``send_proxy_protocol``): the client's address
+    and the one it connected to, as HAProxy's ``send-proxy-v2`` writes them. ``local`` is the
+    destination a PROXY header in front said; without one, the client socket's own address
+    (``transport``'s sockname, read only on such a route)."""
+    if local is None:
+        get = getattr(transport, "get_extra_info", None)
+        name = get("sockname") if get is not None else None
+        local = (str(name[0]), int(name[1])) if isinstance(name, tuple) else None
+    if not peer[0] or local is None:
+        return build_v2(None, None) if version == "v2" else build_v1(None, None)
+    return build_v2(peer, local) if version == "v2" else build_v1(peer, local)

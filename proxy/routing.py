@@ -31,6 +31,7 @@ class Route:
     name: str = ""
     # the worker's origin states: an origin that does not admit (draining, down) is skipped
     states: OriginStates | None = None
+    send_proxy: str | None = None  # "v2"/"v1": send_proxy_protocol (proxy.proxy_accept.preamble)
     _current: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:

@@ -31,7 +31,9 @@ from proxy import access, http1, http1_fast, request_id
 from proxy import headers as hdrs
 from proxy.exchange import Exchange
 from proxy.http1_fast_client import FastClientSide
+from proxy.limits import ClientLimits
 from proxy.listener import Listener
+from proxy.proxy_protocol import ProxyHeader
 from proxy.routing import Router
 from proxy.stream import Headers
 from proxy.timer import Timer
@@ -100,6 +102,8 @@ class Proxy:
         self.listeners: list[Listener] = []
         self.all_closed = asyncio.Event()  # set when draining and the last client is gone
         self.sessions: set[Tunnel] = set()  # WebSocket tunnels, for Close 1001 on shutdown
+        # per client address (conn_per_ip, rate_per_ip, ...): None while every limit is off
+        self.limits: ClientLimits | None = None
         self._active_by_origin: dict[Origin, int] = {}
         fast = settings.http_parser == "httptools" and http1_fast.httptools is not None
         # which HTTP/1.1 codec runs where: README "HTTP parsing"
@@ -119,8 +123,13 @@ class Proxy:
         with :meth:`proxy.tunnel.Tunnel.end` finds them here."""
         return [t for t in self.sessions if origin is None or t.origin == origin]
 
-    def protocol(self, scheme: bytes = b"http") -> Downstream:
-        return Downstream(self, scheme)
+    def protocol(
+        self,
+        scheme: bytes = b"http",
+        header: ProxyHeader | None = None,
+        limit_key: bytes | None = None,
+    ) -> Downstream:
+        return Downstream(self, scheme, header, limit_key)
 
 
 class Downstream(asyncio.Protocol):
@@ -142,7 +151,9 @@ class Downstream(asyncio.Protocol):
         "held",
         "http",
         "http_version",
+        "limit_key",
         "lingering",
+        "local",
         "peer",
         "proxy",
         "reading_paused",
@@ -154,7 +165,16 @@ class Downstream(asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, proxy: Proxy, scheme: bytes = b"http") -> None:
+    def __init__(
+        self,
+        proxy: Proxy,
+        scheme: bytes = b"http",
+        header: ProxyHeader | None = None,
+        limit_key: bytes | None = None,
+    ) -> None:
+        """``header``: the PROXY header the connection began with, whose source is then the
+        client (X-Forwarded-For, the logs, the limits); ``limit_key``: the address it counts
+        against ``conn_per_ip`` until it closes (see :mod:`proxy.proxy_accept`)."""
         self.proxy = proxy
         self.scheme = scheme
         s = proxy.settings
@@ -163,6 +183,10 @@ class Downstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | Tunnel | None = None  # a Tunnel after a 101
         self.peer = ("", 0)
+        self.local: tuple[str, int] | None = None  # where the client connected, if a header said
+        if header is not None and header.source is not None:
+            self.peer, self.local = header.source, header.destination
+        self.limit_key = limit_key
         self.closed = False
         self.reading_paused = False
         self.write_paused = False
@@ -183,7 +207,7 @@ class Downstream(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses: same interface, no isinstance
         self.transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
-        peer = transport.get_extra_info("peername")
+        peer = self.peer if self.peer[0] else transport.get_extra_info("peername")
         if peer:
             self.peer = (str(peer[0]), int(peer[1]))
             self.client_ip = self.peer[0].encode()
@@ -243,6 +267,8 @@ class Downstream(asyncio.Protocol):
         self.http.release()
         self.proxy.clients.discard(self)
         self.proxy.stats.connections -= 1
+        if self.limit_key is not None and self.proxy.limits is not None:
+            self.proxy.limits.close(self.limit_key)
         if self.exchange is not None:
             self.exchange.client_gone()
         for listener in self.proxy.listeners:

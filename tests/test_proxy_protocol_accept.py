@@ -8,15 +8,28 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import pytest
 
 from proxy.limits import ClientLimits, LimitSettings
-from proxy.proxy_accept import Gate
-from proxy.proxy_protocol import build_v1, build_v2
+from proxy.proxy_accept import Gate, preamble
+from proxy.proxy_protocol import ProxyHeader, build_v1, build_v2
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 ELSEWHERE = (ipaddress.ip_network("192.0.2.0/24"),)
+
+
+@dataclass
+class Settings:
+    trusted_proxies: tuple[ipaddress.IPv4Network, ...]
+    header_timeout: float
+
+
+@dataclass
+class Owner:
+    settings: Settings
+    limits: ClientLimits | None = None
 
 
 class Bench:
@@ -28,13 +41,19 @@ class Bench:
         self.lsock.setblocking(False)
         self.address = self.lsock.getsockname()
         self.started: asyncio.Queue[tuple[socket.socket, tuple[str, int] | None]] = asyncio.Queue()
-        self.gate = Gate(lambda s, c: self.started.put_nowait((s, c)), True, trusted, timeout)
+        self.owner = Owner(Settings(trusted, timeout))
+        self.gate = Gate(self._start, self.owner)
+        self.keys: list[bytes | None] = []
         self.loop.add_reader(self.lsock.fileno(), self._accept)
+
+    def _start(self, sock: socket.socket, header: ProxyHeader | None, key: bytes | None) -> None:
+        self.keys.append(key)
+        self.started.put_nowait((sock, header.source if header is not None else None))
 
     def _accept(self) -> None:
         conn, addr = self.lsock.accept()
         conn.setblocking(False)
-        self.gate.admit(self.loop, conn, addr)
+        self.gate.admit(self.loop, conn, addr, True)
 
     async def client(self, *pieces: bytes) -> socket.socket:
         sock = socket.socket()
@@ -152,7 +171,7 @@ async def test_no_header_within_the_timeout(ns: object) -> None:
 
 
 async def test_conn_limit_counts_the_headers_address(bench: Bench) -> None:
-    limits = bench.gate.limits = ClientLimits(LimitSettings(conn_per_ip=2))
+    limits = bench.owner.limits = ClientLimits(LimitSettings(conn_per_ip=2))
     header = build_v1(("203.0.113.7", 1), ("127.0.0.1", 80))
     kept = [await bench.client(header) for _ in range(2)]
     accepted = [await _started(bench) for _ in range(2)]
@@ -162,7 +181,23 @@ async def test_conn_limit_counts_the_headers_address(bench: Bench) -> None:
     accepted.append(await _started(bench))
     assert limits.limited["conn"] == 1
     assert limits.conns == {b"203.0.113.7": 2, b"203.0.113.8": 1}
+    assert bench.keys == [b"203.0.113.7", b"203.0.113.7", b"203.0.113.8"]
     for sock, _ in accepted:
         sock.close()
     for sock in [*kept, third, other]:
         sock.close()
+
+
+def test_preamble_for_an_origin() -> None:
+    """send_proxy_protocol's header: the client and the address it reached; without a
+    destination from a header in front, the client socket's own, and LOCAL when unknown."""
+
+    class Transport:
+        def get_extra_info(self, name: str) -> object:
+            return ("127.0.0.1", 8080) if name == "sockname" else None
+
+    v2 = preamble("v2", ("203.0.113.7", 1), ("198.51.100.1", 443), None)
+    assert v2 == build_v2(("203.0.113.7", 1), ("198.51.100.1", 443))
+    v1 = preamble("v1", ("203.0.113.7", 1), None, Transport())
+    assert v1 == b"PROXY TCP4 203.0.113.7 127.0.0.1 1 8080\r\n"
+    assert preamble("v2", ("203.0.113.7", 1), None, object()) == build_v2(None, None)
