@@ -73,6 +73,7 @@ LISTEN = {
     "originpool-pure": setup_cost.LISTEN["originpool-pure"],
 }
 ADMIN = {"originpool": 9190, "originpool-pure": 9192}
+VARIANTS: dict[str, dict[str, str]] = {}  # originpool-vN: the environment it runs with
 LABELS = {
     "direct": "direct",
     "nginx": "nginx",
@@ -268,6 +269,7 @@ def start_proxy(
     env = dict(os.environ)
     if name == "originpool-pure":
         env["ORIGINPOOL_NO_EXTENSIONS"] = "1"
+    env.update(VARIANTS.get(name, {}))
     config = originpool_config(
         tmp / f"{name}.toml", name, setup_cost.egress_ips(egress), max_connections
     )
@@ -419,6 +421,8 @@ def idle(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
             "--warmup-sessions",
             str(args.warmup_sessions),
         ]
+        for spec in args.variant:
+            cmd += ["--variant", spec]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         if done.returncode:
             out[name] = {"error": done.stderr.strip()[-800:]}
@@ -502,12 +506,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup-sessions", type=int, default=300)
     parser.add_argument("--pure", action="store_true", help="also originpool, pure Python")
     parser.add_argument("--only", nargs="*", default=None, help="proxies to run")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="K=V[,K=V]",
+        help="also originpool with this environment (an A/B in the same run), repeatable",
+    )
     parser.add_argument("--skip-relay", action="store_true")
     parser.add_argument("--skip-idle", action="store_true")
     parser.add_argument("--json", nargs="?", const="-", default=None, help="JSON to a file or -")
     parser.add_argument("--relay-client", nargs=2, metavar=("ADDR", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--idle-one", metavar="PROXY", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for i, spec in enumerate(args.variant):
+        name = f"originpool-v{i + 1}"
+        VARIANTS[name] = dict(item.split("=", 1) for item in spec.split(","))
+        LISTEN[name] = ("127.0.0.1", 8090 + i)
+        ADMIN[name] = 9200 + 2 * i
+        LABELS[name] = f"op v{i + 1}"
     if args.relay_client:
         host, _, port = args.relay_client[0].rpartition(":")
         ws_relay.run_loop(_relay_client((host, int(port)), int(args.relay_client[1])))
@@ -529,8 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
         return 0
     wanted = list(args.only or PROXIES) + (["originpool-pure"] if args.pure else [])
+    wanted += list(VARIANTS)
     names, notes = available(wanted)
-    summary: dict[str, Any] = {"proxies": names, "notes": notes}
+    summary: dict[str, Any] = {"proxies": names, "notes": notes, "variants": VARIANTS}
     if not args.skip_idle:
         summary["idle"] = idle(args, names)
     if not args.skip_relay:
