@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="LO-HI",
         help="the namespace's ephemeral range: R = HI - LO + 1 (default 40000-40999; "
-        "rotate: 40000-41999, so that one origin can hold every session while another is out)",
+        "rotate: 40000-42999, so that one origin can hold every session while another is out)",
     )
     parser.add_argument(
         "--sessions",

@@ -487,6 +487,8 @@ class ScenarioRun(ModeRun):
             "storm_origin_restart_seconds": self.storm_restart_seconds,
             "storm_settled": self.storm_settled,
             "client_processes": len(self.clients),
+            # the proxy's upstream_error lines by errno (originpool's; empty for another)
+            "proxy_upstream_errors": dict(self.proxy_errors),
             # per origin, the peak of the disruptions' steps (storm, rotate): the comparison
             "peak_new_sessions_per_s": peak_opens or None,
         }

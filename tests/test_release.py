@@ -39,7 +39,8 @@ pytestmark = pytest.mark.timeout(900)
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 VERSION = PROJECT["version"]
-C_TWINS = ("_whole", "_headers")
+# the C twins setup.py compiles: every proxy/_*.c must be in the sdist and built into the wheel
+C_TWINS = sorted(p.stem for p in (ROOT / "proxy").glob("_*.c"))
 # the top-level packages a release ships: every one in the tree but these, which only a
 # checkout uses, so a package added to the tree and not to pyproject.toml's list fails here
 DEV_ONLY = {"tests", "bench"}
@@ -158,18 +159,32 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _pip_install(venv: Path, requirement: str) -> None:
+    installed = _run(
+        [str(venv / "bin" / "pip"), "install", requirement], timeout=600, env=_operator_env()
+    )
+    assert installed.returncode == 0, _output(installed)
+
+
 @pytest.fixture(scope="module")
 def venv(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with the wheel installed, as ``pip install dist/originpool-*.whl``."""
+    """A fresh venv with the wheel installed, as ``pip install dist/originpool-*.whl``: what
+    an operator who only runs the proxy installs."""
     path = tmp_path_factory.mktemp("venv") / "venv"
     made = _run([sys.executable, "-m", "venv", str(path)], timeout=120)
     assert made.returncode == 0, _output(made)
     (wheel,) = dist.glob("originpool-*.whl")
-    installed = _run(
-        [str(path / "bin" / "pip"), "install", str(wheel)], timeout=600, env=_operator_env()
-    )
-    assert installed.returncode == 0, _output(installed)
+    _pip_install(path, str(wheel))
     return path
+
+
+@pytest.fixture(scope="module")
+def testbed_venv(venv: Path, dist: Path) -> Path:
+    """The same venv with the wheel's ``testbed`` extra added (rich and matplotlib), as
+    ``pip install 'dist/originpool-*.whl[testbed]'``: the proxy alone does not need them."""
+    (wheel,) = dist.glob("originpool-*.whl")
+    _pip_install(venv, f"{wheel}[testbed]")
+    return venv
 
 
 def test_sdist_carries_the_sources_the_tests_and_the_deploy_files(dist: Path) -> None:
@@ -300,7 +315,9 @@ async def test_installed_proxy_serves_with_the_compiled_accelerator(venv, origin
     assert code == 0, log.read_text()[-4000:]
 
 
-def test_installed_testbed_runs_from_an_unrelated_directory(venv: Path, tmp_path: Path) -> None:
+def test_installed_testbed_runs_from_an_unrelated_directory(
+    testbed_venv: Path, tmp_path: Path
+) -> None:
     """The smallest ramp that still reaches the wall: E=2, K=2, R=100, so connectx holds 400
     of 450 attempts and refuses the rest with the kernel's EADDRNOTAVAIL; its plot too, so
     the dependencies the wheel declares are the ones the testbed needs."""
@@ -310,7 +327,7 @@ def test_installed_testbed_runs_from_an_unrelated_directory(venv: Path, tmp_path
     figures, plot = tmp_path / "testbed.json", tmp_path / "testbed.png"
     run = _run(
         [
-            str(venv / "bin" / "originpool"),
+            str(testbed_venv / "bin" / "originpool"),
             "testbed",
             *("--mode", "connectx", "--egress", "2", "--origins", "2"),
             *("--port-range", "40000-40099", "--sessions", "450", "--hold", "1"),
@@ -326,4 +343,4 @@ def test_installed_testbed_runs_from_an_unrelated_directory(venv: Path, tmp_path
     assert connectx["held"] >= 0.995 * 400 and connectx["lost"] == 0
     assert connectx["failures_before_limit"] == 0
     assert "EADDRNOTAVAIL" in connectx["first_error"]
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib came with the wheel
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib came with the extra
