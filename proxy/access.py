@@ -39,6 +39,7 @@ def response(
     egress: str | list[str] | None,
     client: str,
     request_id: str,
+    http_version: str = "1.1",
 ) -> None:
     """Count one response (``originpool_requests_total{route,status}`` and the latency
     histogram) and write its ``access`` line. ``body_bytes``: body bytes the client got,
@@ -56,5 +57,6 @@ def response(
         "egress": egress,
         "client": client,
         "request_id": request_id,
+        "http_version": http_version,  # "1.0", "1.1" or "2": the client's protocol
     }
     logs.access(fields)

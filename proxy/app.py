@@ -190,7 +190,11 @@ class Worker:
     async def start(self) -> None:
         for spec, sock in zip(self.config.listen, self.sockets.listen, strict=True):
             listener = Listener(
-                self.proxy, sock, _server_tls(spec), proxy_protocol=spec.proxy_protocol
+                self.proxy,
+                sock,
+                _server_tls(spec),
+                proxy_protocol=spec.proxy_protocol,
+                http2=spec.http2,
             )
             self.proxy.listeners.append(listener)
             listener.start()
@@ -244,8 +248,8 @@ class Worker:
         for session in list(self.proxy.sessions):
             session.shutdown()  # Close 1001 both ways; the peers answer and close
         for client in list(self.proxy.clients):
-            if client.exchange is None:
-                client.close()  # idle keep-alive connections go at once
+            # idle keep-alive connections go at once; HTTP/2's get GOAWAY (last stream id)
+            client.drain()
         if self.proxy.clients:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proxy.all_closed.wait(), self.config.timeouts.drain)

@@ -67,6 +67,8 @@ class Listener:
     path: str = "listen"  # its key in the config, for messages: listen[0]
     # a PROXY protocol header (v1 or v2) first on every connection, from a trusted proxy
     proxy_protocol: bool = False
+    # HTTP/2 next to HTTP/1.1: ALPN h2 on TLS, the h2c preface on cleartext (proxy.choose)
+    http2: bool = True
 
     @property
     def tls(self) -> bool:

@@ -94,6 +94,7 @@ LISTEN_KEYS: tuple[str, ...]
 ROUTE_KEYS: tuple[str, ...]
 LISTEN_KEYS = ("address", "tls_cert", "tls_key", "certificates", "certificate_dir", "min_version")
 LISTEN_KEYS += ("proxy_protocol",)
+LISTEN_KEYS += ("http2",)  # false: HTTP/1.1 only (no ALPN h2, no h2c preface)
 ADMIN_KEYS = ("address", "token")
 EGRESS_KEYS = ("mode", "addresses", "allow_unassigned")
 ROUTE_KEYS = ("host", "path_prefix", "origins", "balance", "health_check")
@@ -340,8 +341,9 @@ class _Reader(HealthKeys, TLSKeys, DrainKeys):
                     )
             pairs, directory, min_version = self.listener_tls(table, path, cert is not None)
             pp = self.field(table, path, "proxy_protocol", _boolean, False)
+            h2 = self.field(table, path, "http2", _boolean, True)
             if address is not None:
-                spec = Listener(address, cert, key, pairs, directory, min_version, path, pp)
+                spec = Listener(address, cert, key, pairs, directory, min_version, path, pp, h2)
                 out.append((path, spec))
         self._collisions(out)
         return out

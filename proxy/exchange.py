@@ -636,6 +636,7 @@ class Exchange:
             egress=self.egress_ip,
             client=self.client.peer[0],
             request_id=self.request_id.decode("ascii"),
+            http_version=self.client.http_version,
         )
 
     def _log_upstream_error(

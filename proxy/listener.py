@@ -38,6 +38,7 @@ class Listener:
         ssl_context: ssl.SSLContext | None = None,
         what: str = "listen",
         proxy_protocol: bool = False,
+        http2: bool = True,
     ) -> None:
         """``where``: a socket :mod:`proxy.binding` bound before the workers forked (what
         ``serve`` passes), or an address to bind here (tests; a failure is a BindError).
@@ -47,6 +48,8 @@ class Listener:
         self.proxy_protocol = proxy_protocol  # a reload may change it: read per connection
         self.gate = Gate(self._start, proxy)
         self.ssl = ssl_context
+        # HTTP/2 next to HTTP/1.1, chosen per connection (proxy.choose): by ALPN on TLS
+        self.http2 = http2  # ALPN h2 is offered by the context (proxy.tls.alpn_protocols)
         self.scheme = b"https" if ssl_context is not None else b"http"
         if isinstance(where, socket.socket):
             self.sock = where
@@ -122,7 +125,7 @@ class Listener:
         made: list[Downstream] = []
 
         def protocol() -> Downstream:
-            made.append(self.proxy.protocol(self.scheme, header, key))
+            made.append(self.proxy.protocol(self.scheme, header, key, self.http2))
             return made[0]
 
         def accepted(task: asyncio.Task[Any]) -> None:
@@ -138,8 +141,8 @@ class Listener:
         self._tasks.add(task)
         task.add_done_callback(accepted)
 
-    def _protocol(self) -> Downstream:
-        return self.proxy.protocol(self.scheme)
+    def _protocol(self) -> asyncio.Protocol:
+        return self.proxy.protocol(self.scheme, http2=self.http2)
 
     def _accepted(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

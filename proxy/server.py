@@ -29,8 +29,10 @@ from pool.origin import Origin, OriginPool
 from pool.sockopt import KeepAlive
 from proxy import access, http1, http1_fast, request_id
 from proxy import headers as hdrs
+from proxy.choose import Chooser
 from proxy.exchange import Exchange
 from proxy.http1_fast_client import FastClientSide
+from proxy.http2 import H2Connection
 from proxy.limits import ClientLimits
 from proxy.listener import Listener
 from proxy.proxy_protocol import ProxyHeader
@@ -128,8 +130,17 @@ class Proxy:
         scheme: bytes = b"http",
         header: ProxyHeader | None = None,
         limit_key: bytes | None = None,
-    ) -> Downstream:
-        return Downstream(self, scheme, header, limit_key)
+        http2: bool = False,
+    ) -> asyncio.Protocol:
+        """A client connection's protocol: HTTP/1.1, or with ``http2`` whichever of HTTP/1.1
+        and HTTP/2 the connection turns out to speak (:mod:`proxy.choose`)."""
+        if not http2:
+            return Downstream(self, scheme, header, limit_key)
+        return Chooser(
+            lambda: Downstream(self, scheme, header, limit_key),
+            lambda: H2Connection(self, scheme, header, limit_key),
+            self.settings.header_timeout,
+        )
 
 
 class Downstream(asyncio.Protocol):
@@ -460,6 +471,7 @@ class Downstream(asyncio.Protocol):
             egress=None,
             client=self.peer[0],
             request_id=rid.decode("ascii"),
+            http_version=self.http_version,
         )
 
     def _answer(
@@ -498,6 +510,12 @@ class Downstream(asyncio.Protocol):
             self.resume_reading()
             self._arm(LINGER, self.close)
         return len(response) - response.find(b"\r\n\r\n") - 4 if response else 0
+
+    def drain(self) -> None:
+        """The worker is draining: an idle connection closes now; a busy one after its
+        exchange (exchange_done reads the drain flag)."""
+        if self.exchange is None:
+            self.close()
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

@@ -90,6 +90,11 @@ def new_context(min_version: str = "TLSv1.2") -> ssl.SSLContext:
     return ctx
 
 
+def alpn_protocols(spec: Listener) -> list[str]:
+    """What the listener offers by ALPN: ``h2`` first unless ``http2 = false``."""
+    return ["h2", "http/1.1"] if getattr(spec, "http2", True) else ["http/1.1"]
+
+
 def _configure(ctx: ssl.SSLContext, min_version: str) -> None:
     ctx.minimum_version = MIN_VERSIONS[min_version]
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
@@ -269,6 +274,8 @@ class CertificateSet:
         if not pairs:
             raise TLSError(f"{spec.address[0]}:{spec.address[1]}", "no certificate to serve")
         contexts = [load_pair(p.cert, p.key, new_context(spec.min_version)) for p in pairs]
+        for ctx in contexts:  # the SNI-picked context's ALPN list is the one OpenSSL uses
+            ctx.set_alpn_protocols(alpn_protocols(spec))
         found = cls(default=contexts[0])
         for name, i in Survey.of(spec).owner.items():
             if name.startswith("*."):
@@ -305,6 +312,7 @@ class SNIContext(ssl.SSLContext):
         found = CertificateSet.load(spec)
         ctx = cls(ssl.PROTOCOL_TLS_SERVER)
         _configure(ctx, spec.min_version)
+        ctx.set_alpn_protocols(alpn_protocols(spec))
         # its own certificate is not served: the callback moves every handshake, one without
         # SNI included (OpenSSL 3.0 works without it, measured); kept in case one is not
         default = spec.pairs[0]
