@@ -3,6 +3,8 @@ each mistake named by its key."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from proxy.config import ConfigError, parse
@@ -68,3 +70,32 @@ def test_mistakes_named_by_key(text: str, where: str, says: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse(text)
     assert where in str(e.value) and says in str(e.value)
+
+
+def test_deploy_examples_parse_uncommented() -> None:
+    """deploy/originpool.toml's commented keys of these features, uncommented, are valid and
+    mean what their comments say."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "deploy" / "originpool.toml").read_text()
+
+    def uncomment(after: str) -> str:
+        """The commented TOML lines (a key or a table header, not prose) after ``after``."""
+        block = text.split(after)[1].split("\n\n")[0]
+        lines = [ln[2:] for ln in block.splitlines() if ln.startswith("# ")]
+        return "\n".join(ln for ln in lines if re.match(r"[a-z_]+ = |\[\[", ln))
+
+    listen = uncomment("# comes before the ClientHello.")
+    assert "proxy_protocol = true" in listen
+    limits = uncomment('max_connections = "auto"\n')
+    route = [ln[2:] for ln in text.splitlines() if ln.startswith("# send_proxy_protocol")]
+    doc = (
+        listen
+        + '\n[[routes]]\nhost = "a"\norigins = ["http://127.0.2.1:9000"]\n'
+        + "\n".join(route)
+        + "\n[limits]\n"
+        + limits
+    )
+    c = parse(doc)
+    assert c.listen[0].proxy_protocol and c.routes[0].send_proxy_protocol == "v2"
+    assert c.limits.client_limits() == LimitSettings(100, 20.0, 40, 1.0, 10, 100_000)
