@@ -304,6 +304,7 @@ class H2Stream:
             self.conn.ack(self.id, window)
         self.inbox.clear()
         self.websocket = False
+        self.end_delivered = False  # from here the client's END_STREAM is the session's EOF
         return self, held
 
     # -- proxy.stream.ClientPipe: an RFC 8441 session ----------------------------------------

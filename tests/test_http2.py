@@ -158,6 +158,21 @@ class H2Client:
         await self.read(lambda c: c.ended(sid))
         return self.response(sid)
 
+    async def send_all(self, sid: int, data: bytes, end: bool = False) -> None:
+        """DATA as the stream's and the connection's windows allow, waiting for them."""
+        sent = 0
+        while sent < len(data) or (end and not sent and not data):
+            room = min(self.conn.local_flow_control_window(sid), 16384, len(data) - sent)
+            if room <= 0 and data:
+                await self.read(lambda c: c.conn.local_flow_control_window(sid) > 0)
+                continue
+            last = sent + room == len(data)
+            self.conn.send_data(sid, data[sent : sent + room], end_stream=end and last)
+            self.flush()
+            sent += room
+            if not data:
+                break
+
     def close(self) -> None:
         self.writer.close()
 
