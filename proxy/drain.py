@@ -19,7 +19,8 @@ Two parts:
   idle), and runs the schedule against the worker's live tunnels of that origin: each one
   still open at its time gets Close 1012 to the client and 1001 to the origin. Sessions
   that started after the drain began (a handshake already on its way) are ended at the end
-  of the window.
+  of the window. A worker whose loop is held up closes late, not in a bunch: the rest of
+  the schedule moves back by the delay (the window grows by as much).
 """
 
 from __future__ import annotations
@@ -175,12 +176,19 @@ class Drainer:
     async def _run(self, drain: Drain, sessions: list[Session]) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
+        slot = drain.over / len(sessions) if sessions else 0.0
         for offset, session in zip(
             pace(len(sessions), drain.over, self.rng), sessions, strict=True
         ):
             delay = start + offset - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)  # the schedule itself, not a wait for something
+            behind = loop.time() - (start + offset)
+            if behind > slot / 2:
+                # the loop was held up (a long callback, a stopped process): the rest of
+                # the schedule moves back by as much, rather than firing its overdue closes
+                # together, which would be the burst the pace exists to avoid
+                start += behind
             self._end(drain, session)
         remaining = start + drain.over - loop.time()
         if remaining > 0:

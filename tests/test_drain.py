@@ -161,7 +161,7 @@ async def test_drain_ends_sessions_at_a_pace_with_1012_and_routes_new_ones_elsew
             await until(lambda: all(s.closed_at for s in on_a), over + 5, "A's sessions closed")
             times = [s.closed_at - t0 for s in on_a]  # type: ignore[operator]
             assert [s.code for s in on_a] == [1012] * 8  # Service Restart: reconnect
-            assert all(0 <= t < over + 0.5 for t in times), times
+            assert all(0 <= t < over + 1.0 for t in times), times  # late only if the loop stalls
             share = WINDOW * len(on_a) / over
             assert busiest_half_second(times) <= max(1, 2 * share), times
             assert max(times) - min(times) >= over / 2, times  # paced, not all at once
