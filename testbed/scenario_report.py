@@ -304,8 +304,16 @@ def plot(doc: dict[str, Any], path: str, opens: bool = False) -> None:
         fig, (ax, below) = plt.subplots(
             2, 1, figsize=(11, 7.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]}
         )
-        for origin, points in (doc.get("new_sessions") or {}).items():
-            below.step([p[0] for p in points], [p[1] for p in points], where="post", label=origin)
+        series = doc.get("new_sessions") or {}
+        moments = [p[0] for points in series.values() for p in points]
+        first = min(moments, default=0.0)
+        count = round((max(moments, default=0.0) - first) / 0.5) + 1
+        xs = [first + 0.5 * i for i in range(count)]
+        for origin, points in series.items():
+            # the half seconds without a new session are not in the document: zero here
+            per_bucket = {round((t - first) / 0.5): rate for t, rate in points}
+            ys = [per_bucket.get(i, 0.0) for i in range(count)]
+            below.step(xs, ys, where="post", label=origin)
         below.set_ylabel("new sessions / s at the origin\n(per 0.5 s)")
         below.set_ylim(bottom=0)
         below.grid(alpha=0.3)
