@@ -299,6 +299,10 @@ async def test_two_workers_drain_together_and_the_cli_does_the_same(
         sessions = [await open_session() for _ in range(12)]
         on_a = [s for s in sessions if s.origin == "A"]
         watchers = [asyncio.create_task(watch(s)) for s in sessions]
+        async with httpx.AsyncClient() as admin:  # the admin port sums both workers
+            view = {o["origin"]: o for o in (await admin.get(f"{ADMIN}/origins")).json()}
+        assert view[A]["sessions"] == len(on_a) and view[B]["sessions"] == 12 - len(on_a)
+        assert view[A]["requests_in_flight"] == 0
         out = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "proxy.cli", "drain", A, str(path), "--over", "1s"],
@@ -312,8 +316,9 @@ async def test_two_workers_drain_together_and_the_cli_does_the_same(
         )
         await until(lambda: all(s.closed_at for s in on_a), 6, "A's sessions closed")
         assert {s.code for s in on_a} == {1012}
-        pids = {ln["pid"] for ln in proc.lines if ln.get("event") == "origin_drain_started"}
-        assert len(pids) == 2  # both workers drained
+        drains = [ln for ln in proc.lines if ln.get("event") == "origin_drain_started"]
+        assert len({ln["pid"] for ln in drains}) == 2  # both workers drained
+        assert sum(ln["sessions"] for ln in drains) == len(on_a)  # each its own sessions
         fresh = [await open_session() for _ in range(4)]
         assert {s.origin for s in fresh} == {"B"}
         out = await asyncio.to_thread(
