@@ -97,8 +97,9 @@ class H2Connection:
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
         self.peer = ("", 0)
+        self.local: tuple[str, int] | None = None  # where the client connected, if a header said
         if header is not None and header.source is not None:
-            self.peer = header.source
+            self.peer, self.local = header.source, header.destination
         self.client_ip = b""
         self.trusted_peer = False
         self.closed = False
@@ -135,8 +136,9 @@ class H2Connection:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             log.info("http2_refused", client=f"{self.peer[0]}:{self.peer[1]}", error=str(e))
-            self._flush()
-            self.close()
+            self.goaway_sent = True  # h2 queued its GOAWAY with the error's code
+            self._end_streams()
+            self._linger()
             return
         calm = self.guard.header_backlog(self.h2) or self.guard.count(events)
         if calm:
@@ -358,8 +360,12 @@ class H2Connection:
         if not self.goaway_sent:
             self.goaway_sent = True
             self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
-        self._flush()
-        self.close()
+        self._end_streams()
+        self._linger()  # a close with unread input would reset, and lose the GOAWAY
+
+    def _end_streams(self) -> None:
+        for stream in list(self.streams.values()):
+            stream.client_reset()
 
     def _idle_timeout(self) -> None:
         if self.lingering:
