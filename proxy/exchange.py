@@ -589,7 +589,8 @@ class Exchange:
         if route is None or route.send_proxy is None:
             return b""
         c = self.client
-        local, transport = getattr(c, "local", None), getattr(c, "transport", None)
+        holder = getattr(c, "conn", c)  # an HTTP/2 stream's connection holds the socket
+        local, transport = getattr(holder, "local", None), getattr(holder, "transport", None)
         return preamble(route.send_proxy, c.peer, local, transport)
 
     def respond_error(

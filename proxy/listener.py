@@ -18,7 +18,7 @@ from proxy.proxy_accept import Gate
 from proxy.proxy_protocol import ProxyHeader
 
 if TYPE_CHECKING:
-    from proxy.server import Downstream, Proxy
+    from proxy.server import Proxy
 
 log = structlog.get_logger("originpool.proxy")
 
@@ -122,16 +122,16 @@ class Listener:
         against ``conn_per_ip`` (given back here if no client protocol ever took it on: a
         TLS handshake that failed)."""
         assert self._loop is not None
-        made: list[Downstream] = []
+        made: list[asyncio.Protocol] = []
 
-        def protocol() -> Downstream:
+        def protocol() -> asyncio.Protocol:
             made.append(self.proxy.protocol(self.scheme, header, key, self.http2))
             return made[0]
 
         def accepted(task: asyncio.Task[Any]) -> None:
             self._accepted(task)
             limits = self.proxy.limits
-            unclaimed = not made or made[0].transport is None
+            unclaimed = not made or getattr(made[0], "transport", None) is None
             if key is not None and limits is not None and unclaimed and task.exception():
                 limits.close(key)
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trustme
 
-from proxy.proxy_protocol import build_v1, build_v2
+from proxy.proxy_protocol import ProxyHeader, build_v1, build_v2, parse
 from tests.http_origin import TestOrigin
 from tests.test_serve import Proc
 
@@ -219,3 +220,140 @@ async def test_websocket_handshake_rate(served) -> None:  # type: ignore[no-unty
     assert status(second) == 429
     assert 1 <= int(header(second, b"retry-after") or b"0") <= 10
     assert 'originpool_limited_total{kind="websocket"} 1' in await metrics()
+
+
+class HeaderHTTPOrigin:
+    """An origin behind ``send_proxy_protocol``: reads the PROXY header, then answers each
+    request head with 200 "ok" (keep-alive), recording the header of every connection."""
+
+    def __init__(self) -> None:
+        self.headers: list[ProxyHeader] = []
+        self.requests = 0
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self.server = await asyncio.start_server(self._serve, host, port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = b""
+        try:
+            while not isinstance(header := parse(data), ProxyHeader):
+                chunk = await reader.read(4096)
+                if not chunk:
+                    return
+                data += chunk
+            self.headers.append(header)
+            data = data[header.length :]
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = await reader.read(4096)
+                    if not chunk:
+                        return
+                    data += chunk
+                data = data.split(b"\r\n\r\n", 1)[1]
+                self.requests += 1
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+SEND_PROXY = """
+[[listen]]
+address = "127.0.0.1:8080"
+proxy_protocol = true
+[[listen]]
+address = "127.0.0.1:8443"
+proxy_protocol = true
+tls_cert = "{cert}"
+tls_key = "{key}"
+[admin]
+address = "127.0.0.1:9090"
+[egress]
+addresses = ["127.0.1.1"]
+[[routes]]
+host = "app.example"
+origins = ["http://127.0.2.3:9000"]
+send_proxy_protocol = "v2"
+[[routes]]
+host = "plain.example"
+origins = ["http://127.0.2.1:9000"]
+[timeouts]
+drain = 2
+[log]
+format = "json"
+"""
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+async def test_tls_listener_and_send_proxy_to_the_origin(ns: object, tmp_path: Path) -> None:
+    """A TLS listener with proxy_protocol: curl's header, then its ClientHello, is served;
+    a send_proxy_protocol route's origin gets the client's address in a v2 header on a
+    connection of its own per request, while another route keeps its keep-alive pool."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("app.example")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "both.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    header_origin, plain = HeaderHTTPOrigin(), TestOrigin()
+    await header_origin.start("127.0.2.3", 9000)
+    await plain.start("127.0.2.1", 9000)
+    path = tmp_path / "originpool.toml"
+    pem = str(tmp_path / "both.pem")
+    path.write_text(SEND_PROXY.format(cert=pem, key=pem))
+    proc = Proc(path)
+    try:
+        await asyncio.to_thread(proc.wait_for, "ready")
+        url = "https://app.example:8443/hello"
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [
+                "curl",
+                "-sS",
+                "--haproxy-protocol",
+                "--cacert",
+                str(tmp_path / "ca.pem"),
+                "--resolve",
+                "app.example:8443:127.0.0.1",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0 and out.stdout == "ok", out
+        assert header_origin.headers[0].source is not None
+        assert header_origin.headers[0].source[0] == "127.0.0.1"  # curl's own, through TLS
+        # two requests on one client connection, with a header naming 203.0.113.9
+        front = build_v2(("203.0.113.9", 5555), ("198.51.100.1", 443))
+        two = front + GET + GET
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", 8080))
+        await loop.sock_sendall(sock, two)
+        got = b""
+        async with asyncio.timeout(10):
+            while got.count(b"\r\nok") + got.count(b"\n\nok") < 2:
+                chunk = await loop.sock_recv(sock, 65536)
+                assert chunk, got
+                got += chunk
+        sock.close()
+        later = header_origin.headers[1:]
+        assert [(h.source, h.destination) for h in later] == [
+            (("203.0.113.9", 5555), ("198.51.100.1", 443))
+        ] * 2  # one origin connection per request: never reused for another
+        # the other route: one pooled connection for both requests
+        plain_get = GET.replace(b"app.example", b"plain.example")
+        out2, _ = await exchange(8080, front + plain_get + plain_get)
+        assert status(out2) == 200
+        assert len(plain.connections) == 1
+    finally:
+        assert await asyncio.to_thread(proc.stop) == 0
+        await header_origin.close()
+        await plain.close()
