@@ -129,3 +129,17 @@ async def test_the_proxy_serves_without_the_testbed_extra(origins, tmp_path):
     finally:
         code = await asyncio.to_thread(proc.stop)
     assert code == 0
+
+
+def test_the_packages_are_in_the_testbed_extra_and_the_test_extra_not_the_core():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {r.split(">")[0].split("=")[0].split(";")[0].strip() for r in requirements}
+
+    extras = project["optional-dependencies"]
+    assert set(BLOCKED) <= names(extras["testbed"])
+    assert names(extras["testbed"]) <= names(extras["test"])  # the README's test command
+    assert not set(BLOCKED) & names(project["dependencies"])
