@@ -301,6 +301,11 @@ class Worker:
             self._old_pools.append(self.proxy.pool)
             self.proxy.pool = build_pool(new, self.index)  # old ones finish on their own pool
         self.config = new
+        for client in list(self.proxy.clients):
+            if getattr(client, "http2", False):
+                # GOAWAY (last stream id): its streams finish, the client reconnects and
+                # gets the new settings (an HTTP/2 connection's are fixed at its start)
+                client.drain()
         log.info("reloaded", routes=len(new.routes), egress=[str(e) for e in new.egress.addresses])
 
 

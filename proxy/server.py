@@ -27,12 +27,10 @@ import structlog
 from pool import turnwrite
 from pool.origin import Origin, OriginPool
 from pool.sockopt import KeepAlive
-from proxy import access, http1, http1_fast, request_id
+from proxy import access, choose, http1, http1_fast, request_id
 from proxy import headers as hdrs
-from proxy.choose import Chooser
 from proxy.exchange import Exchange
 from proxy.http1_fast_client import FastClientSide
-from proxy.http2 import H2Connection
 from proxy.limits import ClientLimits
 from proxy.listener import Listener
 from proxy.proxy_protocol import ProxyHeader
@@ -134,13 +132,7 @@ class Proxy:
     ) -> asyncio.Protocol:
         """A client connection's protocol: HTTP/1.1, or with ``http2`` whichever of HTTP/1.1
         and HTTP/2 the connection turns out to speak (:mod:`proxy.choose`)."""
-        if not http2:
-            return Downstream(self, scheme, header, limit_key)
-        return Chooser(
-            lambda: Downstream(self, scheme, header, limit_key),
-            lambda: H2Connection(self, scheme, header, limit_key),
-            self.settings.header_timeout,
-        )
+        return Downstream(self, scheme, header, limit_key, http2)
 
 
 class Downstream(asyncio.Protocol):
@@ -169,6 +161,7 @@ class Downstream(asyncio.Protocol):
         "proxy",
         "reading_paused",
         "scheme",
+        "sniffing",
         "timer",
         "transport",
         "trusted_peer",
@@ -182,8 +175,10 @@ class Downstream(asyncio.Protocol):
         scheme: bytes = b"http",
         header: ProxyHeader | None = None,
         limit_key: bytes | None = None,
+        http2: bool = False,
     ) -> None:
-        """``header``: the PROXY header the connection began with, whose source is then the
+        """``http2``: the connection may turn out to be HTTP/2 (:mod:`proxy.choose`).
+        ``header``: the PROXY header the connection began with, whose source is then the
         client (X-Forwarded-For, the logs, the limits); ``limit_key``: the address it counts
         against ``conn_per_ip`` until it closes (see :mod:`proxy.proxy_accept`)."""
         self.proxy = proxy
@@ -198,6 +193,8 @@ class Downstream(asyncio.Protocol):
         if header is not None and header.source is not None:
             self.peer, self.local = header.source, header.destination
         self.limit_key = limit_key
+        # HTTP/2 may be chosen: the bytes of the preface read so far, else None
+        self.sniffing: bytes | None = choose.WAIT if http2 else None
         self.closed = False
         self.reading_paused = False
         self.write_paused = False
@@ -217,6 +214,11 @@ class Downstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: same interface, no isinstance
         self.transport = cast(asyncio.Transport, transport)
+        if self.sniffing is not None and transport.get_extra_info("ssl_object") is not None:
+            self.sniffing = None  # TLS: the handshake's ALPN has chosen
+            if choose.alpn_h2(transport):
+                choose.to_http2(self, self.transport)
+                return
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         peer = self.peer if self.peer[0] else transport.get_extra_info("peername")
         if peer:
@@ -232,6 +234,15 @@ class Downstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.lingering:
             return  # after an error response: read and drop until EOF or LINGER
+        if self.sniffing is not None:  # the connection's first bytes: HTTP/2's preface?
+            h2, data = choose.sniff(self.sniffing, data)
+            if h2 is None:
+                self.sniffing = data
+                return
+            self.sniffing = None
+            if h2:
+                self._to_http2(data)
+                return
         self._got_bytes = True
         ex = self.exchange
         if ex is not None and ex.tunnel:
@@ -260,6 +271,9 @@ class Downstream(asyncio.Protocol):
         if self.lingering:
             self.close()
             return None
+        if self.sniffing:  # part of a preface, then EOF: HTTP/1.1's to answer
+            held, self.sniffing = self.sniffing, None
+            self.data_received(held)
         ex = self.exchange
         if ex is not None and ex.tunnel:
             ex.tunnel_eof_from_client()
@@ -510,6 +524,17 @@ class Downstream(asyncio.Protocol):
             self.resume_reading()
             self._arm(LINGER, self.close)
         return len(response) - response.find(b"\r\n\r\n") - 4 if response else 0
+
+    def _to_http2(self, data: bytes) -> None:
+        """The preface: the connection is HTTP/2's from here, counted once, as its."""
+        assert self.transport is not None
+        self._disarm()
+        self.closed = True  # nothing of HTTP/1.1 runs for it any more
+        self.http.release()
+        self.proxy.clients.discard(self)
+        self.proxy.stats.connections -= 1
+        self.proxy.stats.connections_total -= 1
+        choose.to_http2(self, self.transport, data)
 
     def drain(self) -> None:
         """The worker is draining: an idle connection closes now; a busy one after its

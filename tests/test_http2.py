@@ -390,3 +390,31 @@ def test_listener_http2_key_in_the_config() -> None:
     with pytest.raises(ConfigError) as info:
         parse(base.format('http2 = "no"'), "t.toml")
     assert any("listen.http2" in p for p in info.value.problems), info.value.problems
+
+
+async def test_a_preface_split_across_reads_is_still_http2(rig: Rig) -> None:
+    """The preface may come in pieces; until it is whole (or not a preface) the connection
+    is counted as a client like any other."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+    piece = H2Client(reader, writer)
+    piece.conn.initiate_connection()
+    data = piece.conn.data_to_send()
+    writer.write(data[:10])
+    await writer.drain()
+    deadline = time.monotonic() + 5
+    while not rig.proxy.clients:  # counted (and header-timed) before it is known
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    writer.write(data[10:])
+    head, body = await piece.get("/hello")
+    assert head[b":status"] == b"200" and body.startswith(b"hello")
+    assert len(rig.proxy.clients) == 1 and rig.proxy.stats.connections_total == 1
+    piece.close()
+
+
+async def test_bytes_that_only_start_like_the_preface_are_http1(rig: Rig) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+    writer.write(b"PRI * HTTP/1.1\r\nHost: app.test\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(65536), 5)
+    assert answer.startswith(b"HTTP/1.1 4"), answer[:40]
+    writer.close()
