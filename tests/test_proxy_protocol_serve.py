@@ -5,8 +5,10 @@ answered 429 with Retry-After or reset at accept, each counted in /metrics."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -357,3 +359,42 @@ async def test_tls_listener_and_send_proxy_to_the_origin(ns: object, tmp_path: P
         assert await asyncio.to_thread(proc.stop) == 0
         await header_origin.close()
         await plain.close()
+
+
+async def test_reload_turns_both_on_for_new_connections(ns: object, tmp_path: Path) -> None:
+    """SIGHUP with proxy_protocol and a rate set where there were none: the next connection
+    must bring a header and the next requests meet the bucket; a connection open across the
+    reload keeps being served as it began."""
+    origin = TestOrigin()
+    await origin.start("127.0.2.1", 9000)
+    path = tmp_path / "originpool.toml"
+    before = CONFIG.replace("proxy_protocol = true\n", "").split("[limits]")[0]
+    path.write_text(before + '[timeouts]\ndrain = 2\n[log]\nformat = "json"\n')
+    proc = Proc(path)
+    try:
+        await asyncio.to_thread(proc.wait_for, "ready")
+        first, kept = await exchange(8080, GET, keep=True)
+        assert status(first) == 200 and kept is not None
+        assert "originpool_limited_total" not in await metrics()  # off: not even rendered
+        path.write_text(CONFIG.replace("rate_burst = 4", "rate_burst = 2"))
+        os.kill(proc.p.pid, signal.SIGHUP)
+        await asyncio.to_thread(proc.wait_for, "reloaded")
+        bare, _ = await exchange(8080, GET)
+        assert bare == b""  # a header is required from now on
+        head = build_v1(("192.0.2.20", 1), ("127.0.0.1", 8080))
+        got = [status((await exchange(8080, head + GET))[0]) for _ in range(3)]
+        assert got == [200, 200, 429]
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(kept, GET)  # began without a header: still served
+        again = b""
+        async with asyncio.timeout(10):
+            while not _whole(again):
+                chunk = await loop.sock_recv(kept, 65536)
+                assert chunk
+                again += chunk
+        assert status(again) in (200, 429)  # its address (127.0.0.1) now has a bucket too
+        kept.close()
+    finally:
+        code = await asyncio.to_thread(proc.stop)
+        await origin.close()
+    assert code == 0, [ln for ln in proc.lines if ln.get("level") in ("error", "critical")]
