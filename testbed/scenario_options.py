@@ -62,8 +62,9 @@ def resolve(options: Options) -> None:
     """Per-scenario defaults for what the user did not say (in place)."""
     from testbed.scenarios.base import set_default
 
-    scenario_of(options).defaults()
-    if options.scenario != "ramp":
+    scenario = scenario_of(options)
+    scenario.defaults()
+    if "tw_reuse" in scenario.takes:
         set_default(options, tw_reuse=TW_REUSE)
 
 
