@@ -4,7 +4,10 @@
     JSON, one object per origin: ``state`` (active, draining, down), ``by``, ``reason``,
     ``sessions``, ``requests_in_flight``, ``last_check`` (the health checks'), the admission
     settings. On the admin port (worker 0) counts are the whole proxy's, each sibling's
-    ``/origins?scope=worker`` summed in, as ``/metrics`` is (:mod:`proxy.metrics_sum`).
+    ``/origins?scope=worker`` summed in, as ``/metrics`` is (:mod:`proxy.metrics_sum`); an
+    origin whose state differs between workers (a health verdict) gets ``state_by_worker``;
+    when a sibling does not answer, the list comes as ``{"origins": [...],
+    "workers_missing": {index: reason}}`` so the gap is not silent.
 ``POST /origins/drain?origin=URL&over=SECONDS``
     ``202 {"origin", "sessions", "over_s"}``: from now on the origin takes no new request
     or session, and its sessions are ended over the window (:mod:`proxy.drain`). ``over``
