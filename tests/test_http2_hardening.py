@@ -236,3 +236,30 @@ async def test_a_stalled_request_body_and_an_idle_connection_time_out(ns) -> Non
         raw.close()
     finally:
         await close_rig(rig)
+
+
+async def test_a_client_that_opens_no_window_pauses_its_origin(rig: Rig) -> None:
+    """Flow control toward the client: a stream whose client grants no window holds at most
+    ~STREAM_HIGH bytes in the proxy; the origin connection stops being read, so a 64 MiB
+    response is never buffered whole."""
+    from proxy.http2 import H2Connection
+    from proxy.http2_stream import STREAM_HIGH
+
+    raw = await Raw.open(rig.port)
+    raw.send(raw.headers(1, f"/big/{64 << 20}"))  # and never a WINDOW_UPDATE
+    deadline = time.monotonic() + 10
+    stream = None
+    while True:
+        assert time.monotonic() < deadline, "the origin was never paused"
+        conns = [c for c in rig.proxy.clients if isinstance(c, H2Connection)]
+        stream = conns[0].streams.get(1) if conns else None
+        handler = stream.handler if stream is not None else None
+        upstream = getattr(handler, "conn", None)
+        if upstream is not None and not upstream.transport.is_reading():
+            break
+        await asyncio.sleep(0.01)
+    held = len(stream.out)
+    assert STREAM_HIGH < held < STREAM_HIGH + (1 << 20)
+    await asyncio.sleep(0.3)  # paused stays paused: nothing more is read or held
+    assert len(stream.out) == held and not upstream.transport.is_reading()
+    raw.close()
