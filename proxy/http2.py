@@ -120,7 +120,7 @@ class H2Connection:
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+        self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         peer = self.peer if self.peer[0] else transport.get_extra_info("peername")
         if peer:
             self.peer = (str(peer[0]), int(peer[1]))
@@ -154,6 +154,7 @@ class H2Connection:
 
     def _handle(self, events: list[h2.events.Event]) -> None:
         started: list[tuple[H2Stream, list[tuple[bytes, bytes]], bool]] = []
+        stream: H2Stream | None
         for event in events:
             if isinstance(event, h2.events.RequestReceived):
                 stream = H2Stream(self, event.stream_id)
@@ -404,7 +405,7 @@ class H2Connection:
         self.closed = True
         self._idle.stop()
         proxy = self.proxy
-        proxy.clients.discard(self)  # type: ignore[arg-type]
+        proxy.clients.discard(self)
         proxy.stats.connections -= 1
         if self.limit_key is not None and proxy.limits is not None:
             proxy.limits.close(self.limit_key)

@@ -46,17 +46,45 @@ class ClientStream(Protocol):
     exchange answers 502 for it.
     """
 
-    # -- facts of the client ------------------------------------------------------------------
-    proxy: Proxy  # the worker's shared state (routes, pool, settings, counters)
-    peer: tuple[str, int]
-    client_ip: bytes  # for X-Forwarded-For
-    scheme: bytes  # b"http" or b"https": X-Forwarded-Proto
-    trusted_peer: bool  # its X-Forwarded-* and X-Request-ID are kept
-    http_version: str  # "1.1" (or "1.0") or "2": the access line's
-    closed: bool  # the client is gone: nothing more can be sent
-    write_paused: bool  # the client's send buffer (or stream window) is full
-    whole: bool  # the upstream codec has ``feed_whole`` (the fast codecs' shortcut)
-    timer: Timer  # the exchange's one deadline (response, body); per stream, not shared
+    # -- facts of the client (read-only: attributes or properties) ---------------------------
+    @property
+    def proxy(self) -> Proxy:
+        """The worker's shared state (routes, pool, settings, counters)."""
+
+    @property
+    def peer(self) -> tuple[str, int]: ...
+
+    @property
+    def client_ip(self) -> bytes:
+        """For X-Forwarded-For."""
+
+    @property
+    def scheme(self) -> bytes:
+        """b"http" or b"https": X-Forwarded-Proto."""
+
+    @property
+    def trusted_peer(self) -> bool:
+        """Its X-Forwarded-* and X-Request-ID are kept."""
+
+    @property
+    def http_version(self) -> str:
+        """ "1.1" (or "1.0") or "2": the access line's."""
+
+    @property
+    def closed(self) -> bool:
+        """The client is gone: nothing more can be sent."""
+
+    @property
+    def write_paused(self) -> bool:
+        """The client's send buffer (or stream window) is full."""
+
+    @property
+    def whole(self) -> bool:
+        """The upstream codec has ``feed_whole`` (the fast codecs' shortcut)."""
+
+    @property
+    def timer(self) -> Timer:
+        """The exchange's one deadline (response, body); per stream, not shared."""
 
     # -- request side -------------------------------------------------------------------------
     def check_request_body(self) -> None:
@@ -111,9 +139,15 @@ class ClientStream(Protocol):
 class ClientPipe(Protocol):
     """A byte pipe to the client, as :class:`proxy.tunnel.Tunnel` sees it."""
 
-    proxy: Proxy
-    closed: bool
-    timer: Timer  # the session's idle and close-wait deadline
+    @property
+    def proxy(self) -> Proxy: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def timer(self) -> Timer:
+        """The session's idle and close-wait deadline."""
 
     def attach(self, tunnel: Tunnel) -> None:
         """Route the client's bytes, EOF, loss and back-pressure to ``tunnel`` from now on."""
