@@ -47,7 +47,7 @@ def to_http2(down: Downstream, transport: asyncio.Transport, data: bytes = b"") 
     """Hand ``down``'s transport to a new HTTP/2 connection: ``down`` leaves the worker's
     client set as if never counted (its counts go to the new one) and feeds ``data``."""
     h2 = H2Connection(down.proxy, down.scheme, None, down.limit_key)
-    h2.peer = down.peer  # a PROXY header's source, when one was read
+    h2.peer, h2.local = down.peer, down.local  # a PROXY header's source and destination
     down.limit_key = None  # now the HTTP/2 connection's to give back
     transport.set_protocol(h2)  # type: ignore[arg-type]
     h2.connection_made(transport)
