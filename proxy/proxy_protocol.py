@@ -129,25 +129,29 @@ def _parse_v1(data: bytes) -> ProxyHeader | NeedData:
 
 
 def _v1_address(text: str, family: int) -> str:
+    # inet_pton: the kernel's own reading (no leading zeros in IPv4, no scope id in IPv6),
+    # and ~10x faster than ipaddress
     try:
-        if "%" in text:  # a scope id names an interface of the sender's host, not an address
-            raise ValueError(text)
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        raise ProxyProtocolError("address", f"{text[:46]!r} is not an IP address") from None
-    want = 4 if family == socket.AF_INET else 6
-    if address.version != want:
-        raise ProxyProtocolError("address", f"{text!r} is not IPv{want}")
-    return _spelling(address)
+        packed = socket.inet_pton(family, text)
+    except (OSError, ValueError):
+        want = 4 if family == socket.AF_INET else 6
+        raise ProxyProtocolError("address", f"{text[:46]!r} is not an IPv{want} address") from None
+    return _spelling(packed)
 
 
-def _spelling(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    """One spelling per address, whichever version said it: an IPv4-mapped IPv6 address (a
-    dual-stack balancer's IPv4 client) is the IPv4 address, so the trust check, the limits'
-    key and X-Forwarded-For see the same client either way."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
+_MAPPED: Final = bytes(10) + b"\xff\xff"
+
+
+def _spelling(packed: bytes) -> str:
+    """One spelling per address, the socket module's (inet_ntop, as a peer's address reads),
+    whichever version said it: an IPv4-mapped IPv6 address (a dual-stack balancer's IPv4
+    client) is the IPv4 address, so the trust check, the limits' key and X-Forwarded-For see
+    the same client either way."""
+    if len(packed) == 4:
+        return socket.inet_ntop(socket.AF_INET, packed)
+    if packed[:12] == _MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed)
 
 
 def _v1_port(text: str) -> int:
@@ -192,8 +196,8 @@ def _parse_v2(data: bytes, max_v2: int) -> ProxyHeader | NeedData:
         return ProxyHeader(2, "proxy", None, None, total, tlvs)
     width = _FAMILIES[family]
     block = data[V2_HEAD : V2_HEAD + need]
-    src = _spelling(ipaddress.ip_address(block[:width]))
-    dst = _spelling(ipaddress.ip_address(block[width : 2 * width]))
+    src = _spelling(block[:width])
+    dst = _spelling(block[width : 2 * width])
     sport, dport = struct.unpack_from("!HH", block, 2 * width)
     return ProxyHeader(2, "proxy", (src, sport), (dst, dport), total, tlvs)
 
@@ -251,5 +255,6 @@ def build_v1(source: Address | None, destination: Address | None) -> bytes:
         return b"PROXY UNKNOWN\r\n"
     version, src, dst = _pair(source, destination)
     name = "TCP4" if version == 4 else "TCP6"
-    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    af = socket.AF_INET if version == 4 else socket.AF_INET6
+    s, d = socket.inet_ntop(af, src), socket.inet_ntop(af, dst)
     return f"PROXY {name} {s} {d} {source[1]} {destination[1]}\r\n".encode("ascii")
