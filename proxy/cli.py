@@ -106,11 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="the WebSocket origin scenario end to end: how many sessions each egress mode "
         "holds against the physical limit, in a namespace of its own (root)",
     )
-    from testbed.cli import add_arguments
-
+    try:
+        from testbed.cli import add_arguments
+    except ImportError as e:
+        # the proxy serves without its testbed (an install that left testbed/ out): only
+        # `originpool testbed` says so, with what would bring it
+        testbed.set_defaults(func=_no_testbed, why=str(e))
+        return parser
     add_arguments(testbed)
     testbed.set_defaults(func=_run_testbed)
     return parser
+
+
+def _no_testbed(args: argparse.Namespace) -> int:
+    print(
+        f"originpool testbed: the testbed package cannot be imported ({args.why}); install "
+        "originpool with its extra: pip install 'originpool[testbed]' (pip install -e "
+        "'.[testbed]' in a checkout)",
+        file=sys.stderr,
+    )
+    return 2
 
 
 class _VersionAction(argparse.Action):

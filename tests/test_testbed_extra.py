@@ -143,3 +143,24 @@ def test_the_packages_are_in_the_testbed_extra_and_the_test_extra_not_the_core()
     assert set(BLOCKED) <= names(extras["testbed"])
     assert names(extras["testbed"]) <= names(extras["test"])  # the README's test command
     assert not set(BLOCKED) & names(project["dependencies"])
+
+
+def test_without_the_testbed_package_the_proxy_cli_works_and_testbed_says_why(tmp_path):
+    """An install that left testbed/ out (or a venv made before it moved there): every other
+    command still parses and runs; ``originpool testbed`` names what to install."""
+    env = blocked_env(tmp_path)
+    site = tmp_path / "site" / "sitecustomize.py"
+    site.write_text(site.read_text().replace(repr(BLOCKED), repr((*BLOCKED, "testbed"))))
+    check = run_python("import proxy.cli; proxy.cli.build_parser(); import testbed", env)
+    assert "No module named 'testbed'" in check.stderr  # the block holds
+    assert "build_parser" not in check.stderr  # and the parser was built before it
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "testbed"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "originpool[testbed]" in done.stderr, done.stderr
+    version = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "--version"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env}, timeout=60,
+    )  # fmt: skip
+    assert version.returncode == 0 and version.stdout.startswith("originpool "), version.stderr
