@@ -347,6 +347,11 @@ class H2Stream:
         self.timer.stop()
         if self._body_timer is not None:
             self._body_timer.stop()
+        # DATA nobody will take still counts against the connection's window: give it back,
+        # or a few refused uploads would stall every other stream of the connection
+        for _, window in self.inbox:
+            self.conn.ack(self.id, window)
+        self.inbox.clear()
         self.conn.stream_over(self)
 
     def client_reset(self) -> None:

@@ -418,3 +418,20 @@ async def test_bytes_that_only_start_like_the_preface_are_http1(rig: Rig) -> Non
     answer = await asyncio.wait_for(reader.read(65536), 5)
     assert answer.startswith(b"HTTP/1.1 4"), answer[:40]
     writer.close()
+
+
+async def test_refused_uploads_give_their_window_back(rig: Rig) -> None:
+    """Uploads answered before they are read (no route: 421) must not eat the connection's
+    flow-control window: after several of 40 KiB each, a normal upload still goes through."""
+    client = await H2Client.open(rig.port)
+    for _ in range(4):  # 4 x 40 KiB > the connection's 64 KiB window
+        sid = client.request("/up", "POST", end=False, authority=b"nowhere.test")
+        await client.send_all(sid, b"x" * 40000, end=True)
+        await client.read(lambda c, s=sid: c.ended(s))
+        assert client.response(sid)[0][b":status"] == b"421"
+    sid = client.request("/echo", "POST", [(b"content-length", b"50000")], end=False)
+    await client.send_all(sid, b"y" * 50000, end=True)
+    await client.read(lambda c: c.ended(sid), timeout=10)
+    head, body = client.response(sid)
+    assert head[b":status"] == b"200" and body == b"y" * 50000
+    client.close()
