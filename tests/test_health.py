@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
@@ -352,3 +353,44 @@ async def test_reload_keeps_the_verdict_and_a_removed_check_marks_the_origin_up(
     rig.checker.configure({})
     assert rig.state(o1) is State.ACTIVE
     assert rig.states.entry(o1).reason == "health check removed"
+
+
+# -- https origins: the check's TLS is the traffic's (SNI, verification) -------------------------
+
+
+async def test_https_origin_checked_with_sni_and_verification(ns, tmp_path):
+    from pool.origin import Resolver, TLSConfig
+    from proxy.health_probe import probe
+
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("origin.test")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    server = TestOrigin()
+    await server.start(*O1, ssl_ctx=server_ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+
+    async def lookup(host: str, port: int) -> list[str]:
+        return [O1[0]]
+
+    pool = OriginPool(
+        EgressSet(list(EGRESS)),
+        tls=TLSConfig(ca_file=str(ca_file)),
+        resolver=Resolver(lookup=lookup),
+    )
+    origin = Origin("https", "origin.test", O1[1])
+    try:
+        http = await probe(pool, origin, FAST, pool.tls.context())
+        assert (http.result, http.status) == ("pass", 200), http
+        assert server.sni == ["origin.test"]
+        tcp = await probe(pool, origin, HealthCheck(timeout=1), pool.tls.context())
+        assert tcp.result == "pass" and "TLS handshake" in tcp.detail
+        # a certificate the proxy would refuse for traffic fails the check too
+        untrusted = await probe(pool, origin, FAST, ssl.create_default_context())
+        assert untrusted.result == "connect" and "CERTIFICATE_VERIFY_FAILED" in untrusted.detail
+        assert untrusted.egress in EGRESS
+    finally:
+        await pool.close()
+        await server.close()
