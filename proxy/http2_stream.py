@@ -10,6 +10,7 @@ takes it, and a response waits in ``out`` for the client's window, pausing its o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
@@ -186,15 +187,13 @@ class H2Stream:
         self, status: int, headers: Sequence[tuple[bytes, bytes]] = (), reason: bytes = b""
     ) -> None:
         if not self.closed and status != 101:
-            self.conn.h2.send_headers(self.id, _fields(status, headers))
-            self.conn.kick()
+            self._headers(_fields(status, headers))
 
     def send_head(self, status: int, headers: Sequence[tuple[bytes, bytes]], reason: bytes) -> None:
         if self.closed:
             return
-        self.conn.h2.send_headers(self.id, _fields(status, headers))
+        self._headers(_fields(status, headers))
         self.head_sent = True
-        self.conn.kick()
 
     def send_body(self, data: bytes) -> None:
         if data and not self.closed:
@@ -212,31 +211,50 @@ class H2Stream:
         if self.closed:
             return
         if not body:
-            self.conn.h2.send_headers(self.id, _fields(status, headers), end_stream=True)
-            self.head_sent = self.out_done = True
-            self._after_end()
-            self.conn.kick()
+            if self._headers(_fields(status, headers), end_stream=True):
+                self.head_sent = self.out_done = True
+                self._after_end()
             return
         self.send_head(status, headers, reason)
         self.out += body
         self.out_end = True
         self.pump()
 
+    def _headers(self, fields: list[tuple[bytes, bytes]], end_stream: bool = False) -> bool:
+        try:
+            self.conn.h2.send_headers(self.id, fields, end_stream=end_stream)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self._lost()
+            return False
+        self.conn.kick()
+        return True
+
+    def _lost(self) -> None:
+        """h2 refused a send: the stream (or the connection) closed under us, by frames
+        read in the same turn. What is sent from here is dropped; the handler hears of it
+        on the next loop turn, outside the call that was sending."""
+        self.closed = True
+        self.out.clear()
+        asyncio.get_running_loop().call_soon(self.client_reset)
+
     def pump(self) -> None:
         """Send what the client's window allows; pause or resume the origin to match."""
         h2c = self.conn.h2
         out = self.out
-        while out and not self.closed:
-            room = min(h2c.local_flow_control_window(self.id), h2c.max_outbound_frame_size)
-            if room <= 0:
-                break
-            piece = bytes(out[:room])
-            del out[:room]
-            h2c.send_data(self.id, piece)
-        if not out and self.out_end and not self.out_done and not self.closed:
-            h2c.end_stream(self.id)
-            self.out_done = True
-            self._after_end()
+        try:
+            while out and not self.closed:
+                room = min(h2c.local_flow_control_window(self.id), h2c.max_outbound_frame_size)
+                if room <= 0:
+                    break
+                piece = bytes(out[:room])
+                del out[:room]
+                h2c.send_data(self.id, piece)
+            if not out and self.out_end and not self.out_done and not self.closed:
+                h2c.end_stream(self.id)
+                self.out_done = True
+                self._after_end()
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self._lost()
         handler = self.handler
         if len(out) > STREAM_HIGH and not self.write_paused_own:
             self.write_paused_own = True
@@ -296,9 +314,8 @@ class H2Stream:
             if n.lower() not in (b"sec-websocket-accept", b"upgrade", b"connection")
         ]
         if not self.closed:
-            self.conn.h2.send_headers(self.id, _fields(200, keep))
+            self._headers(_fields(200, keep))
             self.head_sent = True
-            self.conn.kick()
         held = b"".join(d for d, _ in self.inbox)
         for _, window in self.inbox:
             self.conn.ack(self.id, window)
