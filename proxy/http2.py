@@ -130,6 +130,7 @@ class H2Connection:
         proxy.clients.add(self)  # type: ignore[arg-type]
         proxy.stats.connections += 1
         proxy.stats.connections_total += 1
+        proxy.stats.http2_connections_total += 1
         self.h2.initiate_connection()
         self._flush()
         self._idle.arm(proxy.settings.header_timeout, self._idle_timeout)

@@ -79,6 +79,7 @@ class Stats:
     bytes_out: int = 0  # origin -> client body bytes
     connections: int = 0
     connections_total: int = 0
+    http2_connections_total: int = 0  # of connections_total: those that spoke HTTP/2
     ws_active: int = 0
     ws_total: int = 0
 

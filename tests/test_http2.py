@@ -191,6 +191,11 @@ async def test_h2c_prior_knowledge_get_reaches_the_route(rig: Rig) -> None:
     sids = [client.request(f"/hello?{i}") for i in range(20)]
     await client.read(lambda c: all(c.ended(s) for s in sids))
     assert all(client.response(s)[0][b":status"] == b"200" for s in sids)
+    assert rig.proxy.stats.http2_connections_total == rig.proxy.stats.connections_total == 1
+    from proxy.admin import proxy_samples
+
+    [sample] = [s for s in proxy_samples(rig.proxy) if "http2" in s.name]
+    assert sample.name == "originpool_http2_connections_total" and sample.value == 1
     client.close()
 
 
