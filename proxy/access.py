@@ -40,6 +40,7 @@ def response(
     client: str,
     request_id: str,
     http_version: str = "1.1",
+    trace_id: str | None = None,
 ) -> None:
     """Count one response (``originpool_requests_total{route,status}`` and the latency
     histogram) and write its ``access`` line. ``body_bytes``: body bytes the client got,
@@ -59,4 +60,6 @@ def response(
         "request_id": request_id,
         "http_version": http_version,  # "1.0", "1.1" or "2": the client's protocol
     }
+    if trace_id is not None:  # [tracing] enabled: the W3C trace id (proxy.observe)
+        fields["trace_id"] = trace_id
     logs.access(fields)

@@ -34,6 +34,7 @@ from proxy.drain import Drainer
 from proxy.health import HealthChecker, install
 from proxy.limits import ClientLimits
 from proxy.metrics_sum import siblings
+from proxy.observe import build_tracer
 from proxy.routing import Route, Router
 from proxy.server import Listener, Proxy, Settings
 
@@ -51,6 +52,7 @@ def build_router(config: cfg.Config, states: OriginStates | None = None) -> Rout
                 [(o.origin, o.weight) for o in r.origins],
                 r.balance,
                 send_proxy=r.send_proxy_protocol,
+                headers=r.headers,
             )
             for r in config.routes
         ),
@@ -171,6 +173,7 @@ class Worker:
             build_router(config, self.states), build_pool(config, index), build_settings(config)
         )
         self.proxy.limits = client_limits(config)
+        self.proxy.tracer = build_tracer(config.tracing)  # None unless [tracing] enabled
         self.admin = Admin(self.proxy)
         # active checks and passive ejection per origin: proxy.health (each worker its own)
         workers = config.proxy.workers
@@ -257,6 +260,9 @@ class Worker:
             client.abort()
         await self.health.close()
         await self.proxy.pool.close()
+        tracer = self.proxy.tracer
+        if tracer is not None and tracer.sink is not None:
+            await asyncio.to_thread(tracer.sink.shutdown)  # the spans still held, exported
         for pool in self._old_pools:
             await pool.close()
         await self.admin.close()
@@ -280,6 +286,7 @@ class Worker:
             tls.renew(listener.ssl, spec)  # renewed certificates; a failure keeps the old
             listener.proxy_protocol = spec.proxy_protocol  # for connections accepted from now
         self.proxy.router = build_router(new, self.states)
+        self.proxy.tracer = build_tracer(new.tracing, self.proxy.tracer)
         self.states.configure(origin_limits(new))
         # an origin no route names any more is drained over drain_over, not kept until its
         # sessions end; one a route names again is admitted again

@@ -15,6 +15,7 @@ from pool.egress import Egress, EgressSet, Mode
 from pool.health_state import HealthCheck
 from pool.origin import Origin, PoolLimits, TLSConfig
 from pool.sockopt import KeepAlive
+from proxy.header_rules import HeaderRules
 from proxy.limits import LimitSettings
 
 Address = tuple[str, int]
@@ -125,6 +126,8 @@ class Route:
     balance: Balance = "round_robin"
     # "v2"/"v1": a PROXY header on each connection to the origin, which is then not reused
     send_proxy_protocol: Literal["v1", "v2"] | None = None
+    # [routes.headers]: header rules and strip_prefix, compiled (proxy.header_rules)
+    headers: HeaderRules | None = None
 
     @property
     def wildcard(self) -> bool:
@@ -247,6 +250,23 @@ class LogSettings:
     error_file: str | None = None
 
 
+EXPORTERS = ("none", "otlp")
+
+
+@dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """``[tracing]``: W3C traceparent to origins and the trace id in the log lines when
+    ``enabled``; ``exporter = "otlp"`` also sends one span per request and per WebSocket
+    session to ``endpoint`` (OTLP over HTTP; the ``otel`` extra), ``sample_ratio`` of new
+    traces sampled (a kept trace keeps its caller's decision)."""
+
+    enabled: bool = False
+    exporter: Literal["none", "otlp"] = "none"
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    service_name: str = "originpool"
+    sample_ratio: float = 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """A complete, valid configuration; built only by ``proxy.config``'s ``load`` / ``parse``."""
@@ -265,6 +285,7 @@ class Config:
     source: str = "<string>"
     admin_token: str | None = None  # [admin] token: Bearer required on the admin listener
     drain_over: float = 30.0  # [websocket] drain_over: see proxy.config_drain
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
     @property
     def admission(self) -> dict[Origin, tuple[float, float]]:

@@ -45,6 +45,7 @@ from proxy.config_model import (
     UpstreamTLS,
 )
 from proxy.config_tls import TLSKeys
+from proxy.config_trace import TraceKeys
 from proxy.config_values import (
     _auto,
     _boolean,
@@ -88,6 +89,7 @@ TOP_KEYS = (
     "log",
     "tcp_keepalive",
     "websocket",
+    "tracing",
 )
 # tuples grown below by the keys each feature adds
 LISTEN_KEYS: tuple[str, ...]
@@ -100,6 +102,7 @@ EGRESS_KEYS = ("mode", "addresses", "allow_unassigned")
 ROUTE_KEYS = ("host", "path_prefix", "origins", "balance", "health_check")
 ORIGIN_KEYS = ("url", "weight", "health_check", *ADMISSION_KEYS)
 ROUTE_KEYS += ("send_proxy_protocol",)
+ROUTE_KEYS += ("headers",)  # [routes.headers]: proxy.config_trace
 
 _d = _POOL_DEFAULTS
 POOL_FIELDS: dict[str, tuple[Check, Any]] = {
@@ -154,7 +157,7 @@ def _password_refused() -> bytes:
     return b""
 
 
-class _Reader(HealthKeys, TLSKeys, DrainKeys):
+class _Reader(HealthKeys, TLSKeys, DrainKeys, TraceKeys):
     """One pass over a decoded document; ``problems`` in the order found."""
 
     def __init__(self, source: str, base_dir: Path) -> None:
@@ -271,6 +274,7 @@ class _Reader(HealthKeys, TLSKeys, DrainKeys):
         admin_table = data.get("admin")
         token = self.admin_token(admin_table if isinstance(admin_table, Mapping) else {})
         drain_over = self.drain_over(data)
+        tracing = self.tracing(data)
         self.admission_conflicts(
             [
                 (f"routes[{i}].origins[{j}]", ro.origin, (ro.max_session_rate, ro.slow_start))
@@ -295,6 +299,7 @@ class _Reader(HealthKeys, TLSKeys, DrainKeys):
             source=self.source,
             admin_token=token,
             drain_over=drain_over,
+            tracing=tracing,
         )
 
     def listeners(self, data: Mapping[str, Any]) -> list[tuple[str, Listener]]:
@@ -445,6 +450,7 @@ class _Reader(HealthKeys, TLSKeys, DrainKeys):
             prefix = self.field(table, path, "path_prefix", _path_prefix, "/")
             balance = self.field(table, path, "balance", _choice(BALANCES), "round_robin")
             proxy_to = self.field(table, path, "send_proxy_protocol", send_proxy, None)
+            rules = self.route_headers(table, path)
             self.route_health = self.health_check(table, path)
             origins = self.route_origins(table, path, families)
             if host is None or origins is None:
@@ -457,7 +463,7 @@ class _Reader(HealthKeys, TLSKeys, DrainKeys):
                 )
                 continue
             seen[host, prefix] = path
-            out.append(Route(host, prefix, origins, balance, proxy_to))
+            out.append(Route(host, prefix, origins, balance, proxy_to, rules))
         self.health_conflicts(
             [
                 (f"routes[{i}].origins[{j}]", ro.origin, ro.health_check)

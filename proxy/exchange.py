@@ -27,14 +27,15 @@ import structlog
 
 from pool.egress import EgressExhausted, EgressLost
 from pool.origin import Origin, PoolError, UpstreamConnection
-from proxy import access, health, http1, request_id
 from proxy import headers as hdrs
+from proxy import health, http1, observe, request_id
 from proxy import websocket as ws
 from proxy.exchange_state import BODY, CONNECTING, OVER, RESENDING, SENT, STREAMING, WAITING
 from proxy.limits import ClientLimits, retry_after
 from proxy.proxy_accept import preamble
 from proxy.routing import Route, session_refusal
 from proxy.target import resolve
+from proxy.tracecontext import inject as inject_trace
 from proxy.tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ class Exchange:
         "sent",
         "started",
         "status",
+        "trace",
         "upstream",
         "websocket",
     )
@@ -133,6 +135,10 @@ class Exchange:
                     rid = request_id.accept(value)
                     break
         self.request_id = rid or request_id.new()
+        tracer = self.proxy.tracer  # None unless [tracing] enabled: one check per request
+        self.trace = (
+            None if tracer is None else tracer.request_started(head.headers, client.trusted_peer)
+        )
 
     # -- the state, as the client side asks it ------------------------------------------------
 
@@ -164,7 +170,7 @@ class Exchange:
         """The request head's fields as the origin gets them: the one place they are made."""
         head = self.head
         client = self.client
-        return hdrs.to_origin(
+        out = hdrs.to_origin(
             head.headers,
             client_ip=client.client_ip,
             scheme=client.scheme,
@@ -174,10 +180,20 @@ class Exchange:
             request_id=self.request_id,
             websocket=self.websocket,
         )
+        if self.trace is not None:
+            inject_trace(out, self.trace)
+        rules = self.route.headers if self.route is not None else None
+        if rules is not None:  # [routes.headers]: after the proxy's own, so they can see them
+            rules.to_origin(out, client.client_ip, self)
+        return out
 
     def head_to_client(self, headers: Headers, websocket: bool = False) -> Headers:
         """A response head's fields as the client gets them: the one place they are made."""
-        return hdrs.to_client(headers, websocket=websocket)
+        out = hdrs.to_client(headers, websocket=websocket)
+        rules = self.route.headers if self.route is not None else None
+        if rules is not None:
+            rules.to_client(out, self.client.client_ip, self)
+        return out
 
     # -- start: route, connect ---------------------------------------------------------------
 
@@ -303,7 +319,9 @@ class Exchange:
         headers = self.head_to_origin(conn)
         if head.has_body and not any(n == b"content-length" for n, _ in head.headers):
             headers.append((b"transfer-encoding", b"chunked"))  # re-framed for this hop
-        target = self.path.encode("latin-1")
+        rules = self.route.headers if self.route is not None else None
+        path = self.path if rules is None else rules.target(self.path)  # strip_prefix
+        target = path.encode("latin-1")
         try:
             conn.write(self.upstream.request_head(head.method, target, headers))
         except Exception as e:  # h11 refusing what the downstream parser accepted
@@ -477,6 +495,7 @@ class Exchange:
                 egress=self.conn.egress_ip if self.conn is not None else None,
                 errno=errno_name(exc),
                 error=str(exc),
+                **observe.trace_fields(self.trace),
             )
             self._retried = True
             self._release(False)
@@ -623,22 +642,7 @@ class Exchange:
 
     def _record(self, status: int) -> None:
         """The count and the access line, through the one function refusals use too."""
-        access.response(
-            self.proxy.stats,
-            self.route.name if self.route else access.NONE,
-            time.monotonic() - self.started,
-            method=self.head.method.decode("latin-1"),
-            host=self.host or access.NONE,  # no host decided (a target refused): "-"
-            path=self.path,
-            status=status,
-            body_bytes=self.received,
-            bytes_in=self.sent,
-            origin=str(self.origin) if self.origin else None,
-            egress=self.egress_ip,
-            client=self.client.peer[0],
-            request_id=self.request_id.decode("ascii"),
-            http_version=self.client.http_version,
-        )
+        observe.request_finished(self, status)
 
     def _log_upstream_error(
         self, origin: Origin | None, exc: BaseException, conn: UpstreamConnection | None
@@ -666,7 +670,7 @@ class Exchange:
                 fields["destination"] = f"{remote[0]}:{remote[1]}"
         if "egress" in fields:
             self.egress_ip = fields["egress"]  # the access line names the same egress
-        log.warning("upstream_error", **fields)
+        observe.upstream_error(self, fields)
 
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
         self._timer.arm(seconds, callback)
@@ -694,4 +698,6 @@ class Exchange:
         assert conn is not None and self.origin is not None
         from_origin = self.upstream.trailing_data()  # frames that came with the 101
         tunnel = Tunnel(pipe, conn, self.origin, (self.host, self.path, self.request_id))
+        tunnel.trace = self.trace
+        tunnel.route = self.route.name if self.route is not None else ""
         tunnel.start(from_origin, from_client)

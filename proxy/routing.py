@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from pool.origin import Origin
 from pool.origin_state import AdmissionRefused, OriginStates
+from proxy.header_rules import HeaderRules
 
 BALANCES = ("round_robin", "least_conn")
 
@@ -32,6 +33,7 @@ class Route:
     # the worker's origin states: an origin that does not admit (draining, down) is skipped
     states: OriginStates | None = None
     send_proxy: str | None = None  # "v2"/"v1": send_proxy_protocol (proxy.proxy_accept.preamble)
+    headers: HeaderRules | None = None  # [routes.headers] (proxy.header_rules); None: none
     _current: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:

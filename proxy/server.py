@@ -33,6 +33,7 @@ from proxy.exchange import Exchange
 from proxy.http1_fast_client import FastClientSide
 from proxy.limits import ClientLimits
 from proxy.listener import Listener
+from proxy.observe import Tracer
 from proxy.proxy_protocol import ProxyHeader
 from proxy.routing import Router
 from proxy.stream import Headers
@@ -105,6 +106,8 @@ class Proxy:
         self.sessions: set[Tunnel] = set()  # WebSocket tunnels, for Close 1001 on shutdown
         # per client address (conn_per_ip, rate_per_ip, ...): None while every limit is off
         self.limits: ClientLimits | None = None
+        # [tracing] enabled: traceparent to origins, trace ids in the lines (proxy.observe)
+        self.tracer: Tracer | None = None
         self._active_by_origin: dict[Origin, int] = {}
         fast = settings.http_parser == "httptools" and http1_fast.httptools is not None
         # which HTTP/1.1 codec runs where: README "HTTP parsing"

@@ -41,11 +41,12 @@ from typing import TYPE_CHECKING
 import structlog
 
 from pool.origin import Origin, UpstreamConnection
-from proxy import logs
+from proxy import observe
 from proxy import websocket as ws
 
 if TYPE_CHECKING:
     from proxy.stream import ClientPipe
+    from proxy.tracecontext import Trace
 
 log = structlog.get_logger("originpool.proxy")
 
@@ -74,10 +75,12 @@ class Tunnel:
         "origin",
         "origin_eof",
         "received",
+        "route",
         "sent",
         "started",
         "stopping",
         "told_origin",
+        "trace",
     )
 
     def __init__(
@@ -103,13 +106,13 @@ class Tunnel:
         self.sent = 0
         self.received = 0
         self.started = self.last_activity = time.monotonic()
+        self.route = ""  # the route's name and the request's trace: set by the exchange
+        self.trace: Trace | None = None
 
     def start(self, from_origin: bytes, from_client: bytes) -> None:
         """Take over both connections; relay what arrived with the 101 (or before it)."""
         proxy = self.client.proxy
-        proxy.stats.ws_active += 1
-        proxy.stats.ws_total += 1
-        proxy.sessions.add(self)
+        observe.session_started(self)
         assert self.conn is not None
         self.conn.attach(self)
         self.client.attach(self)
@@ -282,25 +285,24 @@ class Tunnel:
         self.stopping = True  # nothing more is relayed either way
         client = self.client
         client.timer.stop()
-        proxy = client.proxy
-        proxy.stats.ws_active -= 1
-        proxy.sessions.discard(self)
         conn = self.conn
         host, path, rid = self.head
-        logs.access(
+        seconds = time.monotonic() - self.started
+        observe.session_ended(
+            self,
             {
                 "host": host,
                 "path": path,
                 "origin": str(self.origin),
                 "egress": conn.egress_ip if conn else None,
-                "duration_s": round(time.monotonic() - self.started, 3),
+                "duration_s": round(seconds, 3),
                 "bytes_to_origin": self.sent,
                 "bytes_to_client": self.received,
                 "closed_by": self.closed_by or "unknown",
                 "close_code": self.close_code,
                 "request_id": rid.decode("ascii"),
             },
-            "websocket_session",
+            seconds,
         )
         client.close()
         if conn is None:
