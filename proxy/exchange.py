@@ -31,7 +31,7 @@ from proxy import headers as hdrs
 from proxy import health, http1, observe, request_id
 from proxy import websocket as ws
 from proxy.exchange_state import BODY, CONNECTING, OVER, RESENDING, SENT, STREAMING, WAITING
-from proxy.limits import ClientLimits, retry_after
+from proxy.limits import ClientLimits, forwarded_client, retry_after
 from proxy.proxy_accept import preamble
 from proxy.routing import Route, session_refusal
 from proxy.target import resolve
@@ -592,8 +592,13 @@ class Exchange:
     def _limited(self, limits: ClientLimits) -> bool:
         """``rate_per_ip`` (and ``websocket_rate_per_ip`` for a handshake) of the client's
         address: over it, 429 with the seconds until a token is back (nginx's limit_req
-        answers 503 by default; 429 is what its users set ``limit_req_status`` to)."""
-        wait = limits.request(self.client.client_ip, self.websocket)
+        answers 503 by default; 429 is what its users set ``limit_req_status`` to). Behind
+        a trusted proxy, the address is the client it names in X-Forwarded-For."""
+        client = self.client
+        key = client.client_ip
+        if client.trusted_peer:
+            key = forwarded_client(self.head.headers, self.proxy.settings.trusted_proxies) or key
+        wait = limits.request(key, self.websocket)
         if not wait:
             return False
         kind = "WebSocket handshakes" if limits.last_kind == "websocket" else "requests"

@@ -17,13 +17,16 @@ each limit. nginx shares its zones between workers; the README says the differen
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["KINDS", "ClientLimits", "LimitSettings", "TokenBuckets"]
+from proxy.headers import Network, is_trusted
+
+__all__ = ["KINDS", "ClientLimits", "LimitSettings", "TokenBuckets", "forwarded_client"]
 
 KINDS: Final = ("conn", "rate", "websocket")  # originpool_limited_total{kind}
 DEFAULT_MAX_TRACKED: Final = 100_000
@@ -186,6 +189,30 @@ class ClientLimits:
                 self.last_kind = "websocket"
                 return wait
         return 0.0
+
+
+def forwarded_client(
+    headers: Iterable[tuple[bytes, bytes]], trusted: Sequence[Network]
+) -> bytes | None:
+    """The client a trusted proxy in front names in X-Forwarded-For, for ``rate_per_ip``'s
+    key: the right-most address that is not itself a trusted proxy (nginx's realip with
+    ``real_ip_recursive on``), or the left-most when all are. None (keep the peer's) for no
+    header or an entry that is not an IP address: a garbled chain names no one for sure."""
+    chain: list[bytes] = []
+    for name, value in headers:
+        if name == b"x-forwarded-for":
+            chain += [part.strip() for part in value.split(b",")]
+    if not chain:
+        return None
+    for part in reversed(chain):
+        text = part.decode("latin-1")
+        try:
+            packed = ipaddress.ip_address(text)
+        except ValueError:
+            return None
+        if not is_trusted(text, trusted):
+            return str(packed).encode()
+    return str(ipaddress.ip_address(chain[0].decode("latin-1"))).encode()
 
 
 def retry_after(wait: float) -> int:

@@ -4,11 +4,18 @@ the connection count, the LRU bound, and the memory one tracked address costs.""
 from __future__ import annotations
 
 import gc
+import ipaddress
 import tracemalloc
 
 import pytest
 
-from proxy.limits import ClientLimits, LimitSettings, TokenBuckets, retry_after
+from proxy.limits import (
+    ClientLimits,
+    LimitSettings,
+    TokenBuckets,
+    forwarded_client,
+    retry_after,
+)
 
 
 class Clock:
@@ -158,3 +165,19 @@ def test_lru_bound_holds_with_many_addresses() -> None:
     assert len(buckets) == 1000
     assert buckets.take(keys[-1]) > 0  # the newest is still tracked (and empty)
     assert buckets.take(keys[0]) == 0.0  # the oldest was dropped
+
+
+def test_forwarded_client_is_the_right_most_untrusted() -> None:
+    """X-Forwarded-For from a trusted proxy: the client nearest it that is not itself one
+    (nginx's real_ip_recursive); a garbled chain names no one, the peer is kept."""
+    trusted = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    xff = b"x-forwarded-for"
+    assert forwarded_client([(xff, b"203.0.113.7, 10.0.0.2")], trusted) == b"203.0.113.7"
+    assert forwarded_client([(xff, b"6.6.6.6"), (xff, b"203.0.113.7")], trusted) == (
+        b"203.0.113.7"  # a second header continues the chain: its last entry is nearest
+    )
+    assert forwarded_client([(xff, b"10.0.0.3 , 10.0.0.2")], trusted) == b"10.0.0.3"
+    assert forwarded_client([(xff, b"2001:DB8::1, ::1")], trusted) == b"2001:db8::1"
+    assert forwarded_client([(xff, b"junk, 10.0.0.2")], trusted) is None
+    assert forwarded_client([(xff, b"1.2.3.4:5678")], trusted) is None
+    assert forwarded_client([(b"x-real-ip", b"1.2.3.4")], trusted) is None

@@ -190,6 +190,24 @@ async def test_rate_limit_429_retry_after_per_proxied_address(served) -> None:  
     assert served_requests == 5  # the 429 never reached the origin
 
 
+async def test_rate_limit_keys_on_a_trusted_proxys_x_forwarded_for(served) -> None:  # type: ignore[no-untyped-def]
+    """From 127.0.0.1 (trusted) each X-Forwarded-For client has its own bucket; from an
+    untrusted peer the header is ignored and the peer's bucket is used."""
+    _proc, _origin = served
+
+    def via(client: bytes) -> bytes:
+        return GET.replace(b"\r\n\r\n", b"\r\nX-Forwarded-For: " + client + b"\r\n\r\n")
+
+    for client in (b"198.51.100.20", b"198.51.100.21"):
+        got = [status((await exchange(8081, via(client)))[0]) for _ in range(5)]
+        assert got == [200, 200, 200, 200, 429], client
+    spoofed = [
+        status((await exchange(8081, via(b"198.51.100.%d" % i), source="127.0.0.7"))[0])
+        for i in range(30, 35)
+    ]
+    assert spoofed == [200, 200, 200, 200, 429]  # one bucket: 127.0.0.7's
+
+
 async def test_conn_limit_resets_the_extra_connection(served) -> None:  # type: ignore[no-untyped-def]
     _proc, _origin = served
     held = []
