@@ -50,7 +50,7 @@ HELP = {
     ),
     "originpool_health_checks_total": (
         "Active health checks done, by origin and result (pass, connect, timeout, status, "
-        "protocol, no_port)."
+        "protocol, no_port, error)."
     ),
     "originpool_passive_failures_total": (
         "Connect failures and 5xx answers seen by traffic, by origin (passive ejection's input)."

@@ -31,8 +31,16 @@ from pool.health_state import HealthCheck
 from pool.origin import Origin, OriginPool
 from pool.sockopt import reset_on_close
 
-Result = Literal["pass", "connect", "timeout", "status", "protocol", "no_port"]
-RESULTS: tuple[Result, ...] = ("pass", "connect", "timeout", "status", "protocol", "no_port")
+Result = Literal["pass", "connect", "timeout", "status", "protocol", "no_port", "error"]
+RESULTS: tuple[Result, ...] = (
+    "pass",
+    "connect",
+    "timeout",
+    "status",
+    "protocol",
+    "no_port",
+    "error",
+)
 USER_AGENT = b"originpool-health-check"
 MAX_HEAD = 16384  # an answer whose head is larger than this is not worth reading further
 
@@ -49,7 +57,9 @@ class CheckResult:
     """One check's outcome. ``result`` is the metric's label: ``pass``; ``connect`` (refused,
     unreachable), ``timeout``, ``status`` (outside ``expect_status``), ``protocol`` (no valid
     head); ``no_port`` (no egress port free: says nothing about the origin, not counted for
-    or against it). ``four_tuple`` is the check connection's, when one was made."""
+    or against it); ``error`` (the check itself failed unexpectedly: counted as a failure, so
+    a bug shows as a down origin with its reason rather than as checks that silently
+    stopped). ``four_tuple`` is the check connection's, when one was made."""
 
     result: Result
     detail: str
@@ -157,6 +167,8 @@ async def probe(
     except (OSError, ssl.SSLError) as e:
         code = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
         return done("connect", f"{code}: {e.strerror or e}")
+    except Exception as e:  # see CheckResult: the checker's loop must outlive its own bugs
+        return done("error", f"{type(e).__name__}: {e}")
 
 
 async def _exchange(

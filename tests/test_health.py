@@ -398,3 +398,23 @@ async def test_https_origin_checked_with_sni_and_verification(ns, tmp_path):
     finally:
         await pool.close()
         await server.close()
+
+
+async def test_a_check_that_breaks_counts_as_failed_and_the_checks_go_on(ns):
+    from pool.origin import Resolver
+
+    async def broken(host: str, port: int) -> list[str]:
+        raise RuntimeError("resolver bug")
+
+    pool = OriginPool(EgressSet(list(EGRESS)), resolver=Resolver(lookup=broken))
+    states = OriginStates()
+    checker = HealthChecker(lambda: pool, states)
+    origin = Origin("http", "origin.test", 9000)
+    checker.configure({origin: FAST})
+    try:
+        await until(lambda: checker.checks.get((origin, "error"), 0) >= 3)
+        assert states.state(origin) is State.DOWN
+        assert "RuntimeError: resolver bug" in states.entry(origin).reason
+    finally:
+        await checker.close()
+        await pool.close()
