@@ -25,7 +25,6 @@ RST_STREAM arrive in one read never reaching the router or the pool, and the tim
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
@@ -53,7 +52,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("originpool.proxy")
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_CONCURRENT_STREAMS = 100
 WRITE_HIGH = 256 * 1024
 WRITE_LOW = 64 * 1024
@@ -115,7 +113,6 @@ class H2Connection:
         self.guard = Guard(s.max_header_bytes)
         self._flush_pending = False
         self._idle = Timer()
-        self.began = time.monotonic()
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
