@@ -19,7 +19,6 @@ from bench import h2_rps
 from pool import netns
 
 ROOT = Path(__file__).resolve().parent.parent
-H2_PENDING = pytest.mark.xfail(strict=True, reason="HTTP/2 not yet in the proxy")
 
 SAMPLE = """starting benchmark...
 spawning thread #0: 10 total client(s). Timing-based test with 0s of warm-up time and 2s ...
@@ -77,7 +76,6 @@ def test_the_references_serve_h2_cleanly(bench: dict[str, Any], key: str) -> Non
     assert row["rps_median"] > 0 and row["cpu_us_per_request_median"] > 0
 
 
-@H2_PENDING
 @pytest.mark.parametrize("key", ["originpool/tls", "originpool/h2c"])
 def test_originpool_serves_h2_cleanly_beside_them(bench: dict[str, Any], key: str) -> None:
     row = bench["targets"][key]
