@@ -155,3 +155,29 @@ async def _until(check, timeout: float = 5.0) -> None:  # type: ignore[no-untype
     while not check():
         assert loop.time() < deadline
         await asyncio.sleep(0.01)
+
+
+async def test_an_origin_that_fails_mid_session_is_close_1011_on_the_stream(ns) -> None:  # type: ignore[no-untyped-def]
+    async def dies(ws) -> None:  # type: ignore[no-untyped-def]
+        await ws.recv()
+        ws.transport.abort()  # no Close frame: the origin failed
+
+    async with serve(dies, *O1):
+        route = Route("app.test", "/", [(Origin("http", *O1), 1)])
+        pool = OriginPool(EgressSet(["127.0.1.1"]), PoolLimits())
+        proxy = Proxy(Router([route]), pool, Settings())
+        listener = Listener(proxy, ("127.0.0.1", 0))
+        proxy.listeners.append(listener)
+        listener.start()
+        try:
+            client, sid = await open_session(int(listener.address[1]))
+            client.events.clear()
+            await client.send_all(sid, FrameProtocol(True, []).send_data("bye", fin=True))
+            await client.read(lambda c: c.ended(sid), timeout=10)
+            [frame] = frames_of(FrameProtocol(True, []), received(client, sid))
+            assert frame.opcode is Opcode.CLOSE and frame.payload[0] == 1011
+            await _until(lambda: not proxy.tunnels())
+            client.close()
+        finally:
+            listener.close()
+            await pool.close()
