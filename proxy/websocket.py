@@ -351,7 +351,7 @@ PURE: Final = {
 
 if not accel.NO_EXTENSIONS:
     with contextlib.suppress(ImportError):  # not built (no compiler at install)
-        from proxy._frames import (  # type: ignore[no-redef,import-not-found,assignment]
+        from proxy._frames import (  # type: ignore[no-redef,import-not-found]
             ClientFrames,
             FrameTracker,
             OriginFrames,
