@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from pool.egress import EgressExhausted, EgressLost
+from pool.egress import EgressExhausted
 from pool.origin import Origin, PoolError, UpstreamConnection
 from proxy import headers as hdrs
 from proxy import health, http1, observe, request_id
@@ -37,39 +37,18 @@ from proxy.routing import Route, session_refusal
 from proxy.target import resolve
 from proxy.tracecontext import inject as inject_trace
 from proxy.tunnel import Tunnel
+from proxy.upstream_errors import (
+    UPSTREAM_REASONS,
+    classify,
+    errno_name,
+    error_fields,
+    may_retry,
+)
 
 if TYPE_CHECKING:
     from proxy.stream import ClientStream, Headers
 
 log = structlog.get_logger("originpool.proxy")
-
-
-def classify(exc: BaseException) -> int:
-    """The status a client gets for an upstream failure before any response byte."""
-    if isinstance(exc, EgressExhausted | PoolError):
-        return 503  # no capacity: ports exhausted or the origin's connection limit
-    if isinstance(exc, TimeoutError) or getattr(exc, "errno", None) == errno.ETIMEDOUT:
-        return 504
-    return 502
-
-
-# what a client is told of an upstream failure: no errno, no address (see Exchange._fail_upstream)
-_UPSTREAM_REASONS = {
-    502: "the origin could not be reached or sent an invalid response",
-    503: "no capacity to reach the origin right now; retry shortly",
-    504: "the origin did not answer in time",
-}
-
-
-# methods a retry cannot make worse (RFC 9110 9.2.2)
-_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
-
-
-def errno_name(exc: BaseException) -> str:
-    code = getattr(exc, "errno", None)
-    if isinstance(code, int):
-        return errno.errorcode.get(code, str(code))
-    return type(exc).__name__
 
 
 class Exchange:
@@ -514,29 +493,16 @@ class Exchange:
         self._fail_upstream(exc.status if isinstance(exc, http1.ProtocolError) else classify(exc))
 
     def _may_retry(self, exc: BaseException) -> bool:
-        """Once, before any response byte, when the connection failed rather than the origin
-        answering, and the request can go again without harm (nginx's proxy_next_upstream
-        error and its non_idempotent rule; HAProxy's retry-on conn-failure/empty-response).
-
-        The failure: the connection reset or closed on a reused keep-alive connection (the
-        origin may have closed it as we wrote), or the pool aborted the connection because
-        its egress IP left the host (fresh or reused: the reply could never arrive). A
-        response timeout is not retried: the origin may still be working on it.
-
-        Harmless: no body byte has gone to the origin yet (the body still waits in the
-        client's parser, so it can be sent again), and either the method is idempotent
-        (RFC 9110 9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) or the request is not yet
-        complete at the origin (a body it has not started on), so it cannot have acted.
-        A POST without a body, or any request whose body has partly gone, is not retried.
-        """
-        if self._retried or self.response_started or self.received or self.sent:
-            return False
-        if not isinstance(exc, ConnectionError):
-            return False
-        if not (self.reused or isinstance(exc, EgressLost)):
-            return False
+        """See :func:`proxy.upstream_errors.may_retry`."""
+        started = self._retried or self.response_started or bool(self.received or self.sent)
         pending_body = self.head.has_body and not self.request_done
-        return self.head.method in _IDEMPOTENT or pending_body
+        return may_retry(
+            exc,
+            started=started,
+            reused=self.reused,
+            method=self.head.method,
+            pending_body=pending_body,
+        )
 
     async def _retry(self) -> None:
         assert self.origin is not None
@@ -643,7 +609,7 @@ class Exchange:
         """The client's answer to an upstream failure: the status, a generic reason and the
         request id; the detail (errno, addresses) is in the upstream_error line only."""
         extra = [(b"retry-after", b"1")] if status == 503 else []
-        self.respond_error(status, _UPSTREAM_REASONS.get(status, "upstream failure"), extra)
+        self.respond_error(status, UPSTREAM_REASONS.get(status, "upstream failure"), extra)
 
     def _record(self, status: int) -> None:
         """The count and the access line, through the one function refusals use too."""
@@ -655,24 +621,8 @@ class Exchange:
         fields: dict[str, Any] = {
             "request_id": self.request_id.decode("ascii"),
             "route": self.route.name if self.route else None,
-            "origin": str(origin) if origin else None,
-            "errno": errno_name(exc),
-            "error": str(exc),
+            **error_fields(exc, origin, conn),
         }
-        if isinstance(exc, EgressExhausted):
-            fields["destination"] = f"{exc.destination[0]}:{exc.destination[1]}"
-            fields["egress"] = [ip or "default" for ip, _ in exc.attempts]
-        elif conn is not None:
-            dst = conn.slot.destination
-            fields["egress"] = conn.egress_ip
-            fields["four_tuple"] = f"{conn.local[0]}:{conn.local[1]}->{dst[0]}:{dst[1]}"
-        else:
-            local = getattr(exc, "local_addr", None)
-            remote = getattr(exc, "remote_addr", None)
-            if local is not None:
-                fields["egress"] = str(local[0])
-            if remote is not None:
-                fields["destination"] = f"{remote[0]}:{remote[1]}"
         if "egress" in fields:
             self.egress_ip = fields["egress"]  # the access line names the same egress
         observe.upstream_error(self, fields)

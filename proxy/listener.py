@@ -13,9 +13,9 @@ import structlog
 
 from pool.sockopt import KeepAlive, detect_dead_peer, spread_keepalive_probes
 from proxy import binding
-from proxy.exchange import errno_name
 from proxy.proxy_accept import Gate
 from proxy.proxy_protocol import ProxyHeader
+from proxy.upstream_errors import errno_name
 
 if TYPE_CHECKING:
     from proxy.server import Proxy
