@@ -579,9 +579,7 @@ class Exchange:
         if route is None or route.send_proxy is None:
             return b""
         c = self.client
-        holder = getattr(c, "conn", c)  # an HTTP/2 stream's connection holds the socket
-        local, transport = getattr(holder, "local", None), getattr(holder, "transport", None)
-        return preamble(route.send_proxy, c.peer, local, transport)
+        return preamble(route.send_proxy, c.peer, c.local_address(), None)
 
     def respond_error(
         self, status: int, reason: str, extra: Sequence[tuple[bytes, bytes]] = ()

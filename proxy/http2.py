@@ -44,6 +44,7 @@ from proxy.exchange import Exchange
 from proxy.http2_guard import Guard
 from proxy.http2_head import request_head
 from proxy.http2_stream import H2Stream
+from proxy.stream import sockname
 from proxy.timer import Timer
 
 if TYPE_CHECKING:
@@ -113,6 +114,10 @@ class H2Connection:
         self.guard = Guard(s.max_header_bytes)
         self._flush_pending = False
         self._idle = Timer()
+
+    def local_address(self) -> tuple[str, int] | None:
+        """See :meth:`proxy.stream.ClientStream.local_address`."""
+        return self.local or sockname(self.transport)
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

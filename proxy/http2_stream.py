@@ -107,6 +107,9 @@ class H2Stream:
     def whole(self) -> bool:
         return self.proxy.whole_heads
 
+    def local_address(self) -> tuple[str, int] | None:
+        return self.conn.local_address()
+
     @property
     def write_paused(self) -> bool:
         return self.write_paused_own or self.conn.write_paused

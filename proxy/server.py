@@ -36,7 +36,7 @@ from proxy.listener import Listener
 from proxy.observe import Tracer
 from proxy.proxy_protocol import ProxyHeader
 from proxy.routing import Router
-from proxy.stream import Headers
+from proxy.stream import Headers, sockname
 from proxy.timer import Timer
 from proxy.tunnel import Tunnel
 
@@ -396,6 +396,9 @@ class Downstream(asyncio.Protocol):
 
     def check_request_body(self) -> None:
         self.http.check_buffered()
+
+    def local_address(self) -> tuple[str, int] | None:
+        return self.local or sockname(self.transport)
 
     def deliver(self) -> None:
         self.resume_reading()

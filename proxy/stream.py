@@ -37,6 +37,14 @@ if TYPE_CHECKING:
 Headers = Sequence[tuple[bytes, bytes]]
 
 
+def sockname(transport: object) -> tuple[str, int] | None:
+    """A transport's own socket address, read only when asked (a route with
+    ``send_proxy_protocol``): never on the per-request path."""
+    get = getattr(transport, "get_extra_info", None)
+    name = get("sockname") if get is not None else None
+    return (str(name[0]), int(name[1])) if isinstance(name, tuple) else None
+
+
 class ClientStream(Protocol):
     """The client side of one request, as :class:`proxy.exchange.Exchange` sees it.
 
@@ -85,6 +93,11 @@ class ClientStream(Protocol):
     @property
     def timer(self) -> Timer:
         """The exchange's one deadline (response, body); per stream, not shared."""
+
+    def local_address(self) -> tuple[str, int] | None:
+        """Where the client connected: a PROXY header's destination, else the socket's own
+        address (for a route's ``send_proxy_protocol``); None when neither is known."""
+        ...
 
     # -- request side -------------------------------------------------------------------------
     def check_request_body(self) -> None:

@@ -199,6 +199,9 @@ class RecordingStream:
         self.delivered = 0
         self.pipe: RecordingPipe | None = None
 
+    def local_address(self) -> tuple[str, int] | None:
+        return None
+
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
 
