@@ -27,7 +27,7 @@ origin see a different site than the one the route chose.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -79,30 +79,36 @@ class _Value:
             return self.parts[0]
         return None if self.parts else b""
 
-    def expand(self, values: Sequence[bytes]) -> bytes:
-        return b"".join(p if isinstance(p, bytes) else values[p] for p in self.parts)
+
+def _part(part: Part, values: tuple[bytes, bytes, bytes]) -> bytes:
+    return part if isinstance(part, bytes) else values[part]
 
 
 @dataclass(frozen=True, slots=True)
 class _Side:
-    """One direction's rules: names to drop, then fields to append (set and add alike)."""
+    """One direction's rules: names to drop, then fields to append (set and add alike).
+    ``fields`` holds each appended field whole when no value names a variable (one
+    ``extend`` per request), else ``(name, value)`` with the value's parts still to expand."""
 
     drop: frozenset[bytes]
-    append: tuple[tuple[bytes, _Value], ...]
-    variables: bool  # any value names a variable: the facts are read per request
+    fields: tuple[tuple[bytes, bytes], ...]
+    templates: tuple[tuple[bytes, bytes | tuple[Part, ...]], ...]
 
     def apply(self, headers: Headers, client_ip: bytes, facts: Facts) -> None:
-        if self.drop:
-            drop = self.drop
+        drop = self.drop
+        if drop:
             headers[:] = [item for item in headers if item[0] not in drop]
-        if not self.append:
+        if self.fields:
+            headers += self.fields
             return
-        values: Sequence[bytes] = ()
-        if self.variables:
-            values = (facts.request_id, client_ip, facts.host.encode("latin-1"))
-        for name, value in self.append:
-            literal = value.literal
-            headers.append((name, literal if literal is not None else value.expand(values)))
+        if not self.templates:
+            return
+        values = (facts.request_id, client_ip, facts.host.encode("latin-1"))
+        for name, value in self.templates:
+            if isinstance(value, bytes):
+                headers.append((name, value))
+            else:
+                headers.append((name, b"".join([_part(p, values) for p in value])))
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,8 +184,12 @@ def _side(table: Mapping[str, Any], direction: str) -> _Side | None:
             append.append((lower, _value(value, where)))
     if not drop and not append:
         return None
-    variables = any(not isinstance(p, bytes) for _, v in append for p in v.parts)
-    return _Side(frozenset(drop), tuple(append), variables)
+    literals = [(name, v.literal) for name, v in append]
+    if all(value is not None for _, value in literals):
+        fields = tuple((name, value) for name, value in literals if value is not None)
+        return _Side(frozenset(drop), fields, ())
+    templates = tuple((name, v.literal if v.literal is not None else v.parts) for name, v in append)
+    return _Side(frozenset(drop), (), templates)
 
 
 def _name(name: object, where: str) -> bytes:

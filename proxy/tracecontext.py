@@ -67,16 +67,28 @@ def parse(value: bytes) -> Parent | None:
     return Parent(trace_id, parent_id, int(flags, 16))
 
 
-@dataclass(frozen=True, slots=True)
 class Trace:
     """This request's place in a trace: ``span_id`` is the proxy's own span (the origin's
-    parent), ``parent_id`` the caller's span when the trace was kept, else None."""
+    parent), ``parent_id`` the caller's span when the trace was kept, else None.
 
-    trace_id: bytes
-    span_id: bytes
-    parent_id: bytes | None
-    flags: int
-    state: bytes | None = None
+    A plain slotted class, not a frozen dataclass: one is made per traced request, and a
+    frozen dataclass's ``__init__`` costs several times more."""
+
+    __slots__ = ("flags", "parent_id", "span_id", "state", "trace_id")
+
+    def __init__(
+        self,
+        trace_id: bytes,
+        span_id: bytes,
+        parent_id: bytes | None,
+        flags: int,
+        state: bytes | None = None,
+    ) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent_id
+        self.flags = flags
+        self.state = state
 
     @property
     def sampled(self) -> bool:
