@@ -304,7 +304,12 @@ class Exchange:
         try:
             conn.write(self.upstream.request_head(head.method, target, headers))
         except Exception as e:  # h11 refusing what the downstream parser accepted
-            log.info("request_not_forwarded", error=str(e), request_id=self.request_id.decode())
+            log.info(
+                "request_not_forwarded",
+                error=str(e),
+                request_id=self.request_id.decode(),
+                **observe.trace_fields(self.trace),
+            )
             self.respond_error(400, "the request cannot be forwarded")
             return
         if resend:

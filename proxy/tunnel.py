@@ -224,6 +224,7 @@ class Tunnel:
             egress=self.conn.egress_ip if self.conn else None,
             reason=reason,
             request_id=self.head[2].decode("ascii"),
+            **observe.trace_fields(self.trace),
         )
         self._end()
 
