@@ -6,7 +6,9 @@ machine in the same run means something: absolute figures move with the VM and i
 neighbours. Each proxy has one worker (nginx ``worker_processes 1``, HAProxy ``nbthread 1``,
 originpool ``workers = 1``), all three in front of the same fast HTTP/1.1 origin, each over
 TLS (ALPN ``h2``) and over cleartext (h2c, prior knowledge), the load from h2load (Debian's
-``nghttp2-client``) with ``-c 10 -m 10``: ten connections, ten streams in flight on each.
+``nghttp2-client``) with ``-c 10 -m 10``: ten connections, ten streams in flight on each. A
+third mode, ``h1``, is HTTP/1.1 over the same TLS listeners from the same client (``--h1``, one
+request in flight per connection): what each proxy's HTTP/2 layer costs over its HTTP/1.1.
 
 What runs, inside a private network namespace (``pool.netns.unshare_process``):
 
@@ -62,7 +64,8 @@ from bench.http_rps import Children  # noqa: E402
 from pool import netns  # noqa: E402
 
 PROXIES = ("nginx", "haproxy", "originpool")
-MODES = ("tls", "h2c")
+MODES = ("tls", "h2c", "h1")  # h1: HTTP/1.1 over the same TLS listener, for the h2 layer's cost
+H2_MODES = ("tls", "h2c")
 LABELS = {
     "nginx": "nginx 1 worker",
     "haproxy": "HAProxy nbthread 1",
@@ -95,7 +98,7 @@ class H2loadRun:
     errored: int
     timeout: int
     status_2xx: int
-    protocol: str  # "h2", "h2c", or what was negotiated instead ("" when nothing was)
+    protocol: str  # "h2", "h2c", "http/1.1" ("" when nothing was negotiated)
 
     @property
     def clean(self) -> bool:
@@ -110,7 +113,8 @@ class H2loadRun:
             # h2load counts the status of a response that lands as a timed run ends in
             # "status codes" but not in "done": one more 2xx than done is seen
             and self.status_2xx >= self.done
-            and self.protocol in ("h2", "h2c")
+            # each run offers one protocol (--npn-list=h2, or --h1), so this is the one asked
+            and self.protocol in ("h2", "h2c", "http/1.1")
         )
 
 
@@ -140,18 +144,20 @@ def parse_h2load(out: str) -> H2loadRun:
 
 
 def run_h2load(
-    address: tuple[str, int], tls: bool, duration: int, clients: int, streams: int
+    address: tuple[str, int], mode: str, duration: int, clients: int, streams: int
 ) -> H2loadRun:
     """h2load for ``duration`` seconds (bounded by it plus slack), one thread, the route's
-    name as :authority; HTTP/2 only (no HTTP/1.1 fallback: a proxy without h2 fails here)."""
-    scheme = "https" if tls else "http"
+    name as :authority. HTTP/2 modes offer h2 only (no HTTP/1.1 fallback: a proxy without h2
+    fails there); ``h1`` is HTTP/1.1 over TLS, one request at a time per connection (h2load's
+    -m would pipeline, which browsers do not)."""
+    scheme = "http" if mode == "h2c" else "https"
+    protocol = ["--h1", "-m1"] if mode == "h1" else ["--npn-list=h2", f"-m{streams}"]
     cmd = [
         "h2load",
         "-t1",
         f"-c{clients}",
-        f"-m{streams}",
+        *protocol,
         f"-D{duration}",
-        "--npn-list=h2",
         "-H",
         f":authority: {http_rps.HOST}",
         f"{scheme}://{address[0]}:{address[1]}/",
@@ -217,7 +223,7 @@ def start_nginx(children: Children, tmp: Path, cert: Path, key: Path) -> int:
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
-    for mode in MODES:
+    for mode in H2_MODES:
         setup_cost.wait_listening(LISTEN["nginx", mode], proc, "nginx")
     return proc.pid
 
@@ -265,7 +271,7 @@ def start_haproxy(children: Children, tmp: Path, pem: Path) -> int:
     with open(tmp / "haproxy-access.log", "wb") as out, open(tmp / "haproxy-stderr.log", "wb") as e:
         proc = children.start(["haproxy", "-db", "-f", str(conf)], stdout=out, stderr=e)
     try:
-        for mode in MODES:
+        for mode in H2_MODES:
             setup_cost.wait_listening(LISTEN["haproxy", mode], proc, "haproxy")
     except RuntimeError as e:
         raise RuntimeError(
@@ -344,7 +350,7 @@ class Target:
 
     @property
     def address(self) -> tuple[str, int]:
-        return LISTEN[self.proxy, self.mode]
+        return LISTEN[self.proxy, "tls" if self.mode == "h1" else self.mode]
 
     def median_rps(self) -> float:
         return statistics.median(r.rps for r in self.runs)
@@ -393,12 +399,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             targets += [Target(name, mode, pid) for mode in MODES]
         order = sorted(targets, key=lambda t: (MODES.index(t.mode), PROXIES.index(t.proxy)))
         for t in order:  # warm-up: upstream keep-alive filled, code paths hot
-            run_h2load(t.address, t.mode == "tls", args.warmup, args.clients, args.streams)
+            run_h2load(t.address, t.mode, args.warmup, args.clients, args.streams)
         for r in range(args.rounds):
             for t in order:
                 with setup_cost.cpu_meter(t.pid) as cpu:
                     result = run_h2load(
-                        t.address, t.mode == "tls", args.duration, args.clients, args.streams
+                        t.address, t.mode, args.duration, args.clients, args.streams
                     )
                 t.runs.append(result)
                 t.cpu_us.append(cpu["total"] / max(result.done, 1) * 1e6)
@@ -452,7 +458,7 @@ def summarise(
         "targets": rows,
     }
     checks = []
-    for mode in MODES:
+    for mode in H2_MODES:
         row = rows.get(f"originpool/{mode}")
         if row is not None and "rps_vs_nginx" in row:
             ratio = row["rps_vs_nginx"] if row["all_clean"] else 0.0

@@ -70,16 +70,21 @@ def bench() -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize("key", ["nginx/tls", "nginx/h2c", "haproxy/tls", "haproxy/h2c"])
-def test_the_references_serve_h2_cleanly(bench: dict[str, Any], key: str) -> None:
-    row = bench["targets"][key]
+PROTOCOL = {"tls": "h2", "h2c": "h2c", "h1": "http/1.1"}
+
+
+@pytest.mark.parametrize("proxy", ["nginx", "haproxy"])
+@pytest.mark.parametrize("mode", ["tls", "h2c", "h1"])
+def test_the_references_serve_h2_cleanly(bench: dict[str, Any], proxy: str, mode: str) -> None:
+    row = bench["targets"][f"{proxy}/{mode}"]
     assert row["all_clean"], row
-    assert row["protocol"] == [key.split("/")[1].replace("tls", "h2")]
+    assert row["protocol"] == [PROTOCOL[mode]]
     assert row["rps_median"] > 0 and row["cpu_us_per_request_median"] > 0
 
 
-@pytest.mark.parametrize("key", ["originpool/tls", "originpool/h2c"])
-def test_originpool_serves_h2_cleanly_beside_them(bench: dict[str, Any], key: str) -> None:
-    row = bench["targets"][key]
+@pytest.mark.parametrize("mode", ["tls", "h2c", "h1"])
+def test_originpool_serves_h2_cleanly_beside_them(bench: dict[str, Any], mode: str) -> None:
+    row = bench["targets"][f"originpool/{mode}"]
     assert row["all_clean"], row
+    assert row["protocol"] == [PROTOCOL[mode]]
     assert row["rps_vs_nginx"] > 0
