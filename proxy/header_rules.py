@@ -80,6 +80,15 @@ class _Value:
         return None if self.parts else b""
 
 
+def _template(value: _Value) -> bytes | int | tuple[Part, ...]:
+    literal = value.literal
+    if literal is not None:
+        return literal
+    if len(value.parts) == 1:
+        return value.parts[0]
+    return value.parts
+
+
 def _part(part: Part, values: tuple[bytes, bytes, bytes]) -> bytes:
     return part if isinstance(part, bytes) else values[part]
 
@@ -92,7 +101,7 @@ class _Side:
 
     drop: frozenset[bytes]
     fields: tuple[tuple[bytes, bytes], ...]
-    templates: tuple[tuple[bytes, bytes | tuple[Part, ...]], ...]
+    templates: tuple[tuple[bytes, bytes | int | tuple[Part, ...]], ...]
 
     def apply(self, headers: Headers, client_ip: bytes, facts: Facts) -> None:
         drop = self.drop
@@ -107,6 +116,8 @@ class _Side:
         for name, value in self.templates:
             if isinstance(value, bytes):
                 headers.append((name, value))
+            elif isinstance(value, int):  # the whole value is one variable
+                headers.append((name, values[value]))
             else:
                 headers.append((name, b"".join([_part(p, values) for p in value])))
 
@@ -188,7 +199,7 @@ def _side(table: Mapping[str, Any], direction: str) -> _Side | None:
     if all(value is not None for _, value in literals):
         fields = tuple((name, value) for name, value in literals if value is not None)
         return _Side(frozenset(drop), fields, ())
-    templates = tuple((name, v.literal if v.literal is not None else v.parts) for name, v in append)
+    templates = tuple((name, _template(v)) for name, v in append)
     return _Side(frozenset(drop), (), templates)
 
 

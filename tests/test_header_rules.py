@@ -5,13 +5,14 @@ decides refused by ``check-config`` naming the key."""
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from proxy.header_rules import FORBIDDEN, HeaderRules, RuleError, compile_rules
+from proxy.header_rules import FORBIDDEN, KEYS, HeaderRules, RuleError, compile_rules
 from tests.test_serve import Proc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,3 +197,27 @@ async def test_serve_applies_rules_both_ways_and_strips_the_prefix(origins, tmp_
     finally:
         code = await asyncio.to_thread(proc.stop)
     assert code == 0
+
+
+def commented_block(header: str) -> str:
+    """deploy/originpool.toml's commented ``header`` table, uncommented (keys, not prose)."""
+    text = (ROOT / "deploy" / "originpool.toml").read_text()
+    block = []
+    for line in text[text.index(f"# {header}") :].splitlines():
+        if not line.startswith("#"):
+            break
+        stripped = line[2:]
+        if stripped.startswith("[") or re.match(r"[a-z_]+ = ", stripped):
+            block.append(stripped)
+    return "\n".join(block) + "\n"
+
+
+def test_the_deploy_example_block_parses_uncommented():
+    from proxy.config import parse
+
+    block = commented_block("[routes.headers]")
+    config = parse(BASE + block)
+    rules = config.routes[0].headers
+    assert rules is not None and rules.strip_prefix == "/api"
+    keys = {line.split("=")[0].strip() for line in block.splitlines()[1:]}
+    assert keys == set(KEYS)  # every key shown, none misspelt

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from proxy import tracecontext as tc
+from proxy.config_trace import TRACING_KEYS
 from tests.test_serve import Proc
 
 VALID = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -203,3 +204,14 @@ def test_check_config_names_a_bad_tracing_key(tmp_path):
     assert proc.returncode == 2
     assert f"{path}: tracing.sample_ratio: must be from 0" in proc.stderr
     assert f"{path}: tracing.exporter: " in proc.stderr and "enabled is false" in proc.stderr
+
+
+def test_the_deploy_example_block_parses_uncommented():
+    from proxy.config import parse
+    from tests.test_header_rules import commented_block
+
+    block = commented_block("[tracing]")
+    config = parse(CONFIG.replace("{dir}", "/tmp") + block)
+    assert config.tracing.enabled and config.tracing.exporter == "otlp"
+    keys = {line.split("=")[0].strip() for line in block.splitlines()[1:]}
+    assert keys == set(TRACING_KEYS)
