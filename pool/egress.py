@@ -27,7 +27,7 @@ bind-stage EADDRNOTAVAIL means "not on this host", and a connect-stage failure i
 against :func:`~pool.connectx.is_local_address` before it is called exhaustion.
 
 Counts are reserved before the connect and released in ``finally`` paths and by
-:meth:`Slot.release` (idempotent, also run if the socket is garbage collected), so errors,
+:meth:`Slot.release` (idempotent, also run if the slot is dropped unreleased), so errors,
 timeouts and cancellation cannot leak them.
 """
 
@@ -39,7 +39,6 @@ import os
 import random
 import socket
 import time
-import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -280,20 +279,51 @@ class PairUsage:
         return self.live / self.capacity if self.capacity else 1.0
 
 
-class _Claim:
-    """One connection's share of its pair, given back once (a closure cost ~0.8 KB more)."""
+class Slot:
+    """One counted connection: its share of its (egress, destination) pair, given back once.
 
-    __slots__ = ("in_own", "key", "own_capacity", "owner", "pair", "port", "released")
+    One slotted object per held connection, and nothing else: an idle WebSocket session
+    keeps it for days, so what it pins is paid per session (issue 22). It replaced a
+    ``Slot`` with a ``weakref.finalize`` on the socket, a ``_Claim`` and the
+    ``getsockname()`` tuple (~630 bytes traced, now ~100): the owners release it on every
+    close path (the pool's ``connection_lost``, a failed wrap, the httpx backend's close),
+    and ``__del__`` stays as the safety net for a slot dropped without ``release()``.
+    """
+
+    __slots__ = (
+        "destination",
+        "egress",
+        "in_own",
+        "ip",
+        "own_capacity",
+        "owner",
+        "pair",
+        "port",
+        "released",
+    )
 
     def __init__(
-        self, owner: EgressSet, key: tuple[Egress, Destination], pair: _Pair, own_capacity: int
+        self,
+        owner: EgressSet,
+        egress: Egress,
+        destination: Destination,
+        pair: _Pair,
+        own_capacity: int,
     ) -> None:
-        self.owner, self.key, self.pair, self.own_capacity = owner, key, pair, own_capacity
-        self.port: int | None = None
+        self.owner, self.egress, self.destination = owner, egress, destination
+        self.pair, self.own_capacity = pair, own_capacity
+        self.port: int | None = None  # set once connected
+        self.ip = egress.ip  # the source IP (the kernel's pick for the default source)
         self.in_own = False
         self.released = False
 
+    @property
+    def local(self) -> tuple[str, int]:
+        """The socket's own (IP, port), built when asked: not kept per connection."""
+        return (self.ip, self.port or 0)
+
     def release(self) -> None:
+        """Idempotent: the first call gives the count back, later ones do nothing."""
         if self.released:
             return
         self.released = True
@@ -309,35 +339,12 @@ class _Claim:
         if pair.free is not None and pair.in_slice < busy:
             pair.free = None  # no longer busy: the kernel's search is cheap again
             pair.parked.clear()
-        self.owner._forget_if_idle(self.key, pair)
+        self.owner._forget_if_idle((self.egress, self.destination), pair)
 
-
-class Slot:
-    """One counted connection: release it when the socket closes, for whatever reason."""
-
-    __slots__ = ("__weakref__", "_finalizer", "destination", "egress", "local")
-
-    def __init__(
-        self,
-        egress: Egress,
-        destination: Destination,
-        local: Address,
-        release: Callable[[], None],
-        sock: socket.socket,
-    ) -> None:
-        self.egress = egress
-        self.destination = destination
-        self.local = local
-        # a safety net: a socket dropped without release() still gives its count back
-        self._finalizer = weakref.finalize(sock, release)
-
-    def release(self) -> None:
-        """Idempotent: the first call gives the count back, later ones do nothing."""
-        self._finalizer()
-
-    @property
-    def released(self) -> bool:
-        return not self._finalizer.alive
+    def __del__(self) -> None:
+        # the safety net: a slot dropped without release() still gives its count back
+        if not self.released:
+            self.release()
 
 
 @dataclass
@@ -569,17 +576,18 @@ class EgressSet:
         pair.live += 1  # reserved before the await: concurrent callers see it
         own = self._slice_of(egress)
         own_capacity = capacity if self.share[1] == 1 else _room(own)
-        claim = _Claim(self, key, pair, own_capacity)
-        release_count = claim.release
+        slot = Slot(self, egress, destination, pair, own_capacity)
 
         family = socket.AF_INET6 if ":" in destination[0] else socket.AF_INET
         try:
             sock = await self._open(egress, destination, family, pair, own, own_capacity, timeout)
         except BaseException:
-            release_count()
+            slot.release()
             raise
         local = sock.getsockname()
         port = int(local[1])
+        if local[0] != egress.ip:
+            slot.ip = str(local[0])  # the default source: the kernel's pick
         pair.ports.add(port)
         if port in own:
             pair.in_slice += 1
@@ -587,8 +595,8 @@ class EgressSet:
             pair.free.discard(port)
         if self._down.pop(egress, None) is not None:
             log.info("egress_up", egress=str(egress), destination=format_address(destination))
-        claim.port, claim.in_own = port, port in own
-        return sock, Slot(egress, destination, local, claim.release, sock)
+        slot.port, slot.in_own = port, port in own
+        return sock, slot
 
     async def _open(
         self,

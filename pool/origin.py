@@ -189,12 +189,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     @property
     def local(self) -> tuple[str, int]:
-        return (str(self.slot.local[0]), int(self.slot.local[1]))
+        return self.slot.local
 
     @property
     def egress_ip(self) -> str:
         """The source IP: once per request in the access line, so without the tuple."""
-        return str(self.slot.local[0])
+        return self.slot.ip
 
     def readable_while_idle(self) -> bool:
         """EOF or stray bytes already queued in the kernel but not yet delivered to us.

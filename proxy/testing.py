@@ -115,6 +115,7 @@ class MemorySlot:
 
     def __init__(self, local: tuple[str, int], destination: tuple[str, int]) -> None:
         self.local = local
+        self.ip = local[0]  # what pool.egress.Slot has beside local
         self.destination = destination
         self.released = False
 

@@ -158,10 +158,12 @@ async def test_busy_pair_uses_the_record_and_skips_ports_taken_elsewhere(ns, lis
         foreign.append(s)
     egress = EgressSet(["127.0.1.1"])
     held = []
+    slots = []
     try:
         for _ in range(R - 64):
-            sock, _slot = await egress.connect(DST)
+            sock, slot = await egress.connect(DST)
             held.append(sock)
+            slots.append(slot)  # the count lives as long as its slot
         assert {s.getsockname()[1] for s in held} == set(range(40064, 40128))
         with pytest.raises(EgressExhausted):
             await egress.connect(DST)
@@ -192,23 +194,27 @@ async def test_failover_when_an_egress_ip_leaves_the_host_and_its_return(ns, lis
     clock = FakeClock()
     egress = EgressSet(E2, backoff=(1.0, 8.0), clock=clock)
     held = []
+    slots = []
     try:
         for _ in range(20):
-            sock, _slot = await egress.connect(DST)
+            sock, slot = await egress.connect(DST)
             held.append(sock)
+            slots.append(slot)  # the count lives as long as its slot
         assert spread(egress) == [10, 10]
         ns.ip("addr", "del", "127.0.1.2/32", "dev", "lo")
         with capture_logs() as logs:
             for _ in range(20):
                 sock, slot = await egress.connect(DST)
                 held.append(sock)
+                slots.append(slot)
                 assert slot.egress.ip == "127.0.1.1"
         assert egress.is_down(Egress("127.0.1.2"))
         assert any(e["event"] == "egress_down" and "127.0.1.2" in e["egress"] for e in logs)
         # fill the survivor: the error names only the egress that was tried
         while spread(egress)[0] < R:
-            sock, _slot = await egress.connect(DST)
+            sock, slot = await egress.connect(DST)
             held.append(sock)
+            slots.append(slot)  # the count lives as long as its slot
         with pytest.raises(EgressExhausted) as full:
             await egress.connect(DST)
         assert [ip for ip, _ in full.value.attempts] == ["127.0.1.1"]
