@@ -221,3 +221,32 @@ def test_the_deploy_example_block_parses_uncommented():
     assert rules is not None and rules.strip_prefix == "/api"
     keys = {line.split("=")[0].strip() for line in block.splitlines()[1:]}
     assert keys == set(KEYS)  # every key shown, none misspelt
+
+
+async def test_a_reload_applies_new_rules_and_a_bad_one_keeps_them(origins, tmp_path):
+    import os
+    import signal
+
+    path = tmp_path / "originpool.toml"
+    pid = f'[proxy]\npid_file = "{tmp_path}/p.pid"\n'
+    path.write_text(BASE + '[routes.headers]\nrequest_set = {"X-Env" = "one"}\n' + pid)
+    proc = Proc(path)
+    get = b"GET / HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n"
+    try:
+        await asyncio.to_thread(proc.wait_for, "ready")
+        assert (await fetch(get))[0] == 200
+        assert fields_of(origins[0].last_headers)[b"x-env"] == [b"one"]
+        path.write_text(BASE + '[routes.headers]\nrequest_set = {"X-Env" = "two"}\n' + pid)
+        os.kill(proc.p.pid, signal.SIGHUP)
+        await asyncio.to_thread(proc.wait_for, "reloaded")
+        assert (await fetch(get))[0] == 200
+        assert fields_of(origins[0].last_headers)[b"x-env"] == [b"two"]
+        path.write_text(BASE + '[routes.headers]\nrequest_set = {"Connection" = "x"}\n' + pid)
+        os.kill(proc.p.pid, signal.SIGHUP)
+        rejected = await asyncio.to_thread(proc.wait_for, "reload_rejected")
+        assert any("routes[0].headers.request_set.Connection" in p for p in rejected["problems"])
+        assert (await fetch(get))[0] == 200
+        assert fields_of(origins[0].last_headers)[b"x-env"] == [b"two"]  # the old rules kept
+    finally:
+        code = await asyncio.to_thread(proc.stop)
+    assert code == 0
