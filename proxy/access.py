@@ -63,3 +63,11 @@ def response(
     if trace_id is not None:  # [tracing] enabled: the W3C trace id (proxy.observe)
         fields["trace_id"] = trace_id
     logs.access(fields)
+
+
+def record(stats: Counts, route: str, seconds: float, fields: dict[str, Any]) -> None:
+    """:func:`response` with the line's fields already made, in its keys and order: the
+    exchange's, by :func:`proxy.observe.request_finished`, once per proxied request (a
+    call with a dozen keyword arguments costs more than the dict it fills)."""
+    stats.observe(route, fields["status"], seconds)
+    logs.access(fields)

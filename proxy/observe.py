@@ -85,39 +85,30 @@ def request_finished(ex: Exchange, status: int) -> None:
     and, when traced and sampled, its span exported."""
     route = ex.route.name if ex.route else access.NONE
     seconds = time.monotonic() - ex.started
+    # access.response's keys, in its order (tests/test_trace.py holds the two together)
+    fields: dict[str, Any] = {
+        "method": ex.head.method.decode("latin-1"),
+        "host": ex.host or access.NONE,  # no host decided (a target refused): "-"
+        "path": ex.path,
+        "status": status,
+        "bytes": ex.received,
+        "bytes_in": ex.sent,
+        "duration_ms": round(seconds * 1000, 3),
+        "origin": str(ex.origin) if ex.origin else None,
+        "egress": ex.egress_ip,
+        "client": ex.client.peer[0],
+        "request_id": ex.request_id.decode("ascii"),
+        "http_version": ex.client.http_version,
+    }
     trace = ex.trace
-    access.response(
-        ex.proxy.stats,
-        route,
-        seconds,
-        method=ex.head.method.decode("latin-1"),
-        host=ex.host or access.NONE,  # no host decided (a target refused): "-"
-        path=ex.path,
-        status=status,
-        body_bytes=ex.received,
-        bytes_in=ex.sent,
-        origin=str(ex.origin) if ex.origin else None,
-        egress=ex.egress_ip,
-        client=ex.client.peer[0],
-        request_id=ex.request_id.decode("ascii"),
-        http_version=ex.client.http_version,
-        trace_id=trace.trace_id.decode("ascii") if trace is not None else None,
-    )
-    if trace is not None and trace.sampled:
+    if trace is None:
+        access.record(ex.proxy.stats, route, seconds, fields)
+        return
+    fields["trace_id"] = trace.trace_id.decode("ascii")
+    access.record(ex.proxy.stats, route, seconds, fields)
+    if trace.sampled:
         tracer = ex.proxy.tracer
         if tracer is not None and tracer.sink is not None:
-            fields = {
-                "method": ex.head.method.decode("latin-1"),
-                "host": ex.host,
-                "path": ex.path,
-                "status": status,
-                "bytes": ex.received,
-                "bytes_in": ex.sent,
-                "origin": str(ex.origin) if ex.origin else None,
-                "egress": ex.egress_ip,
-                "client": ex.client.peer[0],
-                "request_id": ex.request_id.decode("ascii"),
-            }
             tracer.sink.request(trace, route, fields, seconds)
 
 

@@ -215,3 +215,33 @@ def test_the_deploy_example_block_parses_uncommented():
     assert config.tracing.enabled and config.tracing.exporter == "otlp"
     keys = {line.split("=")[0].strip() for line in block.splitlines()[1:]}
     assert keys == set(TRACING_KEYS)
+
+
+async def test_the_exchanges_access_line_has_the_refusals_keys_in_their_order(monkeypatch):
+    """proxy.observe builds the exchange's access line itself (no keyword call per request):
+    its keys must stay access.response's, which the connection's refusals use."""
+    from proxy import access, logs
+    from proxy.observe import Tracer
+    from proxy.testing import RecordingStream, memory_proxy, request_head
+    from tests.test_seam import start
+
+    lines: list[dict] = []
+    monkeypatch.setattr(logs, "access", lambda fields, event="access": lines.append(fields))
+
+    class Stats:
+        def observe(self, route: str, status: int, seconds: float) -> None:
+            pass
+
+    access.response(
+        Stats(), "r", 0.1, method="GET", host="h", path="/", status=400, body_bytes=0,
+        bytes_in=0, origin=None, egress=None, client="c", request_id="i", trace_id="t",
+    )  # fmt: skip
+    for tracer in (None, Tracer(1.0, None)):
+        proxy, _pool, _origin = memory_proxy()
+        proxy.tracer = tracer
+        ex = await start(RecordingStream(proxy), request_head(b"/x"))
+        ex.request_end()
+        ex.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    refusal, untraced, traced = lines
+    assert list(untraced) == [k for k in refusal if k != "trace_id"]
+    assert list(traced) == list(refusal)
