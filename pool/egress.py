@@ -402,6 +402,7 @@ class EgressSet:
             raise ValueError(f"share must be (index, count) with 0 <= index < count: {share}")
         self.share = share
         self.metrics = EgressMetrics()
+        self._ints: dict[int, int] = {}  # see _shared: a few capacities per process
 
     # -- capacity -------------------------------------------------------------------------
 
@@ -575,7 +576,7 @@ class EgressSet:
             raise _full(egress, destination)
         pair.live += 1  # reserved before the await: concurrent callers see it
         own = self._slice_of(egress)
-        own_capacity = capacity if self.share[1] == 1 else _room(own)
+        own_capacity = self._shared(capacity if self.share[1] == 1 else _room(own))
         slot = Slot(self, egress, destination, pair, own_capacity)
 
         family = socket.AF_INET6 if ":" in destination[0] else socket.AF_INET
@@ -720,6 +721,10 @@ class EgressSet:
             reason=NOT_ON_HOST_TEXT,
             retry_in_s=delay,
         )
+
+    def _shared(self, value: int) -> int:
+        """One int object per distinct capacity, not one per held slot (32 bytes each)."""
+        return self._ints.setdefault(value, value)
 
     def _forget_if_idle(self, key: tuple[Egress, Destination], pair: _Pair) -> None:
         if pair.live == 0 and self._pairs.get(key) is pair:

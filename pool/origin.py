@@ -266,6 +266,9 @@ class OriginPool:
         self._watch: AddressWatch | None = None
         # origins being drained: their connections close when released, never go idle
         self._retiring: set[Origin] = set()
+        # one (ip, port) tuple per destination, shared by its connections' slots (56 bytes
+        # each otherwise, for as long as a session lives); cleared when DNS churn grows it
+        self._destinations: dict[tuple[str, int], tuple[str, int]] = {}
 
     def close_idle(self, origin: Origin, retire: bool = True) -> int:
         """Close ``origin``'s idle connections (a drain: no new request goes to it, so they
@@ -513,10 +516,11 @@ class OriginPool:
         state.next_address += 1
         error: OSError | None = None
         for i in range(len(addresses)):
-            ip = addresses[(start + i) % len(addresses)]
+            destination = self._destination(addresses[(start + i) % len(addresses)], origin.port)
+            ip = destination[0]
             try:
                 sock, slot = await self.egress.connect(
-                    (ip, origin.port), timeout=self.limits.connect_timeout
+                    destination, timeout=self.limits.connect_timeout
                 )
             except EgressExhausted as e:
                 error = e  # per destination: another address of the origin may have room
@@ -528,6 +532,15 @@ class OriginPool:
             return await self._wrap(origin, state, sock, slot, preamble)
         assert error is not None
         raise error
+
+    def _destination(self, ip: str, port: int) -> tuple[str, int]:
+        key = (ip, port)
+        shared = self._destinations.get(key)
+        if shared is None:
+            if len(self._destinations) >= 4096:
+                self._destinations.clear()
+            shared = self._destinations[key] = key
+        return shared
 
     async def _wrap(
         self,

@@ -430,7 +430,12 @@ class Downstream(asyncio.Protocol):
         return self._answer(status, reason, extra, rid)
 
     def upgrade(self, headers: Headers, reason: bytes) -> tuple[Downstream, bytes]:
-        self._timer.stop()  # the tunnel arms its own idle timer, if any
+        # the head, body and linger deadlines are HTTP's: a session keeps only the tunnel's
+        # timer (``timer``), and what HTTP alone reads goes too (~100 bytes per session)
+        self._timer.stop()
+        self._timer = _SPENT_TIMER
+        self.client_ip = b""  # X-Forwarded-For of requests to come: none will
+        self.began = 0.0  # a shared float, not one per session
         self._send(self.http.informational(101, headers, reason))
         from_client = self.http.trailing_data()  # frames sent before the 101
         # the HTTP codec is done for this connection's life: a shared spent one keeps the
@@ -567,6 +572,8 @@ class Downstream(asyncio.Protocol):
     # -- timers ------------------------------------------------------------------------------
 
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        if self._timer is _SPENT_TIMER:  # after a 101 nothing arms it; should anything,
+            self._timer = Timer()  # it gets a timer of its own, never the shared one
         self._timer.arm(seconds, callback)
 
     def _disarm(self) -> None:
@@ -590,3 +597,4 @@ class Downstream(asyncio.Protocol):
 
 
 _SPENT_SERVER = http1.ServerSide()  # never used: stands in for the parser a tunnel dropped
+_SPENT_TIMER = Timer.spent()  # never armed (see _arm): the deadlines a tunnel dropped

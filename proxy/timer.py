@@ -29,6 +29,18 @@ class Timer:
         self._deadline = _NEVER
         self._callback: Callable[[], None] | None = None
 
+    @classmethod
+    def spent(cls) -> Timer:
+        """A timer never to be armed, made without a loop: one shared stand-in for the
+        timers of connections that wait for nothing any more (a WebSocket tunnel's HTTP
+        deadlines); ``disarm`` and ``stop`` on it do nothing."""
+        timer = cls.__new__(cls)
+        timer._loop = None  # type: ignore[assignment]
+        timer._handle = None
+        timer._at = timer._deadline = _NEVER
+        timer._callback = None
+        return timer
+
     def arm(self, seconds: float, callback: Callable[[], None]) -> None:
         if seconds <= 0:
             self._callback = None

@@ -69,12 +69,14 @@ class Tunnel:
         "closed_by",
         "conn",
         "finished",
-        "head",
+        "host",
         "last_activity",
         "o2c",
         "origin",
         "origin_eof",
+        "path",
         "received",
+        "request_id",
         "route",
         "sent",
         "started",
@@ -93,7 +95,8 @@ class Tunnel:
         self.client = client
         self.conn: UpstreamConnection | None = conn
         self.origin = origin
-        self.head = head  # (host, path, request id): what the session's log line names
+        # what the session's log line names, as three fields: a tuple more per session
+        self.host, self.path, self.request_id = head
         self.c2o = ws.ClientFrames()  # frame boundaries client -> origin
         self.o2c = ws.OriginFrames()
         self.client_eof = False
@@ -223,7 +226,7 @@ class Tunnel:
             origin=str(self.origin),
             egress=self.conn.egress_ip if self.conn else None,
             reason=reason,
-            request_id=self.head[2].decode("ascii"),
+            request_id=self.request_id.decode("ascii"),
             **observe.trace_fields(self.trace),
         )
         self._end()
@@ -287,7 +290,7 @@ class Tunnel:
         client = self.client
         client.timer.stop()
         conn = self.conn
-        host, path, rid = self.head
+        host, path, rid = self.host, self.path, self.request_id
         seconds = time.monotonic() - self.started
         observe.session_ended(
             self,
