@@ -237,6 +237,15 @@ def test_curl_http1_1_still_gets_http1_1(cafile: Site, tls: bool) -> None:
 
 
 @needs_curl
+def test_curl_http2_on_cleartext_asks_upgrade_and_gets_http1_1(cafile: Site) -> None:
+    # curl --http2 on http:// sends "Upgrade: h2c"; the proxy has no h2c Upgrade (browsers
+    # never send one; prior knowledge is the cleartext way in), so it answers in HTTP/1.1
+    version, body = curl(cafile, "--http2", tls=False)
+    assert (version, body) == ("1.1", "hello\n")
+    assert cafile.access("/hello")["http_version"] == "1.1"
+
+
+@needs_curl
 def test_curl_http2_over_tls_negotiates_h2_by_alpn(cafile: Site) -> None:
     version, body = curl(cafile, "--http2", tls=True)
     assert (version, body) == ("2", "hello\n")
