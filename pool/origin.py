@@ -391,6 +391,7 @@ class OriginPool:
             state.leased -= 1
             raise
         conn.leased = True
+        conn.fd = -1  # for the idle check only, which a lease never meets: no int kept
         return conn
 
     def to_lease(self, conn: UpstreamConnection) -> None:
@@ -401,6 +402,7 @@ class OriginPool:
         state.active -= 1
         state.leased += 1
         conn.leased = True
+        conn.fd = -1  # as lease's
         self._wake(state)
 
     # -- bookkeeping -------------------------------------------------------------------------

@@ -148,6 +148,7 @@ class Downstream(asyncio.Protocol):
 
     # slots: thousands of these live at once (two sockets' worth of state per session)
     __slots__ = (
+        "_ex_timer",
         "_got_bytes",
         "_timer",
         "began",
@@ -166,7 +167,6 @@ class Downstream(asyncio.Protocol):
         "reading_paused",
         "scheme",
         "sniffing",
-        "timer",
         "transport",
         "trusted_peer",
         "whole",
@@ -203,7 +203,7 @@ class Downstream(asyncio.Protocol):
         self.reading_paused = False
         self.write_paused = False
         self._timer = Timer()
-        self.timer = Timer()  # the current exchange's: one pending loop timer per connection
+        self._ex_timer = Timer()  # the current exchange's (``timer``): one loop timer pending
         self.http_version = "1.1"  # the current request's
         self._got_bytes = False
         self.began = 0.0  # monotonic time of the first read of a head not whole in one
@@ -433,7 +433,7 @@ class Downstream(asyncio.Protocol):
         # the head, body and linger deadlines are HTTP's: a session keeps only the tunnel's
         # timer (``timer``), and what HTTP alone reads goes too (~100 bytes per session)
         self._timer.stop()
-        self._timer = _SPENT_TIMER
+        self._timer = self._ex_timer = _SPENT_TIMER  # the exchange stopped its own
         self.client_ip = b""  # X-Forwarded-For of requests to come: none will
         self.began = 0.0  # a shared float, not one per session
         self._send(self.http.informational(101, headers, reason))
@@ -445,6 +445,15 @@ class Downstream(asyncio.Protocol):
         return self, from_client
 
     # -- proxy.stream.ClientPipe: after a 101 -------------------------------------------------
+
+    @property
+    def timer(self) -> Timer:
+        """The current exchange's timer, then the session's: made again only when a tunnel
+        first needs one (an idle timeout, a close), so an idle session pins none."""
+        timer = self._ex_timer
+        if timer is _SPENT_TIMER:
+            timer = self._ex_timer = Timer()
+        return timer
 
     def attach(self, tunnel: Tunnel) -> None:
         self.exchange = tunnel

@@ -108,7 +108,9 @@ class Tunnel:
         self.finished = False
         self.sent = 0
         self.received = 0
-        self.started = self.last_activity = time.monotonic()
+        self.started = time.monotonic()
+        # None while the session has no idle timeout (see start)
+        self.last_activity: float | None = self.started
         self.route = ""  # the route's name and the request's trace: set by the exchange
         self.trace: Trace | None = None
 
@@ -122,6 +124,8 @@ class Tunnel:
         idle = proxy.settings.websocket_idle_timeout
         if idle > 0:
             self.client.timer.arm(idle, self._idle_check)
+        else:  # no idle timeout: no clock read per chunk, no float kept per session
+            self.last_activity = None
         if from_origin:
             self.data_received(from_origin)
         if from_client:
@@ -133,7 +137,8 @@ class Tunnel:
     def data_received(self, data: bytes) -> None:
         if self.stopping:
             return
-        self.last_activity = time.monotonic()
+        if self.last_activity is not None:
+            self.last_activity = time.monotonic()
         self.o2c.feed(data)
         if self.o2c.closed and self.closed_by is None:
             self.closed_by, self.close_code = "origin", self.o2c.close_code
@@ -174,7 +179,8 @@ class Tunnel:
     def tunnel_to_origin(self, data: bytes) -> None:
         if self.stopping or self.conn is None:
             return
-        self.last_activity = time.monotonic()
+        if self.last_activity is not None:
+            self.last_activity = time.monotonic()
         self.c2o.feed(data)
         if self.c2o.closed and self.closed_by is None:
             self.closed_by, self.close_code = "client", self.c2o.close_code
@@ -243,7 +249,7 @@ class Tunnel:
         if self.finished:
             return
         limit = self.client.proxy.settings.websocket_idle_timeout
-        quiet = time.monotonic() - self.last_activity
+        quiet = time.monotonic() - (self.last_activity or self.started)
         if quiet < limit:
             self.client.timer.arm(limit - quiet, self._idle_check)
             return
