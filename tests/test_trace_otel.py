@@ -83,7 +83,11 @@ async def test_an_unsampled_new_trace_exports_nothing():
     assert memory.get_finished_spans() == ()
 
 
-async def test_a_websocket_session_is_one_span_with_its_bytes():
+async def test_a_websocket_session_is_one_span_with_its_bytes(monkeypatch):
+    from proxy import logs
+
+    lines: list[tuple[str, dict]] = []
+    monkeypatch.setattr(logs, "access", lambda f, event="access": lines.append((event, dict(f))))
     proxy, pool, memory = traced_proxy()
     stream = RecordingStream(proxy)
     ex = await start(stream, request_head(b"/ws", UPGRADE))
@@ -106,6 +110,11 @@ async def test_a_websocket_session_is_one_span_with_its_bytes():
     assert session.context.trace_id == request_span.context.trace_id
     assert session.attributes["originpool.bytes_to_client"] == 4
     assert session.attributes["originpool.closed_by"] == "client"
+    trace_id = f"{session.context.trace_id:032x}"
+    assert [(event, f["trace_id"]) for event, f in lines] == [
+        ("access", trace_id),
+        ("websocket_session", trace_id),
+    ]
 
 
 def test_build_tracer_is_none_when_off_and_keeps_an_unchanged_exporter(monkeypatch):
