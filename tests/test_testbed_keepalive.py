@@ -118,8 +118,10 @@ def test_keepalive_probes_fired_in_one_burst_kill_live_loopback_sessions(ns):
         _arm(accepted, batch=n, pause=0)  # every timer in one wheel bucket
         burst = _dead_after(accepted, 6)
         # every peer was an open socket of this process: the verdict came from probes (or
-        # their answers) dropped on lo, and it took most of what did not fit the backlog
-        assert burst >= limit // 2, f"{burst} of {n} killed: the burst fit the backlog"
+        # their answers) dropped on lo. How many die depends on how tightly the probes
+        # bunch, which a loaded machine loosens (998 of 3,000 idle, 127 with 8 busy processes
+        # on the 2 cores): the fact under test is that any live session dies at all
+        assert burst > 0, f"0 of {n} killed: the burst fit the backlog"
     finally:
         for s in clients + accepted:
             s.close()
