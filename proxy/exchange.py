@@ -35,7 +35,6 @@ from proxy.limits import ClientLimits, forwarded_client, retry_after
 from proxy.proxy_accept import preamble
 from proxy.routing import Route, session_refusal
 from proxy.target import resolve
-from proxy.tracecontext import inject as inject_trace
 from proxy.tunnel import Tunnel
 from proxy.upstream_errors import (
     UPSTREAM_REASONS,
@@ -159,8 +158,8 @@ class Exchange:
             request_id=self.request_id,
             websocket=self.websocket,
         )
-        if self.trace is not None:
-            inject_trace(out, self.trace)
+        if self.trace is not None:  # the origin's traceparent, and the time it was connected
+            observe.upstream_connected(self, out)
         rules = self.route.headers if self.route is not None else None
         if rules is not None:  # [routes.headers]: after the proxy's own, so they can see them
             rules.to_origin(out, client.client_ip, self)
@@ -169,6 +168,8 @@ class Exchange:
     def head_to_client(self, headers: Headers, websocket: bool = False) -> Headers:
         """A response head's fields as the client gets them: the one place they are made."""
         out = hdrs.to_client(headers, websocket=websocket)
+        if self.trace is not None:
+            observe.response_head(self)
         rules = self.route.headers if self.route is not None else None
         if rules is not None:
             rules.to_client(out, self.client.client_ip, self)

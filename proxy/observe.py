@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from proxy import access, logs
-from proxy.tracecontext import Trace, begin
+from proxy.tracecontext import Trace, begin, inject
 
 if TYPE_CHECKING:
     from proxy.config_model import TracingSettings
     from proxy.exchange import Exchange
+    from proxy.headers import Headers
     from proxy.tunnel import Tunnel
 
 log = structlog.get_logger("originpool.proxy")
@@ -77,6 +78,25 @@ def build_tracer(settings: TracingSettings, old: Tracer | None = None) -> Tracer
 
 
 # -- requests -------------------------------------------------------------------------------
+# upstream_connected and response_head are called only for a traced request (the exchange
+# checks ``trace is not None`` inline): they cost nothing with tracing off.
+
+
+def upstream_connected(ex: Exchange, headers: Headers) -> None:
+    """The request's head is going to an origin connection: its traceparent (the proxy's
+    span as the origin's parent) in ``headers``, and the time, for the span's event."""
+    trace = ex.trace
+    assert trace is not None
+    inject(headers, trace)
+    if not trace.connected:  # a retry's second connection: the first attach counts
+        trace.connected = time.monotonic()
+
+
+def response_head(ex: Exchange) -> None:
+    """A response head from the origin (the first one, 1xx included: time to first byte)."""
+    trace = ex.trace
+    if trace is not None and not trace.head:
+        trace.head = time.monotonic()
 
 
 def request_finished(ex: Exchange, status: int) -> None:
@@ -109,6 +129,11 @@ def request_finished(ex: Exchange, status: int) -> None:
     if trace.sampled:
         tracer = ex.proxy.tracer
         if tracer is not None and tracer.sink is not None:
+            # after the line is written: seconds from the request's start, for span events
+            if trace.connected:
+                fields["upstream_connected_s"] = trace.connected - ex.started
+            if trace.head:
+                fields["response_head_s"] = trace.head - ex.started
             tracer.sink.request(trace, route, fields, seconds)
 
 

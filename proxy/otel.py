@@ -21,6 +21,7 @@ bytes each way, request id, a session's ``closed_by`` and close code).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry import trace as api
@@ -69,6 +70,9 @@ _REQUEST = {
     "bytes_in": "originpool.bytes_to_origin",
     "request_id": "originpool.request_id",
 }
+# proxy.observe's hooks' times, as span events: the origin connection attached (time to
+# connect, or to check out a pooled one), the first response head (time to first byte)
+_EVENTS = ("upstream_connected", "response_head")
 _SESSION = {
     "host": "server.address",
     "path": "url.path",
@@ -110,7 +114,8 @@ class OtelExporter:
         attributes = _attributes(fields, _REQUEST)
         attributes["http.route"] = route
         status = int(fields.get("status") or 0)
-        self._span(f"{method} {route}", trace, attributes, seconds, status >= 500)
+        events = [(name, fields.get(f"{name}_s")) for name in _EVENTS]
+        self._span(f"{method} {route}", trace, attributes, seconds, status >= 500, events)
 
     def session(self, trace: Trace, route: str, fields: dict[str, Any], seconds: float) -> None:
         attributes = _attributes(fields, _SESSION)
@@ -119,9 +124,16 @@ class OtelExporter:
         self._span(f"websocket {route}", trace, attributes, seconds, failed)
 
     def _span(
-        self, name: str, trace: Trace, attributes: dict[str, Any], seconds: float, error: bool
+        self,
+        name: str,
+        trace: Trace,
+        attributes: dict[str, Any],
+        seconds: float,
+        error: bool,
+        events: Sequence[tuple[str, Any]] = (),
     ) -> None:
         end = time.time_ns()
+        start = end - int(seconds * 1e9)
         context = None
         if trace.parent_id is not None:
             parent = api.SpanContext(
@@ -138,8 +150,11 @@ class OtelExporter:
             context=context,
             kind=api.SpanKind.SERVER,
             attributes=attributes,
-            start_time=end - int(seconds * 1e9),
+            start_time=start,
         )
+        for event, offset in events:
+            if offset is not None:  # seconds after the start: the hooks' times
+                span.add_event(event, timestamp=start + int(offset * 1e9))
         if error:
             span.set_status(api.Status(api.StatusCode.ERROR))
         span.end(end_time=end)

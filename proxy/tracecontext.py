@@ -74,7 +74,7 @@ class Trace:
     A plain slotted class, not a frozen dataclass: one is made per traced request, and a
     frozen dataclass's ``__init__`` costs several times more."""
 
-    __slots__ = ("flags", "parent_id", "span_id", "state", "trace_id")
+    __slots__ = ("connected", "flags", "head", "parent_id", "span_id", "state", "trace_id")
 
     def __init__(
         self,
@@ -89,6 +89,10 @@ class Trace:
         self.parent_id = parent_id
         self.flags = flags
         self.state = state
+        # monotonic times of the origin connection's attach and of the first response head
+        # (proxy.observe's hooks), 0.0 until then: the exported span's events
+        self.connected = 0.0
+        self.head = 0.0
 
     @property
     def sampled(self) -> bool:

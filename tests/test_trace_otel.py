@@ -70,6 +70,10 @@ async def test_a_request_is_one_server_span_whose_id_the_origin_got_as_parent():
     assert attrs["originpool.bytes_to_client"] == 4
     assert span.status.status_code.name == "ERROR"  # a 5xx
     assert span.resource.attributes["service.name"] == "edge-test"
+    # the hooks' times as events, in order, inside the span
+    assert [e.name for e in span.events] == ["upstream_connected", "response_head"]
+    stamps = [span.start_time, *(e.timestamp for e in span.events), span.end_time]
+    assert stamps == sorted(stamps)
 
 
 async def test_an_unsampled_new_trace_exports_nothing():
