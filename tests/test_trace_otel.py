@@ -147,3 +147,43 @@ def test_build_tracer_is_none_when_off_and_keeps_an_unchanged_exporter(monkeypat
     assert moved is not None and made[-1] == ("http://x/", "originpool") and first.sink.down
     off = build_tracer(TracingSettings(), moved)
     assert off is None and moved.sink.down  # turned off: the exporter flushed and shut down
+
+
+async def test_serve_exports_spans_over_otlp_http_to_a_collector(origins, tmp_path):
+    """exporter = "otlp" against a real HTTP receiver standing in for the Collector: the
+    worker's batch, flushed at its drain, holds the request's trace id and the service."""
+    import asyncio
+
+    from tests.test_serve import Proc
+    from tests.test_trace import CONFIG, request
+
+    bodies: list[bytes] = []
+
+    async def collector(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        bodies.append(head.split(b" ", 2)[1] + b" " + await reader.readexactly(length))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(collector, "127.0.0.1", 4318)
+    path = tmp_path / "originpool.toml"
+    tracing = '[tracing]\nenabled = true\nexporter = "otlp"\nservice_name = "edge-7"\n'
+    path.write_text(CONFIG.replace("{dir}", str(tmp_path)) + tracing)
+    proc = Proc(path)
+    try:
+        await asyncio.to_thread(proc.wait_for, "ready")
+        assert await request("app.example") == 200
+        line = await asyncio.to_thread(proc.wait_for, "access")
+    finally:
+        code = await asyncio.to_thread(proc.stop)  # the drain flushes the batch
+        server.close()
+        await server.wait_closed()
+    assert code == 0
+    sent = b"".join(bodies)
+    assert sent.startswith(b"/v1/traces ")
+    assert bytes.fromhex(line["trace_id"]) in sent and b"edge-7" in sent
