@@ -457,6 +457,9 @@ class Downstream(asyncio.Protocol):
 
     def attach(self, tunnel: Tunnel) -> None:
         self.exchange = tunnel
+        # the 101's access line named the client, and nothing after it reads the address
+        # (the session's line names the request id): ~126 bytes less per idle session
+        self.peer = _NO_PEER
 
     def write(self, data: bytes) -> None:
         """Unheld (see pool.turnwrite): the tunnel's relayed bytes."""
@@ -606,4 +609,5 @@ class Downstream(asyncio.Protocol):
 
 
 _SPENT_SERVER = http1.ServerSide()  # never used: stands in for the parser a tunnel dropped
+_NO_PEER = ("", 0)  # a tunnel's: see attach
 _SPENT_TIMER = Timer.spent()  # never armed (see _arm): the deadlines a tunnel dropped
