@@ -265,6 +265,6 @@ def report(origin: Origin, ok: bool, detail: str | int = "") -> None:
     """Passive ejection's input from the data path: ``ok`` False for a connect failure or a
     5xx from ``origin``. Nothing to do (one global read) when no checker is installed."""
     checker = _current
-    if checker is None or (ok and origin not in checker.failing):
-        return  # the common case, a success with nothing to reset: ~60 ns
+    if checker is None or (ok and (not checker.failing or origin not in checker.failing)):
+        return  # the common case, a success with nothing to reset: no hash of the origin
     checker.report(origin, ok, detail)
