@@ -60,11 +60,10 @@ HELP = {
 
 @dataclass
 class _Watched:
-    """One checked origin: its verdict, its task and its counts."""
+    """One checked origin: its verdict and the task that checks it."""
 
     health: OriginHealth
     task: asyncio.Task[None] | None = None
-    last: CheckResult | None = None
 
 
 class HealthChecker:
@@ -173,7 +172,6 @@ class HealthChecker:
         watched = self._watched.get(origin)
         if watched is None:
             return
-        watched.last = result
         key = (origin, result.result)
         self.checks[key] = self.checks.get(key, 0) + 1
         self.states.record_check(origin, _as_json(result))
