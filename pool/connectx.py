@@ -21,9 +21,9 @@ The logic is one generator that yields whenever it needs the socket connected; t
 and asyncio forms only differ in how they perform that one step, so the loop never blocks
 (bind, setsockopt and netlink questions return at once).
 
-Errors are ``OSError`` with the kernel's errno (``OSError(errno, ...)`` still maps to
-``ConnectionRefusedError`` and friends) and a message naming both addresses; the attempted
-addresses are also kept as ``.local_addr`` / ``.remote_addr``.
+Errors are :class:`pool.errors.ConnectError`: an ``OSError`` with the kernel's errno (still a
+``ConnectionRefusedError`` and friends) carrying the stage, both addresses and the errno, and
+naming them in its message.
 """
 
 from __future__ import annotations
@@ -39,13 +39,10 @@ import struct
 import threading
 from collections.abc import Generator, Iterable, Iterator
 from functools import lru_cache
-from typing import Any
 
 from pool import kernel, netlink, route, sockdiag, sockopt
+from pool.errors import Address, ConnectError, Stage, format_address
 from pool.netlink import NETLINK_SOCK_DIAG, open_socket
-
-Address = tuple[Any, ...]
-"""``(ip, port)`` or, for IPv6, ``(ip, port, flowinfo, scope_id)``; ip is numeric."""
 
 PortRange = tuple[int, int]
 
@@ -442,31 +439,21 @@ def _local_for_error(sock: socket.socket, local: Address) -> Address:
     return bound if bound[1] else local
 
 
-def format_address(addr: Address) -> str:
-    """``ip:port``, ``[v6]:port``; a zero port or wildcard shown as ``*``."""
-    ip, port = str(addr[0]) or "*", addr[1] if addr[1] else "*"
-    if ":" in ip:
-        scope = f"%{addr[3]}" if len(addr) >= 4 and addr[3] else ""
-        return f"[{ip}{scope}]:{port}"
-    return f"{ip}:{port}"
+def _error(
+    err: OSError | int, local: Address, remote: Address, stage: Stage = "connect"
+) -> ConnectError:
+    """The kernel's errno, typed with its stage and both addresses (see :mod:`pool.errors`)."""
+    return ConnectError.of(err, stage, local, remote)
 
 
-def _error(err: OSError | int, local: Address, remote: Address, stage: str = "connect") -> OSError:
-    """The kernel's errno, with both addresses in the message and on the exception.
-
-    ``.stage`` is "bind" when the source address itself was refused (EADDRNOTAVAIL there
-    means the IP is not configured on the host, not that ports ran out) and "connect"
-    otherwise; the egress layer marks an IP down only for the former.
-    """
-    if isinstance(err, int):
-        code = err
-    elif err.errno is None:  # socket.timeout from a blocking connect
-        code = errno.ETIMEDOUT
-    else:
-        code = err.errno
-    where = f"connect {format_address(local)} -> {format_address(remote)}"
-    exc = OSError(code, f"{os.strerror(code)} ({where})")
-    exc.local_addr = local  # type: ignore[attr-defined]
-    exc.remote_addr = remote  # type: ignore[attr-defined]
-    exc.stage = stage  # type: ignore[attr-defined]
-    return exc
+__all__ = [
+    "Address",
+    "PortRange",
+    "candidate_ports",
+    "connectx",
+    "connectx_async",
+    "effective_window",
+    "format_address",
+    "is_local_address",
+    "is_wildcard",
+]

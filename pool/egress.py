@@ -47,19 +47,21 @@ from typing import Literal
 import structlog
 
 from pool import kernel
-from pool.connectx import (
-    Address,
-    connectx_async,
-    effective_window,
+from pool.connectx import connectx_async, effective_window, is_local_address
+from pool.errors import (
+    NOT_ON_HOST_TEXT,
+    ConnectError,
+    Destination,
+    EgressExhausted,
+    EgressLost,
+    EgressUnavailable,
     format_address,
-    is_local_address,
 )
 
 log = structlog.get_logger("originpool.egress")
 
 Mode = Literal["connectx", "bind", "plain"]
 MODES: tuple[Mode, ...] = ("connectx", "bind", "plain")
-Destination = tuple[str, int]
 
 # errnos that mean "this (egress, destination) pair has no port left": try the next egress.
 _FULL = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EAGAIN})
@@ -70,7 +72,6 @@ _MAYBE_GONE = frozenset({errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.EINVAL})
 # why a connect moved on to the next egress IP: the label of the failover counter
 NOT_ON_HOST = "not_on_host"
 NO_PORT = "no_port"
-NOT_ON_HOST_TEXT = "egress IP not on this host"
 
 # A recorded port the kernel refuses is held by someone the record does not know (another
 # process sharing the IP, or our own actively closed connection in TIME_WAIT/FIN_WAIT2): park
@@ -142,80 +143,6 @@ def _parse_window(text: str, spec: str) -> tuple[int, int]:
     if not (1 <= lo <= hi <= 65535):
         raise ValueError(f"{text!r}: port window {lo}-{hi} must satisfy 1 <= LO <= HI <= 65535")
     return (lo, hi)
-
-
-class EgressExhausted(OSError):
-    """No egress IP could take a connection to this destination: every one is full or gone.
-
-    An ``OSError`` with the kernel's errno (EADDRNOTAVAIL, or EADDRINUSE for bind-before-
-    connect), so code that handles the kernel's refusal handles this too; ``attempts`` lists
-    each egress tried with its errno, ``not_on_host`` the IPs found missing from the host
-    (in this call, or still marked down and so skipped), and the message gives the kernel's
-    words with each IP's reason.
-    """
-
-    def __init__(
-        self,
-        destination: Destination,
-        attempts: Sequence[tuple[str, int]],
-        not_on_host: Sequence[str] = (),
-    ) -> None:
-        gone = list(dict.fromkeys(not_on_host))
-        tried = [
-            f"{ip or 'default'}: {errno.errorcode.get(code, code)} "
-            f"({NOT_ON_HOST_TEXT if ip in gone else os.strerror(code)})"
-            for ip, code in attempts
-        ]
-        tried_ips = {ip for ip, _code in attempts}
-        tried += [f"{ip}: down ({NOT_ON_HOST_TEXT})" for ip in gone if ip not in tried_ips]
-        codes = {code for _ip, code in attempts}
-        # the kernel's own errno when every egress agrees (EADDRINUSE in bind mode)
-        code = codes.pop() if len(codes) == 1 else errno.EADDRNOTAVAIL
-        super().__init__(
-            code,
-            f"{os.strerror(code)}: {self._summary(destination)} (tried "
-            f"{', '.join(tried) or 'none: no egress IP of this family'})",
-        )
-        self.destination = destination
-        self.attempts = list(attempts)
-        self.not_on_host = gone
-
-    @staticmethod
-    def _summary(destination: Destination) -> str:
-        return f"no source port left for {format_address(destination)} on any egress IP"
-
-
-class EgressUnavailable(EgressExhausted):
-    """Every egress IP that could reach the destination is missing from this host.
-
-    Not exhaustion, and said so: the message reads "egress IP not on this host". A subclass
-    of :class:`EgressExhausted` because the proxy's answer is the same (503 with Retry-After:
-    no source address could be used) and callers that already catch the parent, to try the
-    origin's next address or to pick the status, stay right.
-    """
-
-    @staticmethod
-    def _summary(destination: Destination) -> str:
-        return f"{NOT_ON_HOST_TEXT}: no egress IP left to reach {format_address(destination)}"
-
-
-class EgressLost(ConnectionAbortedError):
-    """An established upstream connection whose source address the host no longer has.
-
-    Replies to it can never be delivered, so the pool aborts it rather than let an exchange
-    wait for a response that cannot come; the proxy may retry the request elsewhere. A
-    ``ConnectionAbortedError`` (ECONNABORTED) naming the connection's 4-tuple and the reason.
-    """
-
-    def __init__(self, egress: str, local: Address, destination: Destination, why: str) -> None:
-        super().__init__(
-            errno.ECONNABORTED,
-            f"egress IP {egress} gone ({why}): connection {format_address(local)} -> "
-            f"{format_address(destination)} aborted",
-        )
-        self.egress = egress
-        self.local = local
-        self.destination = destination
 
 
 class FreePorts:
@@ -519,7 +446,7 @@ class EgressSet:
         """The failure is the egress IP's absence, not the pair's ports (see the module doc)."""
         if not egress.ip:
             return False  # the kernel's default source is whatever the host has
-        stage = getattr(error, "stage", None)
+        stage = error.stage if isinstance(error, ConnectError) else None
         if stage == "bind":
             return code == errno.EADDRNOTAVAIL  # EADDRINUSE at bind: a full range (bind mode)
         if code not in _MAYBE_GONE:
@@ -656,23 +583,18 @@ class EgressSet:
                             await self._legacy_connect(sock, egress, destination)
                     except OSError as e:
                         sock.close()
-                        if (
-                            port is not None
+                        refused_at_connect = (
+                            isinstance(e, ConnectError)
+                            and e.stage == "connect"
                             and e.errno == errno.EADDRNOTAVAIL
-                            and getattr(e, "stage", None) == "connect"
-                        ):
+                        )
+                        if port is not None and refused_at_connect:
                             # a refused recorded port; at bind the IP itself is gone: not
                             # the port's fault, and parking it would hide it for a minute
                             pair.parked.append((self._clock() + _PARK_SECONDS, port))
                             misses += 1
                             continue
-                        if (
-                            room
-                            and sliced
-                            and self.mode == "connectx"
-                            and e.errno == errno.EADDRNOTAVAIL
-                            and getattr(e, "stage", None) == "connect"
-                        ):
+                        if room and sliced and self.mode == "connectx" and refused_at_connect:
                             spill = True  # one more try, over the whole window
                             continue
                         raise
@@ -681,10 +603,8 @@ class EgressSet:
                         raise
                     return sock
         except TimeoutError:
-            raise OSError(
-                errno.ETIMEDOUT,
-                f"{_why(errno.ETIMEDOUT)} (connect {format_address(local)} -> "
-                f"{format_address(destination)} after {timeout}s)",
+            raise ConnectError.of(
+                errno.ETIMEDOUT, "connect", local, destination, f"after {timeout}s"
             ) from None
 
     async def _legacy_connect(
@@ -696,16 +616,11 @@ class EgressSet:
             try:
                 sock.bind((egress.ip, 0))
             except OSError as e:
-                err = OSError(e.errno, f"{e.strerror} (bind {egress.ip}:0)")
-                err.stage = "bind"  # type: ignore[attr-defined]
-                raise err from None
+                raise ConnectError.of(e, "bind", (egress.ip, 0), destination) from None
         try:
             await loop.sock_connect(sock, destination)
         except OSError as e:
-            code = e.errno or errno.ETIMEDOUT
-            raise OSError(
-                code, f"{_why(code)} (connect {egress.ip or '*'} -> {format_address(destination)})"
-            ) from None
+            raise ConnectError.of(e, "connect", _bound(sock, egress), destination) from None
 
     def _mark_down(self, egress: Egress, destination: Destination, code: int) -> None:
         """Skip ``egress`` until its backoff is over; the first connect after it is the probe
@@ -737,14 +652,20 @@ def _room(ports: range) -> int:
     return len(ports) - sum(1 for p in reserved if p in ports)
 
 
-def _full(egress: Egress, destination: Destination) -> OSError:
-    err = OSError(
-        errno.EADDRNOTAVAIL,
-        f"{_why(errno.EADDRNOTAVAIL)} (connect {egress.ip or '*'}:* -> "
-        f"{format_address(destination)}: all {egress} ports held)",
+def _full(egress: Egress, destination: Destination) -> ConnectError:
+    """The pair holds its capacity: refused here, as the kernel would, without a syscall."""
+    return ConnectError.of(
+        errno.EADDRNOTAVAIL, "connect", (egress.ip, 0), destination, f"all {egress} ports held"
     )
-    err.stage = "connect"  # type: ignore[attr-defined]
-    return err
+
+
+def _bound(sock: socket.socket, egress: Egress) -> tuple[str, int]:
+    """The source a failed connect had (the kernel binds before the SYN), else the asked one."""
+    try:
+        local = sock.getsockname()
+    except OSError:
+        return (egress.ip, 0)
+    return (str(local[0]), int(local[1])) if local[1] else (egress.ip, 0)
 
 
 def _why(code: int) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from pool.egress import EgressExhausted, EgressLost
+from pool.errors import ConnectError, EgressExhausted, EgressLost, format_address
 from pool.origin import Origin, PoolError, UpstreamConnection
 
 # what a client is told of an upstream failure: no errno, no address (the detail goes to
@@ -78,7 +78,7 @@ def error_fields(
     exc: BaseException, origin: Origin | None, conn: UpstreamConnection | None
 ) -> dict[str, Any]:
     """The ``upstream_error`` line's facts of the failure: errno, and where it happened
-    (the egress IPs tried, the 4-tuple, or the addresses the exception names)."""
+    (the egress IPs tried, the 4-tuple, or the stage and 4-tuple a failed connect names)."""
     fields: dict[str, Any] = {
         "origin": str(origin) if origin else None,
         "errno": errno_name(exc),
@@ -91,11 +91,10 @@ def error_fields(
         dst = conn.slot.destination
         fields["egress"] = conn.egress_ip
         fields["four_tuple"] = f"{conn.local[0]}:{conn.local[1]}->{dst[0]}:{dst[1]}"
-    else:
-        local = getattr(exc, "local_addr", None)
-        remote = getattr(exc, "remote_addr", None)
-        if local is not None:
-            fields["egress"] = str(local[0])
-        if remote is not None:
-            fields["destination"] = f"{remote[0]}:{remote[1]}"
+    elif isinstance(exc, ConnectError):
+        fields["stage"] = exc.stage
+        fields["destination"] = format_address(exc.remote)
+        if exc.local is not None:
+            fields["egress"] = str(exc.local[0]) or "default"
+            fields["four_tuple"] = exc.four_tuple
     return fields

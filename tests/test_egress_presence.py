@@ -31,6 +31,7 @@ from pool.egress import (
     EgressSet,
     EgressUnavailable,
 )
+from pool.errors import ConnectError, Stage
 from pool.metrics import collect
 from tests.conftest import RANGE, Listeners, R, abort
 
@@ -249,10 +250,10 @@ def test_connect_stage_failures_are_checked_against_presence(ns32) -> None:
     egress = EgressSet(E2)
     here, gone = Egress("127.0.1.1"), Egress("127.0.1.9")
 
-    def err(code: int, stage: str | None) -> OSError:
-        e = OSError(code, os.strerror(code))
-        e.stage = stage  # type: ignore[attr-defined]
-        return e
+    def err(code: int, stage: Stage | None) -> OSError:
+        if stage is None:
+            return OSError(code, os.strerror(code))
+        return ConnectError.of(code, stage, (gone.ip, 0), ("127.0.2.1", 80))
 
     check = egress._not_on_host
     assert check(gone, err(errno.EADDRNOTAVAIL, "bind"), errno.EADDRNOTAVAIL)
