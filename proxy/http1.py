@@ -360,9 +360,13 @@ class ServerSide:
             h11.InformationalResponse(status_code=status, headers=list(headers), reason=reason)
         )
 
-    def response_head(self, status: int, headers: Headers, reason: bytes = b"") -> bytes:
+    def response_head(
+        self, status: int, headers: Sequence[tuple[bytes, bytes]], reason: bytes = b""
+    ) -> bytes:
         reason = reason or STATUS_REASONS.get(status, "").encode()
-        return self._h.send(h11.Response(status_code=status, headers=headers, reason=reason))
+        # h11 takes a list (its annotation; it iterates any sequence): the pure path's copy
+        response = h11.Response(status_code=status, headers=list(headers), reason=reason)
+        return self._h.send(response)
 
     def body(self, data: bytes) -> bytes:
         return self._h.send(h11.Data(data=data)) or b""

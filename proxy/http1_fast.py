@@ -71,10 +71,14 @@ from proxy.http1 import (
     skip_empty_lines,
 )
 
-try:  # imported here, not by proxy.http1: the h11 path must keep working without it
+# imported here, not by proxy.http1: the h11 path must keep working without it. A flag, not
+# httptools = None: the name stays the typed module wherever the flag says it was imported
+try:
     import httptools
+
+    HAVE_HTTPTOOLS = True
 except ImportError:  # pragma: no cover - exercised only on installs without httptools
-    httptools = None
+    HAVE_HTTPTOOLS = False
 
 # RFC 9110 field-value: no control byte but HTAB (h11 refuses only NUL, CR, LF, VT, FF)
 _CTL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -200,7 +204,7 @@ class FastRequestParser:
     """The request (input) half of ``proxy.http1.ServerSide``, on llhttp."""
 
     def __init__(self, max_head: int = 16384, max_line: int = 8192) -> None:
-        if httptools is None:
+        if not HAVE_HTTPTOOLS:
             raise RuntimeError("httptools is not installed (pip install httptools)")
         self._max_head = max_head
         self._max_line = max_line
@@ -526,7 +530,9 @@ class FastServerSide(FastRequestParser):
         reason = reason or STATUS_REASONS.get(status, "").encode()
         return whole.response_head(status, reason, headers)
 
-    def response_head(self, status: int, headers: Headers, reason: bytes = b"") -> bytes:
+    def response_head(
+        self, status: int, headers: Sequence[tuple[bytes, bytes]], reason: bytes = b""
+    ) -> bytes:
         if self._fallback is not None:
             return self._fallback.response_head(status, headers, reason)
         reason = reason or STATUS_REASONS.get(status, "").encode()
@@ -627,6 +633,6 @@ def _bench(rounds: int = 20000) -> None:
 
 
 if __name__ == "__main__":
-    if httptools is None:
+    if not HAVE_HTTPTOOLS:
         sys.exit("httptools is not installed")
     _bench()

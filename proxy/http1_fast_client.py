@@ -96,10 +96,14 @@ from proxy.http1 import (
     comma_items,
 )
 
-try:  # imported here, not by proxy.http1: the h11 path must keep working without it
+# imported here, not by proxy.http1: the h11 path must keep working without it. A flag, not
+# httptools = None: the name stays the typed module wherever the flag says it was imported
+try:
     import httptools
+
+    HAVE_HTTPTOOLS = True
 except ImportError:  # pragma: no cover - exercised only on installs without httptools
-    httptools = None
+    HAVE_HTTPTOOLS = False
 
 MAX_INCOMPLETE: Final = CLIENT_MAX_INCOMPLETE  # what ClientSide's h11 buffers of one event
 
@@ -513,8 +517,9 @@ class FastClientSide:
 
     def _parse_fields(self, block: bytes) -> Headers:
         """A header block by llhttp, or by h11's grammar where llhttp refuses it."""
-        if httptools is None:
+        if not HAVE_HTTPTOOLS:
             return _fields_h11(block)
+        fields: Headers
         self._fields = fields = []
         self._complete = False
         try:
@@ -682,6 +687,6 @@ def _bench(rounds: int = 20000) -> None:
 
 
 if __name__ == "__main__":
-    if httptools is None:
+    if not HAVE_HTTPTOOLS:
         sys.exit("httptools is not installed")
     _bench()

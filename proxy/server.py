@@ -109,7 +109,7 @@ class Proxy:
         # [tracing] enabled: traceparent to origins, trace ids in the lines (proxy.observe)
         self.tracer: Tracer | None = None
         self._active_by_origin: dict[Origin, int] = {}
-        fast = settings.http_parser == "httptools" and http1_fast.httptools is not None
+        fast = settings.http_parser == "httptools" and http1_fast.HAVE_HTTPTOOLS
         # which HTTP/1.1 codec runs where: README "HTTP parsing"
         self.server_codec: Callable[[int, int], http1.ServerSide | http1_fast.FastServerSide] = (
             http1_fast.FastServerSide if fast else http1.ServerSide
@@ -223,7 +223,7 @@ class Downstream(asyncio.Protocol):
             if choose.alpn_h2(transport):
                 choose.to_http2(self, self.transport)
                 return
-        transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+        self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
         peer = self.peer if self.peer[0] else transport.get_extra_info("peername")
         if peer:
             self.peer = (str(peer[0]), int(peer[1]))

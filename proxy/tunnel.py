@@ -36,7 +36,7 @@ scenario measures it).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import structlog
 
@@ -58,7 +58,7 @@ ORIGIN_CLOSE_WAIT = 5.0
 class Tunnel:
     """One relayed WebSocket session; see the module docstring."""
 
-    tunnel = True  # for Downstream, which holds an Exchange or a Tunnel in one slot
+    tunnel: Literal[True] = True  # Downstream holds an Exchange or a Tunnel in one slot
     ready = True
 
     __slots__ = (

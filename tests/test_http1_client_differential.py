@@ -638,7 +638,7 @@ def test_incomplete_limit_as_h11() -> None:
 @given(split(exchange() | mutated()))
 def test_without_httptools_the_same(case: tuple[Exchange, list[bytes]]) -> None:
     """Without httptools every header block takes the h11-grammar path: same answers."""
-    with mock.patch.object(fast_client, "httptools", None):
+    with mock.patch.object(fast_client, "HAVE_HTTPTOOLS", False):
         check(*case)
 
 
