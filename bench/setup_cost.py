@@ -56,6 +56,9 @@ Run as root::
     .venv/bin/python bench/setup_cost.py            # ~4 minutes on 2 cores
     .venv/bin/python bench/setup_cost.py --quick    # under 2 minutes, smaller everything
     .venv/bin/python bench/setup_cost.py --json out.json
+    # before/after in one run: each tree a checkout with its own .venv (pip install -e .)
+    .venv/bin/python bench/setup_cost.py --no originpool \
+        --variant before=/tmp/before --variant after=/tmp/after
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -120,6 +124,10 @@ TARGETS = {
     "http": 0.5,  # originpool / nginx requests/s, at least
 }
 BANDS = (("0-50%", 0.0, 0.5), ("50-90%", 0.5, 0.9), ("90-100%", 0.9, 1.01))
+# --variant NAME=TREE: originpool from another checkout (its own .venv), measured beside the
+# others in the same run, interleaved; name -> (python, tree). Ports clear of LISTEN's.
+VARIANTS: dict[str, tuple[str, Path]] = {}
+VARIANT_PORT, VARIANT_ADMIN = 8090, 9200  # variant i: + i (admin: + 10 i)
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -318,6 +326,87 @@ def start_originpool_ws(
     return proc
 
 
+def add_variant(spec: str) -> str:
+    """``NAME=TREE`` registered as a proxy of its own; ValueError naming what is wrong.
+    The tree's proxy runs from the tree (cwd) on the tree's venv, so its compiled twins and
+    its code are its own, while this file's clients, origins and configs stay the same."""
+    name, sep, tree_text = spec.partition("=")
+    if not sep or not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,15}", name):
+        raise ValueError(f"--variant {spec!r}: want NAME=TREE, NAME [a-z0-9_-]{{1,16}}")
+    if name in LABELS or name in VARIANTS:
+        raise ValueError(f"--variant {spec!r}: the name {name!r} is taken")
+    tree = Path(tree_text).resolve()
+    python = tree / ".venv" / "bin" / "python"
+    if not (tree / "proxy" / "cli.py").is_file() or not os.access(python, os.X_OK):
+        raise ValueError(f"--variant {spec!r}: {tree} has no proxy/cli.py or no .venv/bin/python")
+    i = len(VARIANTS)
+    VARIANTS[name] = (str(python), tree)
+    LABELS[name] = f"originpool {name}"
+    LISTEN[name] = ("127.0.0.1", VARIANT_PORT + i)
+    http_rps.ADMIN[name] = VARIANT_ADMIN + 10 * i
+    return name
+
+
+def serve_variant(
+    children: Children, name: str, config: Path, workers: int = 1
+) -> subprocess.Popen[bytes]:
+    """``http_rps.serve_proxy`` with the variant's python and tree: ``serve --config`` as a
+    child, returned once every worker logged ready (stderr next to the config)."""
+    python, tree = VARIANTS[name]
+    log = config.with_suffix(".log")
+    with open(config.with_suffix(".stderr"), "wb") as err, open(log, "wb") as out:
+        proc = children.start(
+            [python, "-m", "proxy.cli", "serve", "--config", str(config)],
+            cwd=tree,
+            stdout=out,
+            stderr=err,
+        )
+    try:
+        http_rps.LogReader(proc, log).wait_for("ready", workers, timeout=30)
+    except RuntimeError as e:
+        stderr = config.with_suffix(".stderr").read_text()[-2000:]
+        raise RuntimeError(f"{name}: {e}; stderr: {stderr}") from e
+    return proc
+
+
+def start_originpool_any(
+    children: Children, tmp: Path, name: str, egress: int, port_range: tuple[int, int]
+) -> subprocess.Popen[bytes]:
+    """The WebSocket phases' originpool, this tree's or a variant's (on its own ports)."""
+    if name not in VARIANTS:
+        return start_originpool_ws(children, tmp, name, egress, port_range)
+    options = testbed.Options(egress=egress, origins=1, port_range=port_range, workers=1)
+    text = testbed.proxy_config("connectx", options)
+    listen, admin = testbed.LISTEN, testbed.ADMIN
+    text = text.replace(f'"{listen[0]}:{listen[1]}"', f'"{LISTEN[name][0]}:{LISTEN[name][1]}"')
+    text = text.replace(f'"{admin[0]}:{admin[1]}"', f'"{admin[0]}:{http_rps.ADMIN[name]}"')
+    path = tmp / f"{name}.toml"
+    path.write_text(text)
+    with procs.critical():
+        return serve_variant(children, name, path)
+
+
+def start_originpool_http(
+    children: Children, tmp: Path, name: str, env: dict[str, str] | None
+) -> subprocess.Popen[bytes]:
+    """The HTTP phase's originpool (``http_rps``'s config), this tree's or a variant's."""
+    if name not in VARIANTS:
+        return http_rps.start_originpool(children, tmp, name, 1, env)
+    path = tmp / f"{name}.toml"
+    path.write_text(
+        http_rps.ORIGINPOOL_CONFIG.format(
+            ip=LISTEN[name][0],
+            port=LISTEN[name][1],
+            admin=http_rps.ADMIN[name],
+            host=http_rps.HOST,
+            origin_ip=http_rps.ORIGIN[0],
+            origin_port=http_rps.ORIGIN[1],
+            workers=1,
+        )
+    )
+    return serve_variant(children, name, path)
+
+
 def available(no: Sequence[str]) -> tuple[list[str], list[str]]:
     """Proxies to measure, and why the others are not: a missing package is a skip."""
     names, notes = [], []
@@ -329,6 +418,7 @@ def available(no: Sequence[str]) -> tuple[list[str], list[str]]:
             notes.append(f"{name}: not installed, skipped (apt-get install -y {pkg})")
         else:
             names.append(name)
+    names.extend(VARIANTS)
     return names, notes
 
 
@@ -606,7 +696,7 @@ def phase_burst(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
             elif name == "haproxy":
                 proc = start_haproxy(children, tmp, "haproxy", WS_ORIGIN, args.egress)
             else:
-                proc = start_originpool_ws(children, tmp, "originpool", args.egress, port_range)
+                proc = start_originpool_any(children, tmp, name, args.egress, port_range)
             wait_listening(LISTEN[name], proc, name)
             pids[name] = proc.pid
         for name in names:
@@ -774,7 +864,7 @@ def phase_sequential(args: argparse.Namespace, name: str) -> dict[str, Any]:
         elif name == "haproxy":
             proxy = start_haproxy(children, tmp, "haproxy", WS_ORIGIN, 1)
         else:
-            proxy = start_originpool_ws(children, tmp, "originpool", 1, port_range)
+            proxy = start_originpool_any(children, tmp, name, 1, port_range)
         wait_listening(LISTEN[name], proxy, name)
         env = {**os.environ, "PYTHONPATH": str(_ROOT), "PYTHONUNBUFFERED": "1"}
         clients = procs.Children(tmp, env)
@@ -946,7 +1036,7 @@ def phase_http(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
             else:
                 env = http_rps.PURE_ENV if name == "originpool-pure" else None
                 with procs.critical():
-                    proc = http_rps.start_originpool(children, tmp, name, 1, env)
+                    proc = start_originpool_http(children, tmp, name, env)
             pids[name] = proc.pid
         for name in names:
             warm = http_rps.run_wrk(LISTEN[name], args.warmup, args.connections, 1)
@@ -1055,16 +1145,22 @@ def _ratio(a: float | None, b: float | None) -> str:
 def table(summary: dict[str, Any], markdown: bool) -> list[str]:
     names = summary["names"]
     out: list[str] = []
-    head = ["measure", *(LABELS[n] for n in PROXIES), "op/nginx", "op/HAProxy"]
+    variants = [n for n in names if n in summary.get("variants", {})]
+    ours = [n for n in ("originpool", *variants) if n in names] or ["originpool"]
+    shown = [*(p for p in PROXIES if p != "originpool" or p in names or not variants), *variants]
+    ratios = [(o, other) for o in ours for other in ("nginx", "haproxy")]
+    ratios += [(o, ours[0]) for o in ours[1:]]  # each variant against the first
+    short = {"originpool": "op", "nginx": "nginx", "haproxy": "HAProxy"}
+    head = ["measure", *(LABELS[n] for n in shown)]
+    head += [f"{short.get(a, a)}/{short.get(b, b)}" for a, b in ratios]
     body: list[list[str]] = []
     for row in rows(summary):
-        values = {p: (row.read(summary, p) if p in names else None) for p in PROXIES}
+        values = {p: (row.read(summary, p) if p in names else None) for p in shown}
         body.append(
             [
                 row.label,
-                *(_fmt(values[p], row.fmt) for p in PROXIES),
-                _ratio(values["originpool"], values["nginx"]),
-                _ratio(values["originpool"], values["haproxy"]),
+                *(_fmt(values[p], row.fmt) for p in shown),
+                *(_ratio(values[a], values[b]) for a, b in ratios),
             ]
         )
     if markdown:
@@ -1156,6 +1252,8 @@ def print_method(args: argparse.Namespace, names: list[str], notes: list[str]) -
         f"  proxies: {', '.join(LABELS[n] for n in names)}; machine: {os.cpu_count()} CPUs, "
         f"kernel {platform.release()}, Python {platform.python_version()}"
     )
+    for name, (python, tree) in VARIANTS.items():
+        print(f"  variant {name}: originpool of {tree}, run by {python} from that tree")
     for note in notes:
         print(f"  {note}")
     print(flush=True)
@@ -1261,6 +1359,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "names": names,
         "notes": notes,
+        "variants": {n: str(tree) for n, (_python, tree) in VARIANTS.items()},
         "settings": {
             k: getattr(args, k)
             for k in (
@@ -1327,6 +1426,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile-bursts", type=int, help="bursts under py-spy (24)")
     parser.add_argument("--top", type=int, default=12, help="profile rows per list")
     parser.add_argument("--no", action="append", default=[], choices=PROXIES, help="skip a proxy")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=TREE",
+        help="also originpool from checkout TREE, run on TREE/.venv/bin/python (repeatable;"
+        " interleaved with the others: before/after in one run)",
+    )
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--skip-burst", action="store_true")
     parser.add_argument("--skip-sequential", action="store_true")
@@ -1361,6 +1468,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         or not 1 <= args.seq_rounds <= 10
     ):
         parser.error("--duration 1..600, --warmup 1..60, --seq-rounds 1..10")
+    for spec in args.variant:
+        try:
+            add_variant(spec)
+        except ValueError as e:
+            parser.error(str(e))
     reason = netns.can_create()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
