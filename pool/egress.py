@@ -19,12 +19,9 @@ destination ``(ip, port)`` it:
   from start when the host lacks it, at once when it is removed, up again when it is added.
 
 "Not on this host" and "no port left" share an errno (EADDRNOTAVAIL) and must never be
-confused: an operator told "add egress IPs" when one was deleted goes the wrong way. The
-kernel separates them by stage (measured in a namespace, tests/test_egress_presence.py):
-with ``IP_BIND_ADDRESS_NO_PORT`` a non-local source fails ``bind()``, exhaustion fails
-``connect()``; an IP deleted between the two fails ``connect()`` with ENETUNREACH. So a
-bind-stage EADDRNOTAVAIL means "not on this host", and a connect-stage failure is checked
-against :func:`~pool.connectx.is_local_address` before it is called exhaustion.
+confused; :mod:`pool.egress_health` tells them apart by the stage of the typed
+:class:`~pool.errors.ConnectError` and keeps which IPs are down. The errors live in
+:mod:`pool.errors` and are re-exported here.
 
 Counts are reserved before the connect and released in ``finally`` paths and by
 :meth:`Slot.release` (idempotent, also run if the slot is dropped unreleased), so errors,
@@ -47,7 +44,8 @@ from typing import Literal
 import structlog
 
 from pool import kernel
-from pool.connectx import connectx_async, effective_window, is_local_address
+from pool.connectx import connectx_async, effective_window
+from pool.egress_health import EgressHealth, not_on_host
 from pool.errors import (
     NOT_ON_HOST_TEXT,
     ConnectError,
@@ -65,9 +63,6 @@ MODES: tuple[Mode, ...] = ("connectx", "bind", "plain")
 
 # errnos that mean "this (egress, destination) pair has no port left": try the next egress.
 _FULL = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EAGAIN})
-# connect-stage errnos a source address that left the host can cause (ENETUNREACH: deleted
-# between bind and connect): a presence check decides whether the IP or the pair is at fault
-_MAYBE_GONE = frozenset({errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.EINVAL})
 
 # why a connect moved on to the next egress IP: the label of the failover counter
 NOT_ON_HOST = "not_on_host"
@@ -315,15 +310,9 @@ class EgressSet:
         self.egresses: tuple[Egress, ...] = tuple(parsed)
         self.mode: Mode = mode
         self.busy_threshold = busy_threshold
-        self._backoff = backoff
         self._clock = clock
+        self.health = EgressHealth(backoff, clock)
         self._pairs: dict[tuple[Egress, Destination], _Pair] = {}
-        self._down: dict[Egress, tuple[float, float]] = {}  # egress -> (until, current backoff)
-        # missing from the host by the kernel's word (pool.addrwatch alone writes it): down
-        # until the kernel announces the IP back. A connect that finds an IP gone only starts
-        # a backoff: were it to mark the IP absent, the announcement that follows would find
-        # nothing new and the IP's pooled connections would never be reset
-        self._absent: set[Egress] = set()
         self._rr = 0
         if not (0 <= share[0] < share[1]):
             raise ValueError(f"share must be (index, count) with 0 <= index < count: {share}")
@@ -367,28 +356,17 @@ class EgressSet:
             out[str(e)] += pair.live
         return dict(out)
 
+    # -- presence (pool.egress_health) ------------------------------------------------------
+
     def is_down(self, egress: Egress) -> bool:
-        if egress in self._absent:
-            return True
-        state = self._down.get(egress)
-        return state is not None and self._clock() < state[0]
+        return self.health.is_down(egress)
 
     def forget_presence(self) -> None:
-        """The announcements stopped: back to the connect-time detection alone."""
-        self._absent.clear()
+        self.health.forget_presence()
 
     def set_present(self, egress: Egress, present: bool) -> bool:
-        """The kernel's word on ``egress`` (see :mod:`pool.addrwatch`); True if it changed
-        what the pool does with it (the caller logs: it knows what else the change cost)."""
-        if present:
-            was_down = egress in self._absent or egress in self._down
-            self._absent.discard(egress)
-            self._down.pop(egress, None)
-            return was_down
-        if egress in self._absent:
-            return False
-        self._absent.add(egress)
-        return True
+        """See :meth:`pool.egress_health.EgressHealth.set_present`."""
+        return self.health.set_present(egress, present)
 
     # -- selection ------------------------------------------------------------------------
 
@@ -431,9 +409,9 @@ class EgressSet:
             except OSError as e:
                 code = e.errno or errno.ETIMEDOUT
                 self.metrics.failures[(str(egress), errno.errorcode.get(code, str(code)))] += 1
-                if self._not_on_host(egress, e, code):
+                if not_on_host(egress, e, code):
                     self.metrics.failover[(str(egress), NOT_ON_HOST)] += 1
-                    self._mark_down(egress, destination, code)
+                    self.health.mark_down(egress, destination, code)
                     gone.append(egress.ip)
                 elif code in _FULL:
                     self.metrics.failover[(str(egress), NO_PORT)] += 1
@@ -441,20 +419,6 @@ class EgressSet:
                     raise
                 attempts.append((egress.ip, code))
         raise self._refused(destination, attempts, gone)
-
-    def _not_on_host(self, egress: Egress, error: OSError, code: int) -> bool:
-        """The failure is the egress IP's absence, not the pair's ports (see the module doc)."""
-        if not egress.ip:
-            return False  # the kernel's default source is whatever the host has
-        stage = error.stage if isinstance(error, ConnectError) else None
-        if stage == "bind":
-            return code == errno.EADDRNOTAVAIL  # EADDRINUSE at bind: a full range (bind mode)
-        if code not in _MAYBE_GONE:
-            return False
-        try:
-            return not is_local_address(egress.ip)
-        except OSError:
-            return False  # cannot tell: keep the kernel's word
 
     def _refused(
         self, destination: Destination, attempts: list[tuple[str, int]], gone: list[str]
@@ -521,8 +485,7 @@ class EgressSet:
             pair.in_slice += 1
         if pair.free is not None:
             pair.free.discard(port)
-        if self._down.pop(egress, None) is not None:
-            log.info("egress_up", egress=str(egress), destination=format_address(destination))
+        self.health.connected(egress, destination)
         slot.port, slot.in_own = port, port in own
         return sock, slot
 
@@ -621,21 +584,6 @@ class EgressSet:
             await loop.sock_connect(sock, destination)
         except OSError as e:
             raise ConnectError.of(e, "connect", _bound(sock, egress), destination) from None
-
-    def _mark_down(self, egress: Egress, destination: Destination, code: int) -> None:
-        """Skip ``egress`` until its backoff is over; the first connect after it is the probe
-        (a bind: microseconds), so a re-added IP is back within ``backoff[1]`` seconds."""
-        _until, current = self._down.get(egress, (0.0, self._backoff[0] / 2))
-        delay = min(current * 2, self._backoff[1])
-        self._down[egress] = (self._clock() + delay, delay)
-        log.warning(
-            "egress_down",
-            egress=str(egress),
-            destination=format_address(destination),
-            errno=errno.errorcode.get(code, str(code)),
-            reason=NOT_ON_HOST_TEXT,
-            retry_in_s=delay,
-        )
 
     def _shared(self, value: int) -> int:
         """One int object per distinct capacity, not one per held slot (32 bytes each)."""

@@ -241,7 +241,7 @@ async def test_backoff_grows_while_the_ip_stays_away(ns, listeners):
         with pytest.raises(EgressExhausted) as none:
             await egress.connect(DST)
         assert none.value.attempts == [("127.0.1.9", errno.EADDRNOTAVAIL)]
-        until, delay = egress._down[Egress("127.0.1.9")]
+        until, delay = egress.health.down[Egress("127.0.1.9")]
         delays.append(delay)
         with pytest.raises(EgressExhausted) as skipped:  # still down: not even tried
             await egress.connect(DST)

@@ -31,6 +31,7 @@ from pool.egress import (
     EgressSet,
     EgressUnavailable,
 )
+from pool.egress_health import not_on_host
 from pool.errors import ConnectError, Stage
 from pool.metrics import collect
 from tests.conftest import RANGE, Listeners, R, abort
@@ -247,7 +248,6 @@ async def test_a_busy_pair_losing_its_ip_parks_no_ports(ns32, listeners) -> None
 
 
 def test_connect_stage_failures_are_checked_against_presence(ns32) -> None:
-    egress = EgressSet(E2)
     here, gone = Egress("127.0.1.1"), Egress("127.0.1.9")
 
     def err(code: int, stage: Stage | None) -> OSError:
@@ -255,7 +255,7 @@ def test_connect_stage_failures_are_checked_against_presence(ns32) -> None:
             return OSError(code, os.strerror(code))
         return ConnectError.of(code, stage, (gone.ip, 0), ("127.0.2.1", 80))
 
-    check = egress._not_on_host
+    check = not_on_host
     assert check(gone, err(errno.EADDRNOTAVAIL, "bind"), errno.EADDRNOTAVAIL)
     assert not check(here, err(errno.EADDRINUSE, "bind"), errno.EADDRINUSE)  # bind mode, full
     assert not check(here, err(errno.EADDRNOTAVAIL, "connect"), errno.EADDRNOTAVAIL)  # full

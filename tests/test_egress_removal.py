@@ -342,11 +342,11 @@ async def test_a_connect_that_finds_the_ip_gone_first_still_lets_the_watch_reset
                 # announcement waits in the netlink socket while the connect fails over
                 space.ip("addr", "del", f"{GONE}/24", "dev", "eg0")
                 gone = egress.egresses[1]
-                egress._mark_down(gone, HTTP_BACK, errno.EADDRNOTAVAIL)  # what connect() does
+                egress.health.mark_down(gone, HTTP_BACK, errno.EADDRNOTAVAIL)  # what connect() does
                 await until(lambda: egress.live_by_egress()[GONE] == 0)
             down = [e for e in logs if e["event"] == "egress_down"]
             assert [e.get("idle") for e in down] == [None, 2]  # the connect's, then the watch's
-            egress._clock = lambda: 1e9  # far past any backoff: down by the kernel's word
+            egress.health.clock = lambda: 1e9  # far past any backoff: down by the kernel's word
             assert down_metric(egress, GONE) == 1
     finally:
         listener.close()
