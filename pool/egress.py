@@ -39,12 +39,12 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import structlog
 
 from pool import kernel
-from pool.connectx import connectx_async, effective_window
+from pool.connectors import MODES, Mode, open_socket, timed_out
+from pool.connectx import effective_window
 from pool.egress_health import EgressHealth, not_on_host
 from pool.errors import (
     NOT_ON_HOST_TEXT,
@@ -58,8 +58,6 @@ from pool.errors import (
 
 log = structlog.get_logger("originpool.egress")
 
-Mode = Literal["connectx", "bind", "plain"]
-MODES: tuple[Mode, ...] = ("connectx", "bind", "plain")
 
 # errnos that mean "this (egress, destination) pair has no port left": try the next egress.
 _FULL = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EAGAIN})
@@ -499,7 +497,7 @@ class EgressSet:
         own_capacity: int,
         timeout: float | None,
     ) -> socket.socket:
-        """The one place the three modes differ: how the socket is set up and connected.
+        """Which port window each attempt asks for; :mod:`pool.connectors` makes the attempt.
 
         In connectx mode the port comes, in order of preference, from this worker's slice
         via the kernel (while the slice is less than busy_threshold full), from the slice via
@@ -512,7 +510,6 @@ class EgressSet:
         """
         sliced = self.share[1] > 1
         own_window = (own.start, own.stop - 1) if sliced and len(own) else egress.window
-        local = (egress.ip or ("::" if family == socket.AF_INET6 else "0.0.0.0"), 0)
         misses = 0
         spill = False  # the slice has no port left, whoever holds them: the whole window
         try:
@@ -535,17 +532,11 @@ class EgressSet:
                                 pair.free.add(parked)
                         if len(pair.free):
                             port = pair.free.pop_random()
-                    sock = socket.socket(family, socket.SOCK_STREAM)
-                    sock.setblocking(False)
+                    if port is not None:
+                        window = (port, port)
                     try:
-                        if self.mode == "connectx":
-                            if port is not None:
-                                window = (port, port)
-                            await connectx_async(sock, local, destination, port_range=window)
-                        else:
-                            await self._legacy_connect(sock, egress, destination)
+                        return await open_socket(self.mode, family, egress.ip, destination, window)
                     except OSError as e:
-                        sock.close()
                         refused_at_connect = (
                             isinstance(e, ConnectError)
                             and e.stage == "connect"
@@ -561,29 +552,8 @@ class EgressSet:
                             spill = True  # one more try, over the whole window
                             continue
                         raise
-                    except BaseException:
-                        sock.close()
-                        raise
-                    return sock
         except TimeoutError:
-            raise ConnectError.of(
-                errno.ETIMEDOUT, "connect", local, destination, f"after {timeout}s"
-            ) from None
-
-    async def _legacy_connect(
-        self, sock: socket.socket, egress: Egress, destination: Destination
-    ) -> None:
-        """``bind`` and ``plain`` modes: what most proxies do, kept for side-by-side runs."""
-        loop = asyncio.get_running_loop()
-        if self.mode == "bind" and egress.ip:
-            try:
-                sock.bind((egress.ip, 0))
-            except OSError as e:
-                raise ConnectError.of(e, "bind", (egress.ip, 0), destination) from None
-        try:
-            await loop.sock_connect(sock, destination)
-        except OSError as e:
-            raise ConnectError.of(e, "connect", _bound(sock, egress), destination) from None
+            raise timed_out(egress.ip, family, destination, timeout) from None
 
     def _shared(self, value: int) -> int:
         """One int object per distinct capacity, not one per held slot (32 bytes each)."""
@@ -605,15 +575,6 @@ def _full(egress: Egress, destination: Destination) -> ConnectError:
     return ConnectError.of(
         errno.EADDRNOTAVAIL, "connect", (egress.ip, 0), destination, f"all {egress} ports held"
     )
-
-
-def _bound(sock: socket.socket, egress: Egress) -> tuple[str, int]:
-    """The source a failed connect had (the kernel binds before the SYN), else the asked one."""
-    try:
-        local = sock.getsockname()
-    except OSError:
-        return (egress.ip, 0)
-    return (str(local[0]), int(local[1])) if local[1] else (egress.ip, 0)
 
 
 def _why(code: int) -> str:
