@@ -6,8 +6,8 @@ the llhttp ones in ``proxy.http1_fast`` and ``proxy.http1_fast_client`` (the def
 these by differential tests). Here h11 does the framing; this module adds what a reverse
 proxy in front of real origins must refuse on top of what h11 accepts (request smuggling
 vectors h11 tolerates: both Content-Length and Transfer-Encoding, repeated Content-Length,
-obs-fold), and separates the limits operators configure: request line (414) and header
-block (431).
+obs-fold, a bare LF as a line end; versions but 1.0 and 1.1 get a 505), and separates the
+limits operators configure: request line (414) and header block (431).
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ Event = RequestHead | ResponseHead | Body | End | _Sentinel
 
 # what ClientSide's h11 buffers of an incomplete event (h11's default), FastClientSide too
 CLIENT_MAX_INCOMPLETE: Final = 16384
+# the request versions served: any other well-formed HTTP/d.d is a 505 on both paths (RFC 9112
+# 2.3, RFC 9110 15.6.6), where h11 alone would frame 0.9 or 2.0 as 1.x and llhttp alone calls
+# some malformed (400). HTTP/1.2-1.9 too, though RFC 9110 6.2 says a recipient SHOULD take them
+# as 1.1: no such version is defined, and llhttp refuses them on the hot path
+HTTP_VERSIONS: Final = frozenset((b"1.0", b"1.1"))
 
 STATUS_REASONS = {
     100: "Continue",
@@ -274,8 +279,14 @@ def _check_raw_head(head: bytes, max_line: int) -> None:
         raise ProtocolError(414, f"request line longer than {max_line} bytes")
     if b"\n " in head or b"\n\t" in head:
         raise ProtocolError(400, "obsolete line folding in a header")
-    if b"\r" in head.replace(b"\r\n", b""):
+    rest = head.replace(b"\r\n", b"")
+    if b"\r" in rest:
         raise ProtocolError(400, "bare CR in the request head")
+    if b"\n" in rest:
+        # RFC 9112 2.2: a recipient MAY take a lone LF as a line end. Not here, on either path
+        # (llhttp refuses it too): a hop that splits lines where the next one does not is
+        # where request smuggling starts (a hand-typed printf "GET / HTTP/1.0\n\n" gets a 400)
+        raise ProtocolError(400, "bare LF in the request head")
     lower = head.lower()
     lengths = lower.count(b"\ncontent-length:")
     if lengths > 1:
@@ -338,6 +349,8 @@ class ServerSide:
         if event is h11.PAUSED:
             return PAUSED
         if isinstance(event, h11.Request):
+            if event.http_version not in HTTP_VERSIONS:  # see there; h11 takes any d.d
+                raise ProtocolError(505, f"HTTP/{event.http_version.decode()} is not supported")
             _use_rfc_chunks(self._h, self._max_head)
             headers = list(event.headers)
             expect = any(n == b"expect" and v.lower() == b"100-continue" for n, v in headers)

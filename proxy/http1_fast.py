@@ -12,8 +12,9 @@ Rules added because llhttp (httptools 0.9, default settings) is MORE lenient tha
 
 - The request line must be h11's ``token SP target SP HTTP/d.d`` exactly: llhttp takes several
   spaces between the parts; where one hop splits a line another does not, smuggling starts.
-- Only HTTP/1.0 and 1.1 (505 otherwise): llhttp takes 0.9 and 2.0 heads and frames them as 1.x.
-  (h11 takes 2.0 too, and skips its Host rule for it: the test lists this as a known gap.)
+- Only HTTP/1.0 and 1.1 (505 for any other HTTP/d.d, ``proxy.http1.HTTP_VERSIONS``): llhttp
+  takes 0.9 and 2.0 heads and frames them as 1.x, and calls 1.2 or 3.0 malformed (400). Judged
+  on the raw request line before llhttp runs; ``ServerSide`` answers the same 505.
 - HTTP/1.1 needs exactly one Host header (400): llhttp takes none or several, h11 does not.
 - Transfer-Encoding must be exactly ``chunked`` (501, h11's status): llhttp takes a list ending
   in chunked (``gzip, chunked``), which an origin may frame differently. Handed on lowercased.
@@ -27,10 +28,11 @@ refused before llhttp sees the head); a visible-ASCII target; Content-Length of 
 
 Kept where llhttp (and our checks) are STRICTER than h11: known disagreements the differential
 test names, each a hole in h11 rather than a leniency worth copying. A bare LF as a line end in
-the head or the trailers; a control byte but HTAB in a header value (h11 refuses only NUL, CR,
-LF, VT, FF); a chunk extension outside ``name[=token|"quoted"]`` (h11 takes any byte but LF);
-spaces after a chunk size; a Content-Length list such as ``5, 5`` (h11 folds equal values); a
-request target in none of the RFC 9112 forms; obs-fold in a trailer.
+the trailers (in the head ``ServerSide`` refuses it too: ``_check_raw_head``); a control byte
+but HTAB in a header value (h11 refuses only NUL, CR, LF, VT, FF); a chunk extension outside
+``name[=token|"quoted"]`` (h11 takes any byte but LF); spaces after a chunk size; a
+Content-Length list such as ``5, 5`` (h11 folds equal values); a request target in none of the
+RFC 9112 forms; obs-fold in a trailer.
 
 llhttp knows a fixed list of methods; any other token is a valid method to h11 and to origins,
 so a request with an extension method goes, for that one message, to ``ServerSide`` (h11) inside
@@ -54,6 +56,7 @@ from proxy import whole
 from proxy.http1 import (
     CHUNK_SIZE,
     CLOSED,
+    HTTP_VERSIONS,
     NEED_DATA,
     PAUSED,
     STATUS_REASONS,
@@ -91,7 +94,6 @@ _REQUEST_LINE: Final = re.compile(
 )
 _DIGITS: Final = re.compile(rb"[0-9]+")
 _CHUNK_SIZE: Final = re.compile(CHUNK_SIZE)
-_VERSIONS: Final = frozenset((b"1.0", b"1.1"))
 
 
 _NOTED: Final = frozenset(
@@ -107,12 +109,11 @@ def _check_head(
     target: bytes, version: bytes, headers: Headers, values_checked: bool = False
 ) -> tuple[bool, int]:
     """The rules of the module docstring on a parsed head; returns (chunked, Content-Length).
+    The version was judged on the raw request line already (``_flush_pending``).
 
     ``values_checked``: the raw head already passed ``_CTL_HEAD`` (the llhttp path), so
     values need no scan of their own; the h11 fallback's parsed heads get one.
     """
-    if version not in _VERSIONS:
-        raise ProtocolError(505, f"HTTP/{version.decode()} is not supported")
     if not whole.TARGET.fullmatch(target):
         raise ProtocolError(400, "illegal request target")
     hosts = 0
@@ -358,13 +359,15 @@ class FastRequestParser:
             return
         end = size - 4
         head = buf[:size]
-        _check_raw_head(head, self._max_line)
-        if b"\n" in head.replace(b"\r\n", b""):
-            raise ProtocolError(400, "bare LF in the request head")
+        _check_raw_head(head, self._max_line)  # bare LF and CR included
         if _CTL_HEAD.search(head):
             raise ProtocolError(400, "illegal header value")
-        if not _REQUEST_LINE.match(buf):
+        line = _REQUEST_LINE.match(buf)
+        if line is None:
             raise ProtocolError(400, "malformed request line")
+        version = buf[line.end() - 5 : line.end() - 2]  # before llhttp, which 400s some
+        if version not in HTTP_VERSIONS:
+            raise ProtocolError(505, f"HTTP/{version.decode()} is not supported")
         self._pending = b""
         self._in_head = False
         self._idle = False
