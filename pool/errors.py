@@ -25,8 +25,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
-from functools import cache
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 Address = tuple[Any, ...]
 """``(ip, port)`` or, for IPv6, ``(ip, port, flowinfo, scope_id)``; ip is numeric."""
@@ -120,12 +119,16 @@ class ConnectError(UpstreamSocketError):
         )
 
 
-@cache
+_TYPED: dict[type[OSError], type[ConnectError]] = {OSError: ConnectError}
+
+
 def _typed(base: type[OSError]) -> type[ConnectError]:
     """ConnectError mixed with the builtin class its errno maps to, made once per class."""
-    if base is OSError:
-        return ConnectError
-    return type("ConnectError", (ConnectError, base), {"__module__": __name__})
+    typed = _TYPED.get(base)
+    if typed is None:
+        made = type("ConnectError", (ConnectError, base), {"__module__": __name__})
+        typed = _TYPED[base] = cast("type[ConnectError]", made)
+    return typed
 
 
 class EgressExhausted(UpstreamSocketError):
