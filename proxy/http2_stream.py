@@ -251,6 +251,11 @@ class H2Stream:
                     break
                 piece = bytes(out[:room])
                 del out[:room]
+                if not out and self.out_end:  # END_STREAM on the last DATA, not a frame more
+                    h2c.send_data(self.id, piece, end_stream=True)
+                    self.out_done = True
+                    self._after_end()
+                    break
                 h2c.send_data(self.id, piece)
             if not out and self.out_end and not self.out_done and not self.closed:
                 h2c.end_stream(self.id)
