@@ -44,6 +44,7 @@ from proxy import headers as hdrs
 from proxy.exchange import Exchange
 from proxy.http2_guard import Guard
 from proxy.http2_head import Malformed, check_trailers, request_head
+from proxy.http2_hpack import MemoDecoder, MemoEncoder
 from proxy.http2_stream import H2Stream
 from proxy.stream import sockname
 from proxy.timer import Timer
@@ -91,6 +92,9 @@ class H2Connection:
             normalize_outbound_headers=False,
         )
         self.h2 = h2.connection.H2Connection(config=config)
+        # the same blocks coded once per table state (proxy.http2_hpack)
+        self.h2.encoder = MemoEncoder()
+        self.h2.decoder = MemoDecoder()
         self.h2.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
