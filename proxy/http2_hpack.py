@@ -77,7 +77,7 @@ class MemoDecoder(Decoder):
         super().__init__(max_header_list_size)
         self.memo: dict[bytes, tuple[tuple[object, int, int], int, list[Any]]] = {}
 
-    def decode(self, data: bytes, raw: bool = False) -> list[Any]:  # type: ignore[override]
+    def decode(self, data: bytes, raw: bool = False) -> list[Any]:
         table = self.header_table
         key = bytes(data) if raw and len(data) <= BLOCK_BYTES else None
         if key is not None:
