@@ -24,8 +24,9 @@ confused; :mod:`pool.egress_health` tells them apart by the stage of the typed
 :mod:`pool.errors` and are re-exported here.
 
 Counts are reserved before the connect and released in ``finally`` paths and by
-:meth:`Slot.release` (idempotent, also run if the slot is dropped unreleased), so errors,
-timeouts and cancellation cannot leak them.
+:meth:`~pool.ports.Slot.release` (idempotent, also run if the slot is dropped unreleased), so
+errors, timeouts and cancellation cannot leak them; what is counted lives in :mod:`pool.ports`
+(re-exported here), how each mode connects in :mod:`pool.connectors`.
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import random
 import socket
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -55,6 +55,7 @@ from pool.errors import (
     EgressUnavailable,
     format_address,
 )
+from pool.ports import FreePorts, Pair, PairUsage, Slot, room
 
 log = structlog.get_logger("originpool.egress")
 
@@ -138,135 +139,6 @@ def _parse_window(text: str, spec: str) -> tuple[int, int]:
     return (lo, hi)
 
 
-class FreePorts:
-    """Ports known free for one busy pair: O(1) random pick, removal and return."""
-
-    __slots__ = ("_index", "_ports")
-
-    def __init__(self, ports: Iterable[int]) -> None:
-        self._ports = list(ports)
-        self._index = {p: i for i, p in enumerate(self._ports)}
-
-    def __len__(self) -> int:
-        return len(self._ports)
-
-    def __contains__(self, port: object) -> bool:
-        return port in self._index
-
-    def pop_random(self) -> int:
-        i = random.randrange(len(self._ports))
-        port = self._ports[i]
-        self.discard(port)
-        return port
-
-    def discard(self, port: int) -> None:
-        i = self._index.pop(port, None)
-        if i is None:
-            return
-        last = self._ports.pop()
-        if i < len(self._ports):
-            self._ports[i] = last
-            self._index[last] = i
-
-    def add(self, port: int) -> None:
-        if port not in self._index:
-            self._index[port] = len(self._ports)
-            self._ports.append(port)
-
-
-@dataclass(slots=True)
-class _Pair:
-    """Live state of one (egress, destination) pair; dropped when it holds nothing."""
-
-    live: int = 0  # connected plus in flight
-    ports: set[int] = field(default_factory=set)  # ports of connected sockets
-    in_slice: int = 0  # of those, ports in this worker's own slice
-    free: FreePorts | None = None  # only while busy
-    parked: deque[tuple[float, int]] = field(default_factory=deque)  # (until, port)
-
-
-@dataclass(frozen=True, slots=True)
-class PairUsage:
-    """What operators and metrics see for one pair."""
-
-    egress: str
-    destination: str
-    live: int
-    capacity: int
-
-    @property
-    def utilisation(self) -> float:
-        return self.live / self.capacity if self.capacity else 1.0
-
-
-class Slot:
-    """One counted connection: its share of its (egress, destination) pair, given back once.
-
-    One slotted object per held connection, and nothing else: an idle WebSocket session
-    keeps it for days, so what it pins is paid per session (issue 22). It replaced a
-    ``Slot`` with a ``weakref.finalize`` on the socket, a ``_Claim`` and the
-    ``getsockname()`` tuple (~630 bytes traced, now ~100): the owners release it on every
-    close path (the pool's ``connection_lost``, a failed wrap, the httpx backend's close),
-    and ``__del__`` stays as the safety net for a slot dropped without ``release()``.
-    """
-
-    __slots__ = (
-        "destination",
-        "egress",
-        "in_own",
-        "ip",
-        "own_capacity",
-        "owner",
-        "pair",
-        "port",
-        "released",
-    )
-
-    def __init__(
-        self,
-        owner: EgressSet,
-        egress: Egress,
-        destination: Destination,
-        pair: _Pair,
-        own_capacity: int,
-    ) -> None:
-        self.owner, self.egress, self.destination = owner, egress, destination
-        self.pair, self.own_capacity = pair, own_capacity
-        self.port: int | None = None  # set once connected
-        self.ip = egress.ip  # the source IP (the kernel's pick for the default source)
-        self.in_own = False
-        self.released = False
-
-    @property
-    def local(self) -> tuple[str, int]:
-        """The socket's own (IP, port), built when asked: not kept per connection."""
-        return (self.ip, self.port or 0)
-
-    def release(self) -> None:
-        """Idempotent: the first call gives the count back, later ones do nothing."""
-        if self.released:
-            return
-        self.released = True
-        pair, port = self.pair, self.port
-        pair.live -= 1
-        if port is not None:
-            pair.ports.discard(port)
-            if self.in_own:
-                pair.in_slice -= 1
-                if pair.free is not None:
-                    pair.free.add(port)
-        busy = self.own_capacity * self.owner.busy_threshold / 2
-        if pair.free is not None and pair.in_slice < busy:
-            pair.free = None  # no longer busy: the kernel's search is cheap again
-            pair.parked.clear()
-        self.owner._forget_if_idle((self.egress, self.destination), pair)
-
-    def __del__(self) -> None:
-        # the safety net: a slot dropped without release() still gives its count back
-        if not self.released:
-            self.release()
-
-
 @dataclass
 class EgressMetrics:
     """Counters the proxy exports (Prometheus names are chosen there)."""
@@ -310,7 +182,7 @@ class EgressSet:
         self.busy_threshold = busy_threshold
         self._clock = clock
         self.health = EgressHealth(backoff, clock)
-        self._pairs: dict[tuple[Egress, Destination], _Pair] = {}
+        self._pairs: dict[tuple[Egress, Destination], Pair] = {}
         self._rr = 0
         if not (0 <= share[0] < share[1]):
             raise ValueError(f"share must be (index, count) with 0 <= index < count: {share}")
@@ -322,7 +194,7 @@ class EgressSet:
 
     def capacity(self, egress: Egress) -> int:
         """Ports this egress can hold toward any one destination."""
-        return _room(self._ports_of(egress))
+        return room(self._ports_of(egress))
 
     def _ports_of(self, egress: Egress) -> range:
         facts = kernel.port_sysctls()
@@ -458,14 +330,14 @@ class EgressSet:
         key = (egress, destination)
         pair = self._pairs.get(key)
         if pair is None:
-            pair = self._pairs[key] = _Pair()
+            pair = self._pairs[key] = Pair()
         capacity = self.capacity(egress)
         if self.mode == "connectx" and pair.live >= capacity:
-            self._forget_if_idle(key, pair)
+            self.forget_if_idle(key, pair)
             raise _full(egress, destination)
         pair.live += 1  # reserved before the await: concurrent callers see it
         own = self._slice_of(egress)
-        own_capacity = self._shared(capacity if self.share[1] == 1 else _room(own))
+        own_capacity = self._shared(capacity if self.share[1] == 1 else room(own))
         slot = Slot(self, egress, destination, pair, own_capacity)
 
         family = socket.AF_INET6 if ":" in destination[0] else socket.AF_INET
@@ -492,7 +364,7 @@ class EgressSet:
         egress: Egress,
         destination: Destination,
         family: int,
-        pair: _Pair,
+        pair: Pair,
         own: range,
         own_capacity: int,
         timeout: float | None,
@@ -559,15 +431,9 @@ class EgressSet:
         """One int object per distinct capacity, not one per held slot (32 bytes each)."""
         return self._ints.setdefault(value, value)
 
-    def _forget_if_idle(self, key: tuple[Egress, Destination], pair: _Pair) -> None:
+    def forget_if_idle(self, key: tuple[Egress, Destination], pair: Pair) -> None:
         if pair.live == 0 and self._pairs.get(key) is pair:
             del self._pairs[key]
-
-
-def _room(ports: range) -> int:
-    """Ports of a window the kernel may use: reserved ones (ip_local_reserved_ports) excluded."""
-    reserved = kernel.port_sysctls().reserved
-    return len(ports) - sum(1 for p in reserved if p in ports)
 
 
 def _full(egress: Egress, destination: Destination) -> ConnectError:
