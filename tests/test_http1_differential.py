@@ -479,6 +479,22 @@ def test_request_line_versions_agree(version: str, method: str, host: bool) -> N
         whole_then_general(raw)
 
 
+@SETTINGS
+@given(
+    st.text(alphabet="HTPShtp/0123456789. \t-x", max_size=10) | st.from_regex(r"HTTP/\d\.\d\Z"),
+    st.sampled_from(["GET", "PURGEX"]),
+    st.booleans(),
+)
+@example("HTTP/2.0", "GET", False)
+def test_any_version_text_agrees(version: str, method: str, host: bool) -> None:
+    """Version text beyond the list above: the same answer from both paths, the one expected."""
+    raw = f"{method} /a {version}\r\n{'Host: a' if host else 'X: y'}\r\n\r\n".encode()
+    slow = run(ServerSide(), [raw])
+    assert slow == run(FastServerSide(), [raw]), (raw, slow)
+    want = version_answer(version, host)
+    assert slow == ("error", want) if want else "trailers" in slow[0], (raw, slow)
+
+
 BARE_LF_HEADS = [
     b"GET /a HTTP/1.1\r\nHost: a\r\nX: 1\r\nY: 2\r\n\r\n",
     b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\na\nb",
