@@ -290,7 +290,9 @@ class H2Connection:
 
     def malformed(self, stream: H2Stream, e: Malformed) -> None:
         """RFC 9113 §8.1.1: a malformed request is a stream error of type PROTOCOL_ERROR;
-        the connection's other streams go on."""
+        the connection's other streams go on. Counted with the client's own resets: a stream
+        after stream of malformed blocks ends in ENHANCE_YOUR_CALM as a rapid reset does."""
+        self.guard.resets += 1
         log.info(
             "http2_malformed",
             client=f"{self.peer[0]}:{self.peer[1]}",

@@ -13,10 +13,11 @@ from __future__ import annotations
 import pytest
 from hyperframe.frame import DataFrame, HeadersFrame, RstStreamFrame
 
+from proxy import http2_guard
 from proxy.http1 import ProtocolError
 from proxy.http2_head import Malformed, check_trailers, request_head
 from tests.test_http2 import Rig, close_rig, make_rig
-from tests.test_http2_hardening import Raw, origin_requests
+from tests.test_http2_hardening import ENHANCE_YOUR_CALM, Raw, origin_requests
 
 PROTOCOL_ERROR = 0x1
 BASE = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"app.test")]
@@ -155,4 +156,21 @@ async def test_malformed_trailers_reset_the_stream(rig: Rig) -> None:
     await raw.until(lambda r: reset_code(r, 1) is not None)
     assert reset_code(raw, 1) == PROTOCOL_ERROR
     assert raw.goaway() is None
+    raw.close()
+
+
+async def test_a_stream_of_malformed_blocks_ends_in_enhance_your_calm(rig: Rig) -> None:
+    """h2 ended the connection at the first malformed block; a stream error instead must not
+    let a client send them without end: they count as the client's resets do."""
+    raw = await Raw.open(rig.port)
+    bad = MALFORMED["uppercase name"]
+    for i in range(http2_guard.RESET_LIMIT + 50):
+        sid = 1 + 2 * i
+        raw.send(block(raw, sid, bad))
+        if i % 50 == 49:  # each batch reset before the next: under the 100 concurrent streams
+            await raw.until(lambda r, s=sid: reset_code(r, s) is not None or r.goaway() or r.eof)
+        if raw.goaway() or raw.eof:
+            break
+    await raw.ended_with(ENHANCE_YOUR_CALM, timeout=10)
+    assert origin_requests(rig) == 0
     raw.close()
