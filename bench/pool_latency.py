@@ -142,7 +142,7 @@ class Variant:
     def record_size(self) -> int | None:
         """Ports in the pair's free-port record, None while it has none (or for plain).
 
-        Reads EgressSet internals (``_pairs``, ``_Pair.free``) only to *see* when the one-off
+        Reads EgressSet internals (``_pairs``, ``Pair.free``) only to *see* when the one-off
         record build happens; degrades to None if those names change.
         """
         if self.egress is None:
