@@ -424,7 +424,9 @@ class EgressSet:
                             spill = True  # one more try, over the whole window
                             continue
                         raise
-        except TimeoutError:
+        except TimeoutError as e:
+            if isinstance(e, ConnectError):
+                raise  # the kernel's own ETIMEDOUT (SYNs unanswered): its 4-tuple is the truth
             raise timed_out(egress.ip, family, destination, timeout) from None
 
     def _shared(self, value: int) -> int:
