@@ -16,6 +16,10 @@ on the client side); the figure for the default codec is also given as a ratio o
     .venv/bin/python bench/proxy_cycle.py --pieces      # timeit of the pieces no proxy drops
     .venv/bin/python bench/proxy_cycle.py --http2       # the same cycle over HTTP/2 (h2c)
     .venv/bin/python bench/proxy_cycle.py --http2 --profile   # cProfile of the proxy's h2 calls
+
+The HTTP/2 cycle is timed on the thread's CPU clock (a shared machine's preemptions stay out).
+Measured 2026-12-07, one run, 4 x best of 3: 127 µs a request before issue 21's per-request work,
+94 after (README "HTTP/2", what paid).
 """
 
 from __future__ import annotations
