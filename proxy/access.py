@@ -65,6 +65,37 @@ def response(
     logs.access(fields)
 
 
+def refusal(
+    stats: Counts,
+    seconds: float,
+    *,
+    status: int,
+    body_bytes: int,
+    client: str,
+    request_id: str,
+    http_version: str,
+) -> None:
+    """:func:`response` for a request no exchange held (HTTP/1.1's connection and an HTTP/2
+    stream both refuse heads they do not serve): nothing was parsed of it, so method, host,
+    path and route are "-", as in nginx's line for its own 400."""
+    response(
+        stats,
+        NONE,
+        seconds,
+        method=NONE,
+        host=NONE,
+        path=NONE,
+        status=status,
+        body_bytes=body_bytes,
+        bytes_in=0,
+        origin=None,
+        egress=None,
+        client=client,
+        request_id=request_id,
+        http_version=http_version,
+    )
+
+
 def record(stats: Counts, route: str, seconds: float, fields: dict[str, Any]) -> None:
     """:func:`response` with the line's fields already made, in its keys and order: the
     exchange's, by :func:`proxy.observe.request_finished`, once per proxied request (a

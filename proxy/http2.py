@@ -308,18 +308,11 @@ class H2Connection:
         counted and logged as on HTTP/1.1 (:meth:`proxy.server.Downstream.refuse`)."""
         rid = request_id.new()
         body_bytes = self.error_on(stream, status, reason, (), rid)
-        access.response(
+        access.refusal(
             self.proxy.stats,
-            access.NONE,
             0.0,
-            method=access.NONE,
-            host=access.NONE,
-            path=access.NONE,
             status=status,
             body_bytes=body_bytes,
-            bytes_in=0,
-            origin=None,
-            egress=None,
             client=self.peer[0],
             request_id=rid.decode("ascii"),
             http_version="2",

@@ -495,18 +495,11 @@ class Downstream(asyncio.Protocol):
         rid = request_id.new()
         body_bytes = self._answer(status, reason, extra, rid)
         now = time.monotonic()
-        access.response(
+        access.refusal(
             self.proxy.stats,
-            access.NONE,
             now - (self.began or now),
-            method=access.NONE,
-            host=access.NONE,
-            path=access.NONE,
             status=status,
             body_bytes=body_bytes,
-            bytes_in=0,
-            origin=None,
-            egress=None,
             client=self.peer[0],
             request_id=rid.decode("ascii"),
             http_version=self.http_version,
