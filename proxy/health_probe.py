@@ -27,6 +27,7 @@ from typing import Literal
 import h11
 
 from pool.egress import EgressExhausted
+from pool.errors import ConnectError
 from pool.health_state import HealthCheck
 from pool.origin import Origin, OriginPool
 from pool.sockopt import reset_on_close
@@ -165,6 +166,9 @@ async def probe(
     except ProbeError as e:
         return done("protocol", str(e))
     except (OSError, ssl.SSLError) as e:
+        if isinstance(e, ConnectError) and e.local is not None:  # where the SYN left from
+            where.setdefault("egress", str(e.local[0]))
+            where.setdefault("four_tuple", e.four_tuple)
         code = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
         return done("connect", f"{code}: {e.strerror or e}")
     except Exception as e:  # see CheckResult: the checker's loop must outlive its own bugs
