@@ -7,11 +7,9 @@ HAProxy's ``http-reuse`` give operators: reuse of idle connections, limits (conn
 origin, idle connections, idle timeout, lifetime, requests per connection), a bounded wait
 queue with a timeout, TLS with SNI and verification, and dead-idle detection.
 
-I/O is Protocol-based: each :class:`UpstreamConnection` is the asyncio protocol of its
-transport and forwards events to whichever handler the proxy attached for the current
-exchange. While idle, no handler is attached and *any* event (data, EOF, reset) means the
-origin is done with it: it is dropped at once, so a request is never written into a socket
-the origin already closed.
+I/O is Protocol-based: each connection is a :class:`pool.upstream.UpstreamConnection`, the
+asyncio protocol of its transport (that module says how an idle one is dropped at its first
+event). This module keeps them: the idle set, leases, limits, the wait queue, TLS wrap.
 
 With :meth:`OriginPool.watch_egress` the pool also follows the host's addresses
 (:mod:`pool.addrwatch`): when an egress IP is removed, every connection from it (idle,
@@ -25,21 +23,19 @@ import asyncio
 import collections
 import contextlib
 import errno
-import select
 import socket
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, cast
 
 import structlog
 
-from pool import turnwrite
 from pool.addrwatch import AddressEvent, AddressWatch, reconcile
 from pool.egress import Egress, EgressExhausted, EgressLost, EgressSet, Slot
 from pool.origin_spec import Origin, PoolLimits, Resolver, TLSConfig
-from pool.sockopt import KeepAlive, detect_dead_peer, reset_on_close
+from pool.sockopt import KeepAlive, detect_dead_peer
+from pool.upstream import UpstreamConnection, UpstreamHandler
 
 log = structlog.get_logger("originpool.origin")
 
@@ -54,165 +50,6 @@ class PoolTimeout(PoolError):
 
 class PoolQueueFull(PoolError):
     """Every connection busy and the wait queue full: refuse at once rather than pile up."""
-
-
-class UpstreamHandler(Protocol):
-    """What the proxy attaches to a checked-out connection for one exchange."""
-
-    def data_received(self, data: bytes) -> None: ...
-    def eof_received(self) -> None: ...
-    def connection_lost(self, exc: Exception | None) -> None: ...
-    def pause_writing(self) -> None: ...
-    def resume_writing(self) -> None: ...
-
-
-class UpstreamConnection(asyncio.Protocol):
-    """One upstream transport, kept by the pool between exchanges."""
-
-    __slots__ = (
-        "alive",
-        "created",
-        "fd",
-        "handler",
-        "held",
-        "idle_since",
-        "leased",
-        "lost",
-        "origin",
-        "pool",
-        "private",
-        "requests",
-        "slot",
-        "transport",
-    )
-
-    def __init__(self, pool: OriginPool, origin: Origin, slot: Slot, now: float) -> None:
-        self.pool = pool
-        self.origin = origin
-        self.slot = slot
-        self.created = now
-        self.requests = 0
-        self.leased = False
-        self.alive = True
-        self.transport: asyncio.Transport | None = None
-        self.handler: UpstreamHandler | None = None
-        self.idle_since = now
-        self.fd = -1
-        self.held = b""  # see pool.turnwrite
-        self.lost: EgressLost | None = None  # set when the pool aborts it: its egress IP left
-        self.private = False  # began with a client's PROXY header: never reused, see acquire
-
-    # -- asyncio.Protocol: forwarded to the handler, or fatal while idle -------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses: same interface, no isinstance
-        self.transport = cast(asyncio.Transport, transport)
-        if self.fd < 0:  # the pool sets it from the socket it connected: get_extra_info's
-            # socket would stay cached on uvloop's transport, 72 bytes per held connection
-            sock = transport.get_extra_info("socket")
-            self.fd = sock.fileno() if sock is not None else -1
-
-    def data_received(self, data: bytes) -> None:
-        if self.handler is not None:
-            self.handler.data_received(data)
-        else:
-            self.close()  # bytes nobody asked for: the connection's framing is lost
-
-    def eof_received(self) -> bool | None:
-        if self.handler is not None:
-            self.handler.eof_received()
-            return True  # the handler decides when to close (half-close)
-        self.close()
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.alive = False
-        self.slot.release()
-        self.pool._lost(self)
-        if self.handler is not None:
-            self.handler.connection_lost(exc or self.lost)
-
-    def pause_writing(self) -> None:
-        if self.handler is not None:
-            self.handler.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.handler is not None:
-            self.handler.resume_writing()
-
-    # -- for the proxy ---------------------------------------------------------------------
-
-    def attach(self, handler: UpstreamHandler | None) -> None:
-        self.handler = handler
-
-    def pause_reading(self) -> None:
-        """The client cannot take more: stop reading from the origin (flow control)."""
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and self.alive:
-            self.transport.resume_reading()
-
-    def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        turnwrite.write(self, data)
-
-    def write_now(self, data: bytes) -> None:
-        turnwrite.write_now(self, data)
-
-    def write_eof(self) -> None:
-        turnwrite.write_eof(self)
-
-    def close(self) -> None:
-        self.alive = False
-        if self.transport is not None:
-            turnwrite.flush(self)
-            self.transport.close()
-        else:
-            self.slot.release()
-
-    def abort(self) -> None:
-        self.alive = False
-        if self.transport is not None:
-            self.transport.abort()
-
-    def reset(self) -> None:
-        """Abort with RST (see :func:`pool.sockopt.reset_on_close`): no TIME_WAIT left on
-        the egress port."""
-        if self.transport is not None:
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    reset_on_close(sock)
-        self.abort()
-
-    @property
-    def local(self) -> tuple[str, int]:
-        return self.slot.local
-
-    @property
-    def egress_ip(self) -> str:
-        """The source IP: once per request in the access line, so without the tuple."""
-        return self.slot.ip
-
-    def readable_while_idle(self) -> bool:
-        """EOF or stray bytes already queued in the kernel but not yet delivered to us.
-
-        One poll(2) on the fd kept from connection_made, through one poll object per
-        process: this runs on every checkout, so no per-call socket or poll objects.
-        """
-        if self.fd < 0 or not self.alive or self.transport is None or self.transport.is_closing():
-            return True
-        _POLLER.register(self.fd, _READABLE)
-        try:
-            return bool(_POLLER.poll(0))
-        finally:
-            _POLLER.unregister(self.fd)
-
-
-_POLLER = select.poll()
-_READABLE = select.POLLIN | select.POLLRDHUP
 
 
 @dataclass
@@ -631,7 +468,8 @@ class OriginPool:
         log.warning("egress_down", egress=str(egress), errno="EADDRNOTAVAIL", reason=why, **aborted)
 
 
-# Origin, PoolLimits, Resolver and TLSConfig live in pool.origin_spec and are found here too
+# Origin, PoolLimits, Resolver and TLSConfig live in pool.origin_spec, UpstreamConnection and
+# UpstreamHandler in pool.upstream; all are found here too
 __all__ = [
     "Origin",
     "OriginPool",
