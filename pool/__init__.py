@@ -3,7 +3,8 @@
 Layers, lowest first: ``pool.errors`` (the typed connect errors), ``pool.connectx`` (one
 socket, kernel facts), ``pool.connectors`` (one attempt per egress mode),
 ``pool.egress_health`` (which egress IPs are on the host), ``pool.egress`` (which source IP
-and port window), ``pool.origin`` (connections kept per origin).
+and port window), ``pool.upstream`` (one upstream connection), ``pool.origin``
+(connections kept per origin).
 """
 
 from pool.connectx import connectx, connectx_async

@@ -14,7 +14,8 @@ that on one machine, in a network namespace of its own, and measures how close a
 * :mod:`testbed.report`: what the ramp's figures mean (bands, tables, JSON, plot);
 * :mod:`testbed.scenarios`, :mod:`testbed.faults`: churn and storm, and faults,
   with :mod:`testbed.scenario_options` (their defaults and refusals),
-  :mod:`testbed.wsload` (their load client) and
+  :mod:`testbed.wsload` (their load client's process), :mod:`testbed.scenario_client`
+  (its sessions, modes and accounting) and
   :mod:`testbed.scenario_report` (their steps, table, JSON and plot).
 
 Origin and client are separate processes so they never share a core's event loop with the
