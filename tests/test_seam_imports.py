@@ -131,6 +131,6 @@ def test_the_check_sees_a_cycle(tmp_path: Path) -> None:
 def test_the_seam_keeps_the_exchange_off_the_connection() -> None:
     """The exchange and the tunnel know the client only through proxy.stream: neither
     imports the HTTP/1.1 connection's module (not even for typing)."""
-    for name in ("exchange", "tunnel"):
+    for name in ("exchange", "exchange_connect", "exchange_relay", "tunnel"):
         text = (ROOT / "proxy" / f"{name}.py").read_text()
         assert "proxy.server" not in text, name
