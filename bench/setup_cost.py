@@ -749,13 +749,14 @@ def _frame_key(frame: str) -> tuple[str, str]:
 
 LOOP = ("event loop: uvloop's C code and the syscalls it makes", "")
 _ENTRY_FILES = ("<frozen runpy>", "proxy/cli.py", "asyncio/runners.py", "uvloop/__init__.py")
+_ENTRY_FUNCS = (("proxy/app.py", "serve"), ("proxy/worker.py", "_run_one"))
 
 
 def _is_entry(key: tuple[str, str]) -> bool:
     """The frames under every sample (runpy, the CLI, serve, the loop's run): while only they
     are on the stack, the time is uvloop's own, not any Python callback's."""
     func, path = key
-    return path in _ENTRY_FILES or (path == "proxy/app.py" and func in ("serve", "_run_one"))
+    return path in _ENTRY_FILES or (path, func) in _ENTRY_FUNCS
 
 
 def _area(path: str) -> str:

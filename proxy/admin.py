@@ -175,7 +175,7 @@ class Admin:
         self.peers: list[tuple[int, tuple[str, int]]] = []
         # /origins, drain, undrain (proxy.admin_origins): set by the worker
         self.origins: OriginsAdmin | None = None
-        self.health: health.HealthChecker | None = None  # set by the worker (proxy.app)
+        self.health: health.HealthChecker | None = None  # set by the worker (proxy.worker)
 
     async def _metrics(self, query: dict[str, list[str]]) -> Answer:
         """The whole proxy's metrics on worker 0 (its siblings' summed in), this worker's

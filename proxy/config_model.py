@@ -180,7 +180,7 @@ class Limits:
     max_request_line: int = 8192  # 414
     max_body_bytes: int | None = None  # 413
     # downstream connections per worker, all listeners; None ("auto"): as many as the
-    # worker's RLIMIT_NOFILE allows at two sockets each (proxy.app.FileBudget)
+    # worker's RLIMIT_NOFILE allows at two sockets each (proxy.worker_build.FileBudget)
     max_connections: int | None = None
     # per client address, per worker (proxy.limits); None: off
     conn_per_ip: int | None = None  # nginx's limit_conn

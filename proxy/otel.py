@@ -96,7 +96,7 @@ class OtelExporter:
             resource=Resource.create({"service.name": service_name}),
             id_generator=self._ids,
             sampler=ALWAYS_ON,  # the proxy sampled already: only sampled traces come here
-            shutdown_on_exit=False,  # the worker flushes in its drain (proxy.app)
+            shutdown_on_exit=False,  # the worker flushes in its drain (proxy.worker)
         )
         self.provider.add_span_processor(processor)
         self.tracer = self.provider.get_tracer("originpool")
