@@ -15,70 +15,16 @@ and none is killed; with ``spread = 0`` the same burst kills hundreds, so the te
 from __future__ import annotations
 
 import asyncio
-import errno
 import socket
-import time
-from pathlib import Path
 
 import pytest
 
 from pool.sockopt import KeepAlive, detect_dead_peer, spread_keepalive_probes
+from tests.test_testbed_keepalive import BACKLOG, _dead_after, _pairs  # the same burst rig
 
-LISTEN = ("127.0.2.1", 9000)
 # 8 s: a timer of the wheel's level 2 (256 ms buckets at HZ=250), so the draw's 5 whole
 # seconds are 5 buckets apart; 1 s between probes and 2 probes keep the verdict quick
 SETTINGS = KeepAlive(idle=8, interval=1, probes=2)
-
-
-def _host_backlog() -> int | None:
-    """Read at import, in the host's namespace: the sysctl is host-wide and not shown inside
-    a namespace the test creates."""
-    try:
-        return int(Path("/proc/sys/net/core/netdev_max_backlog").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-BACKLOG = _host_backlog()
-
-
-def _pairs(n: int) -> tuple[list[socket.socket], list[socket.socket]]:
-    """n established loopback connections from many source IPs."""
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind(LISTEN)
-    server.listen(4096)
-    clients: list[socket.socket] = []
-    accepted: list[socket.socket] = []
-    try:
-        for i in range(n):
-            c = socket.socket()
-            c.setsockopt(socket.SOL_IP, 24, 1)  # IP_BIND_ADDRESS_NO_PORT
-            c.bind((f"127.3.{i // 100}.{i % 100 + 1}", 0))
-            c.connect(LISTEN)
-            clients.append(c)
-            if len(clients) - len(accepted) >= 1000:
-                accepted += [server.accept()[0] for _ in range(len(clients) - len(accepted))]
-        accepted += [server.accept()[0] for _ in range(len(clients) - len(accepted))]
-    finally:
-        server.close()
-    return clients, accepted
-
-
-def _killed_within(socks: list[socket.socket], seconds: float) -> int:
-    """Sockets the kernel killed as dead peers (ETIMEDOUT) within ``seconds``, polled; SO_ERROR
-    is cleared by the read, so each death is kept."""
-    end = time.monotonic() + seconds
-    dead: set[int] = set()
-    while time.monotonic() < end:
-        for i, s in enumerate(socks):
-            if (
-                i not in dead
-                and s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ETIMEDOUT
-            ):
-                dead.add(i)
-        time.sleep(0.2)
-    return len(dead)
 
 
 def _burst(keepalive: KeepAlive, n: int) -> int:
@@ -93,7 +39,7 @@ def _burst(keepalive: KeepAlive, n: int) -> int:
             detect_dead_peer(s, KeepAlive(keepalive.idle, keepalive.interval, keepalive.probes, 0))
             spread_keepalive_probes(s, keepalive)
         longest = (keepalive.idle + keepalive.interval * keepalive.probes) * (1 + keepalive.spread)
-        return _killed_within(accepted + clients, longest + 3)
+        return _dead_after(accepted + clients, longest + 3)
     finally:
         for s in clients + accepted:
             s.close()
