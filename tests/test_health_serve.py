@@ -8,6 +8,7 @@ import asyncio
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -73,10 +74,10 @@ async def test_serve_marks_a_stopped_origin_down_in_every_worker_and_back_up(
         down = state_lines(proc, "down")
         assert sorted(line["worker"] for line in down) == [0, 1]
         reasons = [(line["by"], line["reason"]) for line in down]
-        # a stopped origin refuses the next check's SYN, or resets the one in flight as it closes
-        stopped = ("ECONNREFUSED", "ECONNRESET")
-        seen = [by == "health" and any(e in why for e in stopped) for by, why in reasons]
-        assert all(seen), reasons
+        # which failure took it down depends on where a check was when the origin stopped (a
+        # reset, an EOF or a silence mid-check, or the next SYN refused): the checks' own
+        # verdict, not traffic's, with the check's 4-tuple; the refusal itself is judged below
+        assert all(by == "health" for by, _ in reasons), reasons
         assert all("127.0.1." in why for _, why in reasons), reasons  # the check's 4-tuple
 
         async with httpx.AsyncClient(base_url="http://127.0.0.1:9090", timeout=10) as admin:
@@ -85,11 +86,20 @@ async def test_serve_marks_a_stopped_origin_down_in_every_worker_and_back_up(
             assert ups == [0.0, 0.0], text  # one sample per worker, each down
             assert metric(text, "originpool_origin_up", origin="http://127.0.2.1:9000") == [1, 1]
             assert sum(metric(text, "originpool_health_checks_total", origin=O2, result="connect"))
-            view = (await admin.get("/origins")).json()
-        entries = view["origins"] if isinstance(view, dict) else view
-        mine = [e for e in entries if e["origin"] == O2]
-        assert mine and mine[0]["state"] == "down", view
-        assert mine[0]["last_check"]["result"] == "connect"
+            # a check begun after the origin stopped: the kernel refuses its SYN
+            deadline = time.monotonic() + 10
+            while True:
+                view = (await admin.get("/origins")).json()
+                entries = view["origins"] if isinstance(view, dict) else view
+                mine = [e for e in entries if e["origin"] == O2]
+                assert mine and mine[0]["state"] == "down", view
+                last = mine[0]["last_check"]
+                refused = last["result"] == "connect" and "ECONNREFUSED" in last["detail"]
+                if refused or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)  # polled with a deadline: checks run every 0.2 s
+        assert last["result"] == "connect", last
+        assert "ECONNREFUSED" in last["detail"], last
 
         seen_before = len(origins[0].connections)
         async with httpx.AsyncClient(
